@@ -1,0 +1,38 @@
+"""The `iomm` command line: one sub-command per user task."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+from iomm.config import ConfigError
+
+# Modules under iomm.commands each add their sub-commands with `register(subparsers)`.
+COMMAND_MODULES = ("train", "describe", "bench", "generate", "world", "eval_shapes", "mllm", "recipe")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="iomm", description="Image-only pre-training for UMM visual generation (IOMM).")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    for name in COMMAND_MODULES:
+        importlib.import_module(f"iomm.commands.{name}").register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as err:
+        print(f"iomm: config error: {err}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, NotADirectoryError) as err:
+        print(f"iomm: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,55 @@
+"""Residual Query Adapter (RQA) and the two ablation baselines of the paper.
+
+Every adapter turns a packed condition sequence `c` into the tokens appended to it before the frozen
+LLM (`None` for `raw`: the LLM output of `c` itself is the condition). Query outputs are RMS-normalised
+to the LLM's input-embedding scale; otherwise the LLM ignores the condition (see NANO-PROBE.md).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from iomm.config import AdapterConfig
+
+
+class ResidualQueryAdapter(nn.Module):
+    """N learned queries in one pre-norm cross-attention transformer block over the condition sequence."""
+
+    def __init__(self, width: int, num_queries: int, num_heads: int, mlp_ratio: float, embed_scale: float):
+        super().__init__()
+        self.queries = nn.Parameter(torch.randn(num_queries, width) * embed_scale)
+        self.norm_q = nn.LayerNorm(width)
+        self.norm_kv = nn.LayerNorm(width)
+        self.attn = nn.MultiheadAttention(width, num_heads, batch_first=True)
+        self.norm_mlp = nn.LayerNorm(width)
+        hidden = int(width * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))
+        self.out_norm = nn.RMSNorm(width)
+        nn.init.constant_(self.out_norm.weight, embed_scale)
+
+    def forward(self, cond: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        q = self.queries.unsqueeze(0).expand(cond.shape[0], -1, -1).to(cond.dtype)
+        kv = self.norm_kv(cond)
+        x = q + self.attn(self.norm_q(q), kv, kv, key_padding_mask=~mask, need_weights=False)[0]
+        x = x + self.mlp(self.norm_mlp(x))
+        return self.out_norm(x)
+
+
+class FreeQueries(nn.Module):
+    """MetaQuery-style learnable query tokens: no cross-attention, the LLM alone mixes them with `c`."""
+
+    def __init__(self, width: int, num_queries: int, embed_scale: float):
+        super().__init__()
+        self.queries = nn.Parameter(torch.randn(num_queries, width) * embed_scale)
+
+    def forward(self, cond: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.queries.unsqueeze(0).expand(cond.shape[0], -1, -1).to(cond.dtype)
+
+
+def build_adapter(cfg: AdapterConfig, width: int, embed_scale: float) -> nn.Module | None:
+    if cfg.kind == "rqa":
+        return ResidualQueryAdapter(width, cfg.num_queries, cfg.num_heads, cfg.mlp_ratio, embed_scale)
+    if cfg.kind == "free_queries":
+        return FreeQueries(width, cfg.num_queries, embed_scale)
+    return None

@@ -1,0 +1,31 @@
+"""Connector: a shallow transformer and projection from the LLM width to the generator's condition width."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from iomm.config import ConnectorConfig
+
+
+class Connector(nn.Module):
+    def __init__(self, cfg: ConnectorConfig, in_width: int):
+        super().__init__()
+        self.proj_in = nn.Linear(in_width, cfg.width)
+        layer = nn.TransformerEncoderLayer(cfg.width, cfg.num_heads, 4 * cfg.width, dropout=0.0,
+                                           activation="gelu", batch_first=True, norm_first=True)
+        self.blocks = nn.TransformerEncoder(layer, cfg.num_layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(cfg.width)
+        # The null condition for classifier-free guidance: learned tokens, so dropped samples skip the LLM.
+        self.null = nn.Parameter(torch.zeros(1, 1, cfg.width))
+
+    def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, L, D_llm), bool (B, L) -> tokens (B, L, W), pooled (B, W)."""
+        x = self.norm(self.blocks(self.proj_in(hidden), src_key_padding_mask=~mask))
+        weights = mask.unsqueeze(-1).to(x.dtype)
+        pooled = (x * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+        return x, pooled
+
+    def null_condition(self, batch: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens = self.null.expand(batch, length, -1)
+        return tokens, tokens[:, 0]

@@ -1,0 +1,513 @@
+"""The frozen multimodal LLM `g` of IOMM: a thin wrapper over Hugging Face VLMs.
+
+Supported families (HF-native classes): InternVL (`InternVLForConditionalGeneration`, the paper's
+InternVL3-2B in its `-hf` form) and Qwen2.5-VL (`Qwen2_5_VLForConditionalGeneration`).
+
+Image preprocessing is done here in torch (resize, rescale, normalise, patchify): the HF
+processors of these families need torchvision. The settings are read from the checkpoint's
+`preprocessor_config.json` with the keys the HF image processors use (`GotOcr2ImageProcessor` for
+InternVL: `size`, `image_mean`, `image_std`; `Qwen2VLImageProcessor` for Qwen2.5-VL: `patch_size`,
+`merge_size`, `temporal_patch_size`, `min_pixels`/`max_pixels` or `size.{shortest,longest}_edge`).
+InternVL's dynamic tiling (`crop_to_patches`) is not used: every image is one tile.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import AutoConfig, AutoModelForImageTextToText, AutoTokenizer, PretrainedConfig
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+PREPROCESSOR_FILE = "preprocessor_config.json"
+
+
+# --------------------------------------------------------------------------------------------
+# checkpoint directory checks
+# --------------------------------------------------------------------------------------------
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def check_checkpoint_dir(path: Path, *, trust_remote_code: bool) -> dict[str, Any]:
+    """Fail early with a clear message if `path` is not a loadable VLM checkpoint; return config.json."""
+    if not path.is_dir():
+        raise FileNotFoundError(f"MLLM checkpoint directory {path} does not exist")
+    missing = []
+    if not (path / "config.json").is_file():
+        missing.append("config.json")
+    if not any((path / name).is_file() for name in WEIGHT_FILES):
+        missing.append("weights (one of " + ", ".join(WEIGHT_FILES) + ")")
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        missing.append("tokenizer (" + " or ".join(TOKENIZER_FILES) + ")")
+    if missing:
+        raise FileNotFoundError(f"MLLM checkpoint {path} is missing: " + "; ".join(missing))
+    config = _read_json(path / "config.json")
+    model_type = config.get("model_type")
+    if "auto_map" in config and model_type not in CONFIG_MAPPING and not trust_remote_code:
+        raise ValueError(
+            f"MLLM checkpoint {path} (model_type={model_type!r}) needs its own Python code (config.json has "
+            "`auto_map`), which runs arbitrary code from that directory. Inspect it, then pass "
+            "trust_remote_code=True (CLI: --trust-remote-code) to opt in, or use the HF-native "
+            "checkpoint of the same model (e.g. OpenGVLab/InternVL3-2B-hf)."
+        )
+    return config
+
+
+def read_preprocessing(path: Path) -> dict[str, Any]:
+    """Image-processor settings of a checkpoint dir ({} if it has none: family defaults apply)."""
+    if (path / PREPROCESSOR_FILE).is_file():
+        return _read_json(path / PREPROCESSOR_FILE)
+    if (path / "processor_config.json").is_file():
+        return dict(_read_json(path / "processor_config.json").get("image_processor", {}))
+    return {}
+
+
+# --------------------------------------------------------------------------------------------
+# image helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _resize(images: Tensor, size: tuple[int, int]) -> Tensor:
+    """Bicubic, antialiased resize of (B, 3, H, W) images in [0, 1] (what the HF processors do)."""
+    if tuple(images.shape[-2:]) == size:
+        return images
+    out = F.interpolate(images, size=size, mode="bicubic", align_corners=False, antialias=True)
+    return out.clamp(0.0, 1.0)
+
+
+def _normalize(images: Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> Tensor:
+    m = torch.tensor(mean, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
+    s = torch.tensor(std, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
+    return (images - m) / s
+
+
+def _check_images(images: Tensor) -> Tensor:
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"images must be (B, 3, H, W) floats in [0, 1], got shape {tuple(images.shape)}")
+    return images.float()
+
+
+def _pair(value: Any) -> tuple[int, int]:
+    if isinstance(value, (list, tuple)):
+        return int(value[0]), int(value[1])
+    return int(value), int(value)
+
+
+def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """Qwen2-VL's target size: multiples of `factor`, pixel count within [min_pixels, max_pixels]."""
+    h_bar = max(factor, round(height / factor) * factor)
+    w_bar = max(factor, round(width / factor) * factor)
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt((height * width) / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
+# --------------------------------------------------------------------------------------------
+# model families: what differs between InternVL and Qwen2.5-VL
+# --------------------------------------------------------------------------------------------
+
+
+class _Family:
+    """Vision preprocessing, image features and position ids of one VLM family."""
+
+    def __init__(self, config: PretrainedConfig, preprocessing: dict[str, Any]) -> None:
+        self.config = config
+        self.preprocessing = preprocessing
+        self.mean = tuple(preprocessing.get("image_mean", self.default_mean))
+        self.std = tuple(preprocessing.get("image_std", self.default_std))
+
+    default_mean: tuple[float, ...] = IMAGENET_MEAN
+    default_std: tuple[float, ...] = IMAGENET_STD
+
+    def tokens_for(self, height: int, width: int) -> int:
+        """LLM tokens of one (height x width) image."""
+        raise NotImplementedError
+
+    def image_features(self, model: nn.Module, images: Tensor) -> Tensor:
+        """(B, 3, H, W) in [0, 1] -> (B, N, D) embeddings in the LLM input space."""
+        raise NotImplementedError
+
+    def model_inputs(self, images: Tensor, input_ids: Tensor) -> dict[str, Tensor]:
+        """Keyword arguments carrying the image for the HF model's forward() / generate()."""
+        raise NotImplementedError
+
+    def position_ids(self, positions: Tensor) -> Tensor:
+        """(B, L) 1-D positions -> what the language model takes."""
+        return positions
+
+    def image_token_block(self, tokenizer: Any, n: int) -> list[int]:
+        """Token ids of one image: [start] + [context] * n + [end] (start/end where the family has them)."""
+        start, end = self.start_end_ids(tokenizer)
+        return [t for t in (start,) if t is not None] + [self.config.image_token_id] * n + [
+            t for t in (end,) if t is not None
+        ]
+
+    def start_end_ids(self, tokenizer: Any) -> tuple[int | None, int | None]:
+        raise NotImplementedError
+
+
+class _InternVL(_Family):
+    def __init__(self, config: PretrainedConfig, preprocessing: dict[str, Any]) -> None:
+        super().__init__(config, preprocessing)
+        size = preprocessing.get("size")
+        if isinstance(size, dict) and "height" in size:
+            self.size = (int(size["height"]), int(size["width"]))
+        else:
+            self.size = _pair(config.vision_config.image_size)
+
+    def tokens_for(self, height: int, width: int) -> int:
+        patch = _pair(self.config.vision_config.patch_size)
+        grid = (self.size[0] // patch[0]) * (self.size[1] // patch[1])
+        return int(round(grid * self.config.downsample_ratio**2))
+
+    def pixel_values(self, images: Tensor, dtype: torch.dtype) -> Tensor:
+        images = _resize(_check_images(images), self.size)
+        return _normalize(images, self.mean, self.std).to(dtype)
+
+    def image_features(self, model: nn.Module, images: Tensor) -> Tensor:
+        pixel_values = self.pixel_values(images, model.dtype)
+        return model.model.get_image_features(pixel_values=pixel_values, return_dict=True).pooler_output
+
+    def model_inputs(self, images: Tensor, input_ids: Tensor) -> dict[str, Tensor]:
+        return {"pixel_values": self.pixel_values(images, torch.float32)}
+
+    def start_end_ids(self, tokenizer: Any) -> tuple[int | None, int | None]:
+        start = getattr(tokenizer, "start_image_token", None) or "<img>"
+        end = getattr(tokenizer, "end_image_token", None) or "</img>"
+        return _token_id(tokenizer, start), _token_id(tokenizer, end)
+
+
+class _Qwen25VL(_Family):
+    default_mean = CLIP_MEAN
+    default_std = CLIP_STD
+
+    def __init__(self, config: PretrainedConfig, preprocessing: dict[str, Any]) -> None:
+        super().__init__(config, preprocessing)
+        vision = config.vision_config
+        self.patch = int(preprocessing.get("patch_size", vision.patch_size))
+        self.merge = int(preprocessing.get("merge_size", vision.spatial_merge_size))
+        self.temporal = int(preprocessing.get("temporal_patch_size", vision.temporal_patch_size))
+        size = preprocessing.get("size") or {}
+        self.min_pixels = int(preprocessing.get("min_pixels", size.get("shortest_edge", 56 * 56)))
+        self.max_pixels = int(preprocessing.get("max_pixels", size.get("longest_edge", 28 * 28 * 1280)))
+
+    def target_size(self, height: int, width: int) -> tuple[int, int]:
+        return smart_resize(height, width, self.patch * self.merge, self.min_pixels, self.max_pixels)
+
+    def tokens_for(self, height: int, width: int) -> int:
+        h, w = self.target_size(height, width)
+        return (h // self.patch) * (w // self.patch) // self.merge**2
+
+    def patchify(self, images: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """Qwen2VLImageProcessor.patchify: (B*gh*gw, C*T*P*P) patches and the (B, 3) grid."""
+        images = _check_images(images)
+        size = self.target_size(*images.shape[-2:])
+        x = _normalize(_resize(images, size), self.mean, self.std)
+        b, c, h, w = x.shape
+        p, m, gh, gw = self.patch, self.merge, size[0] // self.patch, size[1] // self.patch
+        x = x.reshape(b, c, gh // m, m, p, gw // m, m, p).permute(0, 2, 5, 3, 6, 1, 4, 7)
+        x = x.unsqueeze(6).expand(-1, -1, -1, -1, -1, -1, self.temporal, -1, -1)
+        patches = x.reshape(b * gh * gw, c * self.temporal * p * p).to(dtype)
+        grid = torch.tensor([[1, gh, gw]] * b, dtype=torch.long, device=images.device)
+        return patches, grid
+
+    def image_features(self, model: nn.Module, images: Tensor) -> Tensor:
+        patches, grid = self.patchify(images, model.dtype)
+        out = model.model.get_image_features(patches, grid, return_dict=True).pooler_output
+        return torch.stack(list(out))
+
+    def model_inputs(self, images: Tensor, input_ids: Tensor) -> dict[str, Tensor]:
+        patches, grid = self.patchify(images, torch.float32)
+        mm_types = (input_ids == self.config.image_token_id).int()
+        return {"pixel_values": patches, "image_grid_thw": grid, "mm_token_type_ids": mm_types}
+
+    def position_ids(self, positions: Tensor) -> Tensor:
+        return positions.unsqueeze(0).expand(3, -1, -1) if positions.ndim == 2 else positions
+
+    def start_end_ids(self, tokenizer: Any) -> tuple[int | None, int | None]:
+        return self.config.vision_start_token_id, self.config.vision_end_token_id
+
+
+FAMILIES: dict[str, type[_Family]] = {"internvl": _InternVL, "qwen2_5_vl": _Qwen25VL}
+
+
+def family_for(config: PretrainedConfig, preprocessing: dict[str, Any]) -> _Family:
+    family = FAMILIES.get(config.model_type)
+    if family is None:
+        raise NotImplementedError(
+            f"FrozenMLLM supports the HF-native model types {sorted(FAMILIES)}; got {config.model_type!r}. "
+            "For InternVL use the '-hf' checkpoints (e.g. OpenGVLab/InternVL3-2B-hf)."
+        )
+    return family(config, preprocessing)
+
+
+def _token_id(tokenizer: Any, token: str) -> int | None:
+    if tokenizer is None:
+        return None
+    token_id = tokenizer.convert_tokens_to_ids(token)
+    return None if token_id is None or token_id == tokenizer.unk_token_id else int(token_id)
+
+
+# --------------------------------------------------------------------------------------------
+# the wrapper
+# --------------------------------------------------------------------------------------------
+
+
+class FrozenMLLM(nn.Module):
+    """A frozen VLM: text/image embedding, LLM forward on embeddings, and question answering.
+
+    Every parameter has `requires_grad=False` and the module is in eval mode whatever `train()` is
+    asked; gradients still flow through `forward_embeds` into its `inputs_embeds`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Any = None,
+        preprocessing: dict[str, Any] | None = None,
+        *,
+        gradient_checkpointing: bool = False,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.preprocessing = dict(preprocessing or {})
+        self.family = family_for(model.config, self.preprocessing)
+        self.model.requires_grad_(False)
+        self._embed_scale: float | None = None
+        self.gradient_checkpointing = False
+        if gradient_checkpointing:
+            self.enable_gradient_checkpointing()
+        self.train(False)
+
+    # ---------------------------------------------------------------- construction
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        *,
+        trust_remote_code: bool = False,
+        dtype: torch.dtype = torch.float32,
+        gradient_checkpointing: bool = False,
+    ) -> "FrozenMLLM":
+        """Load model, tokenizer and image preprocessing settings from a local directory, offline."""
+        path = Path(path)
+        check_checkpoint_dir(path, trust_remote_code=trust_remote_code)
+        kwargs = {"local_files_only": True, "trust_remote_code": trust_remote_code}
+        config = AutoConfig.from_pretrained(path, **kwargs)
+        family_for(config, {})  # unsupported family: fail before loading weights
+        model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+        return cls(model, tokenizer, read_preprocessing(path), gradient_checkpointing=gradient_checkpointing)
+
+    @classmethod
+    def from_config(
+        cls,
+        config: PretrainedConfig,
+        tokenizer: Any = None,
+        preprocessing: dict[str, Any] | None = None,
+    ) -> "FrozenMLLM":
+        """Randomly initialised model of `config` (works under `with torch.device("meta"):`)."""
+        model = AutoModelForImageTextToText.from_config(config)
+        return cls(model, tokenizer, preprocessing)
+
+    # ---------------------------------------------------------------- frozen behaviour
+
+    def train(self, mode: bool = True) -> "FrozenMLLM":
+        """Always eval: the MLLM is frozen (dropout off); `mode` is ignored."""
+        super().train(False)
+        self._set_checkpointing_flags()
+        return self
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute the LLM's layer activations in backward (non-reentrant, so gradients reach
+        `inputs_embeds` though no parameter requires grad)."""
+        self.language_model.activation_checkpointing_enable({"use_reentrant": False})
+        self.gradient_checkpointing = True
+        self._set_checkpointing_flags()
+
+    def _set_checkpointing_flags(self) -> None:
+        # HF checkpoints a layer only when the layer's own `training` flag is set; set it on the
+        # decoder layers alone (not their children), so dropout stays off.
+        if not getattr(self, "gradient_checkpointing", False):
+            return
+        for module in self.language_model.modules():
+            if isinstance(module, GradientCheckpointingLayer):
+                module.training = True
+
+    # ---------------------------------------------------------------- properties
+
+    @property
+    def language_model(self) -> nn.Module:
+        return self.model.model.language_model
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.model.config.get_text_config().hidden_size)
+
+    @property
+    def embed_scale(self) -> float:
+        """RMS of the LLM's input token-embedding rows (rows of the tokenizer's tokens only)."""
+        if self._embed_scale is None:
+            weight = self.model.get_input_embeddings().weight
+            if weight.is_meta:
+                raise RuntimeError("embed_scale is undefined for a model on the meta device")
+            rows = weight[: len(self.tokenizer)] if self.tokenizer is not None else weight
+            self._embed_scale = float(rows.detach().float().pow(2).mean().sqrt())
+        return self._embed_scale
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.get_input_embeddings().weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.get_input_embeddings().weight.dtype
+
+    def num_image_tokens(self, resolution: int) -> int:
+        """LLM tokens one square `resolution`-pixel image becomes (InternVL: fixed, the image is resized)."""
+        return self.family.tokens_for(resolution, resolution)
+
+    def _require_tokenizer(self) -> Any:
+        if self.tokenizer is None:
+            raise RuntimeError("this FrozenMLLM has no tokenizer (built from a config without one)")
+        return self.tokenizer
+
+    # ---------------------------------------------------------------- embeddings
+
+    @torch.no_grad()
+    def embed_text(self, texts: list[str]) -> tuple[Tensor, Tensor]:
+        """Token embeddings (B, L, D) and a bool mask (B, L) of `texts`, right padded."""
+        tokenizer = self._require_tokenizer()
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        batch = tokenizer(list(texts), padding=True, padding_side="right", return_tensors="pt")
+        ids = batch["input_ids"].to(self.device)
+        return self.model.get_input_embeddings()(ids), batch["attention_mask"].to(self.device).bool()
+
+    @torch.no_grad()
+    def embed_images(self, images: Tensor) -> Tensor:
+        """Images (B, 3, H, W) in [0, 1] -> patch embeddings in the LLM input space (B, N_img, D)."""
+        return self.family.image_features(self.model, images.to(self.device))
+
+    # ---------------------------------------------------------------- LLM forward
+
+    def forward_embeds(
+        self, inputs_embeds: Tensor, attention_mask: Tensor, position_ids: Tensor | None = None
+    ) -> Tensor:
+        """Last hidden states (B, L, D) of the language model on `inputs_embeds`.
+
+        Gradients flow to `inputs_embeds`. Default positions count the unmasked tokens
+        (cumsum(mask) - 1, clamped at 0), so left padding works. Qwen2.5-VL's 3-row (mrope) positions
+        are the 1-D positions repeated unless `position_ids` is given with 3 rows.
+        """
+        mask = attention_mask.long()
+        if position_ids is None:
+            position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = self.language_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=mask,
+            position_ids=self.family.position_ids(position_ids),
+            use_cache=False,
+            return_dict=True,
+        )
+        return out.last_hidden_state
+
+    forward = forward_embeds
+
+    # ---------------------------------------------------------------- understanding
+
+    def prompt_ids(self, question: str, with_image: bool, n_image_tokens: int) -> list[int]:
+        """Token ids of a one-turn prompt, the image context token expanded to `n_image_tokens`."""
+        tokenizer = self._require_tokenizer()
+        if getattr(tokenizer, "chat_template", None):
+            content = ([{"type": "image"}] if with_image else []) + [{"type": "text", "text": question}]
+            text = tokenizer.apply_chat_template(
+                [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
+            )
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            return self._expand_image_token(ids, n_image_tokens) if with_image else ids
+        ids = tokenizer(question)["input_ids"]
+        return (self.family.image_token_block(tokenizer, n_image_tokens) if with_image else []) + ids
+
+    def _expand_image_token(self, ids: list[int], n: int) -> list[int]:
+        context = self.model.config.image_token_id
+        if context not in ids:
+            raise ValueError("the chat template rendered no image token for an image message")
+        i = ids.index(context)
+        start, end = self.family.start_end_ids(self.tokenizer)
+        block = self.family.image_token_block(self.tokenizer, n)
+        if start is not None and i > 0 and ids[i - 1] == start:
+            block = block[1:]
+        if end is not None and i + 1 < len(ids) and ids[i + 1] == end:
+            block = block[:-1]
+        return ids[:i] + block + ids[i + 1 :]
+
+    @torch.no_grad()
+    def answer(self, image: Tensor | None, question: str, max_new_tokens: int = 16) -> str:
+        """Greedy answer to `question` about `image` ((3, H, W) or (1, 3, H, W) in [0, 1], or None)."""
+        images = None if image is None else (image if image.ndim == 4 else image.unsqueeze(0))
+        return self.answer_batch(images, [question], max_new_tokens)[0]
+
+    @torch.no_grad()
+    def answer_batch(self, images: Tensor | None, questions: list[str], max_new_tokens: int = 16) -> list[str]:
+        """Greedy answers through the HF model's `generate()`: one question per image (B, 3, H, W),
+        or text-only questions when `images` is None. Prompts are left padded."""
+        tokenizer = self._require_tokenizer()
+        if images is not None and len(images) != len(questions):
+            raise ValueError(f"answer_batch: {len(images)} images for {len(questions)} questions")
+        n_img = 0 if images is None else self.family.tokens_for(*images.shape[-2:])
+        prompts = [self.prompt_ids(q, images is not None, n_img) for q in questions]
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        input_ids, attention_mask = _left_pad(prompts, pad_id, self.device)
+        extra = {} if images is None else self.family.model_inputs(images.to(self.device), input_ids)
+        extra = {k: (v.to(self.dtype) if v.is_floating_point() else v) for k, v in extra.items()}
+        out = self.model.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=pad_id,
+            **extra,
+        )
+        new = out[:, input_ids.shape[1] :]
+        return [text.strip() for text in tokenizer.batch_decode(new, skip_special_tokens=True)]
+
+
+def _left_pad(rows: list[list[int]], pad_id: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    length = max(len(r) for r in rows)
+    ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, length - len(row) :] = torch.tensor(row, dtype=torch.long)
+        mask[i, length - len(row) :] = 1
+    return ids.to(device), mask.to(device)

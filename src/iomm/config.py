@@ -1,0 +1,333 @@
+"""Typed configuration: dataclasses loaded from YAML, `--set a.b=value` overrides, validated before any compute."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem, naming the file, the field, what was expected and what was found."""
+
+    def __init__(self, source: str, field_path: str, expected: str, got: Any):
+        self.source, self.field_path, self.expected, self.got = source, field_path, expected, got
+        super().__init__(f"{source}: field '{field_path}': expected {expected}, got {got!r}")
+
+
+@dataclass
+class MLLMConfig:
+    # A local directory holding a Hugging Face VLM checkpoint, or "nano" for the built-in nano MLLM
+    # (trained on first use and cached in `nano_dir`).
+    path: str = "nano"
+    nano_dir: str = ".cache/nano-mllm"
+    # A built-in architecture name (see iomm.describe) used by `iomm describe` when no weights are at hand.
+    architecture: str | None = None
+    random_init: bool = False
+    trust_remote_code: bool = False
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class AdapterConfig:
+    kind: Literal["rqa", "free_queries", "raw"] = "rqa"
+    num_queries: int = 256
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+
+
+@dataclass
+class MaskingConfig:
+    ratio: float = 0.85
+    mode: Literal["zero", "drop"] = "zero"
+    min_keep: int = 1
+    prompt: str = "Generate an image that is identical to the reference image:"
+
+
+@dataclass
+class ConnectorConfig:
+    num_layers: int = 2
+    num_heads: int = 8
+    width: int = 1536
+
+
+@dataclass
+class GeneratorConfig:
+    kind: Literal["sd3"] = "sd3"
+    pretrained: str | None = None
+    num_layers: int = 4
+    attention_head_dim: int = 32
+    num_attention_heads: int = 4
+    patch_size: int = 2
+    dual_attention_layers: list[int] = field(default_factory=list)
+    qk_norm: Literal["rms_norm", "layer_norm", None] = "rms_norm"
+
+
+@dataclass
+class CodecConfig:
+    kind: Literal["pixel", "vae"] = "pixel"
+    # For kind=vae: a local diffusers AutoencoderKL directory, or a built-in architecture for describe.
+    path: str | None = None
+    architecture: str | None = None
+
+
+@dataclass
+class FlowConfig:
+    timestep_sampling: Literal["logit_normal", "uniform"] = "logit_normal"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    sample_steps: int = 25
+    guidance_scale: float = 3.0
+
+
+@dataclass
+class DataConfig:
+    source: Literal["world", "folder"] = "world"
+    path: str | None = None
+    resolution: int = 32
+    world_max_objects: int = 4
+    num_workers: int = 0
+    # Stage 2: text-image pairs, a JSONL file of {"image", "caption"} or "world:N" for N testbed pairs.
+    pairs: str | None = None
+    max_bad_fraction: float = 0.01
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 16
+    grad_accum: int = 1
+    lr: float = 1e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    warmup_steps: int = 0
+    ema_decay: float = 0.999
+    mixed_precision: Literal["no", "bf16"] = "no"
+    cond_dropout: float = 0.1
+    # Fraction of image-only samples in each batch (stage 2); 1.0 is pure image-only pre-training.
+    mix_ratio: float = 1.0
+    seed: int = 0
+    threads: int = 0
+    log_every: int = 10
+    sample_every: int = 200
+    checkpoint_every: int = 200
+    keep_last: int = 2
+    keep_every: int = 0
+    max_nonfinite_in_row: int = 5
+
+
+@dataclass
+class FinetuneConfig:
+    """What `iomm finetune` changes in `train` (stage 2: mixed fine-tuning)."""
+
+    steps: int = 1000
+    mix_ratio: float = 0.5
+    lr: float | None = None
+
+
+@dataclass
+class Config:
+    mllm: MLLMConfig = field(default_factory=MLLMConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    masking: MaskingConfig = field(default_factory=MaskingConfig)
+    connector: ConnectorConfig = field(default_factory=ConnectorConfig)
+    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+    codec: CodecConfig = field(default_factory=CodecConfig)
+    flow: FlowConfig = field(default_factory=FlowConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _type_name(tp: Any) -> str:
+    if get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, source: str, path: str) -> Any:
+    origin = get_origin(tp)
+    if origin is Literal:
+        if value not in get_args(tp):
+            raise ConfigError(source, path, _type_name(tp), value)
+        return value
+    if origin in (typing.Union, types.UnionType):
+        options = get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, source, path)
+            except ConfigError as err:
+                errors.append(err.expected)
+        raise ConfigError(source, path, " or ".join(errors + ["null"] * (type(None) in options)), value)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(source, path, f"a list of {_type_name(get_args(tp)[0])}", value)
+        return [_coerce(v, get_args(tp)[0], source, f"{path}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(source, path, "a boolean (true/false)", value)
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(source, path, "an integer", value)
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(source, path, "a number", value)
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(source, path, "a string", value)
+        return value
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, source, path)
+    raise TypeError(f"unsupported config type {tp} at {path}")
+
+
+def _build(cls: type, data: Any, source: str, path: str = "") -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(source, path or "<root>", "a mapping", data)
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{path}.{key}" if path else str(key)
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(source, full, f"a known key{hint}; known: {', '.join(names)}", key)
+        kwargs[key] = _coerce(value, hints[key], source, full)
+    return cls(**kwargs)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError("--set", text, "KEY=VALUE (e.g. train.steps=100)", text)
+    key, raw = text.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = data
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise ConfigError("--set", text, f"'{key}' to be a section", node)
+        node[keys[-1]] = value
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, *, check_paths: bool = True) -> Config:
+    """Load a YAML config (or the defaults), apply `--set` overrides, and validate everything."""
+    source = str(path) if path else "<defaults>"
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(source, "<file>", "an existing YAML file", str(path))
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(source, "<file>", "valid YAML", str(err).splitlines()[0]) from None
+    data = apply_overrides(data, list(overrides or []))
+    config = _build(Config, data, source)
+    validate(config, source, check_paths=check_paths)
+    return config
+
+
+def _check(ok: bool, source: str, field_path: str, expected: str, got: Any) -> None:
+    if not ok:
+        raise ConfigError(source, field_path, expected, got)
+
+
+def validate(cfg: Config, source: str = "<config>", *, check_paths: bool = True) -> None:
+    """Range and consistency checks that need more than the types."""
+    m, t, d = cfg.masking, cfg.train, cfg.data
+    _check(0.0 <= m.ratio < 1.0, source, "masking.ratio", "a value in [0, 1)", m.ratio)
+    _check(m.min_keep >= 0, source, "masking.min_keep", ">= 0", m.min_keep)
+    _check(0.0 <= t.mix_ratio <= 1.0, source, "train.mix_ratio", "a value in [0, 1]", t.mix_ratio)
+    _check(0.0 <= cfg.finetune.mix_ratio <= 1.0, source, "finetune.mix_ratio", "a value in [0, 1]", cfg.finetune.mix_ratio)
+    _check(cfg.finetune.steps >= 1, source, "finetune.steps", ">= 1", cfg.finetune.steps)
+    _check(0.0 <= t.cond_dropout < 1.0, source, "train.cond_dropout", "a value in [0, 1)", t.cond_dropout)
+    _check(0.0 <= t.ema_decay < 1.0, source, "train.ema_decay", "a value in [0, 1)", t.ema_decay)
+    _check(len(t.betas) == 2 and all(0.0 <= b < 1.0 for b in t.betas), source, "train.betas", "two values in [0, 1)", t.betas)
+    for name in ("steps", "batch_size", "grad_accum"):
+        _check(getattr(t, name) >= 1, source, f"train.{name}", ">= 1", getattr(t, name))
+    _check(t.lr > 0, source, "train.lr", "> 0", t.lr)
+    _check(t.grad_clip >= 0, source, "train.grad_clip", ">= 0 (0 disables clipping)", t.grad_clip)
+    _check(0.0 <= d.max_bad_fraction <= 1.0, source, "data.max_bad_fraction", "a value in [0, 1]", d.max_bad_fraction)
+    _check(1 <= d.world_max_objects <= 4, source, "data.world_max_objects", "1..4", d.world_max_objects)
+    _check(cfg.adapter.num_queries >= 1, source, "adapter.num_queries", ">= 1", cfg.adapter.num_queries)
+    _check(cfg.connector.width % cfg.connector.num_heads == 0, source, "connector.width",
+           f"a multiple of connector.num_heads={cfg.connector.num_heads}", cfg.connector.width)
+    factor = (8 if cfg.codec.kind == "vae" else 1) * cfg.generator.patch_size
+    _check(d.resolution % factor == 0, source, "data.resolution",
+           f"divisible by the codec factor x patch size = {factor}", d.resolution)
+    _check(t.mix_ratio == 1.0 or d.pairs is not None, source, "data.pairs",
+           "a pair source (JSONL path or world:N) when train.mix_ratio < 1", d.pairs)
+    if d.source == "folder":
+        _check(d.path is not None, source, "data.path", "an image folder for data.source=folder", d.path)
+    if check_paths:
+        _check_paths(cfg, source)
+
+
+def _check_paths(cfg: Config, source: str) -> None:
+    if cfg.mllm.path != "nano":
+        _check(Path(cfg.mllm.path).is_dir(), source, "mllm.path", "'nano' or an existing local model directory", cfg.mllm.path)
+        _check_remote_code(Path(cfg.mllm.path), cfg.mllm.trust_remote_code, source)
+    if cfg.codec.kind == "vae" and cfg.codec.path is not None:
+        _check(Path(cfg.codec.path).is_dir(), source, "codec.path", "an existing AutoencoderKL directory", cfg.codec.path)
+    if cfg.generator.pretrained is not None:
+        _check(Path(cfg.generator.pretrained).is_dir(), source, "generator.pretrained", "an existing directory", cfg.generator.pretrained)
+    if cfg.data.source == "folder" and cfg.data.path is not None:
+        _check(Path(cfg.data.path).is_dir(), source, "data.path", "an existing image folder", cfg.data.path)
+    pairs = cfg.data.pairs
+    if pairs is not None and not pairs.startswith("world:"):
+        _check(Path(pairs).is_file(), source, "data.pairs", "an existing JSONL file or world:N", pairs)
+    if pairs is not None and pairs.startswith("world:"):
+        count = pairs.split(":", 1)[1]
+        _check(count.isdigit() and int(count) > 0, source, "data.pairs", "world:N with N a positive integer", pairs)
+
+
+def _check_remote_code(path: Path, trusted: bool, source: str) -> None:
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        return
+    import json
+
+    try:
+        needs_remote = "auto_map" in json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    _check(trusted or not needs_remote, source, "mllm.trust_remote_code",
+           f"true to run the custom code shipped in {path} (its config.json has auto_map)", trusted)
+
+
+def finetune_config(cfg: Config) -> Config:
+    """The stage-2 config: `finetune` fields replace their `train` counterparts."""
+    out = dataclasses.replace(cfg, train=dataclasses.replace(
+        cfg.train, steps=cfg.finetune.steps, mix_ratio=cfg.finetune.mix_ratio,
+        lr=cfg.finetune.lr if cfg.finetune.lr is not None else cfg.train.lr))
+    validate(out, "<finetune>", check_paths=False)
+    return out
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")

@@ -1,0 +1,112 @@
+"""Step-indexed batch sources.
+
+A batch is a pure function of (seed, step, rank): resuming at step s needs no data state beyond s,
+and every rank draws different samples. Image and pair sources are sampled with replacement.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from iomm.config import Config
+from iomm.data.images import BadSample, DataReport, list_images, load_image
+from iomm.data.pairs import read_pairs
+from iomm.data.world import World, WorldConfig
+
+MAX_RETRIES = 16
+
+
+@dataclass
+class Batch:
+    images: torch.Tensor  # (B, 3, R, R) in [0, 1]
+    captions: list[str | None]  # None: an image-only sample (masked self-conditioning)
+    bad: list[tuple[str, str]] = field(default_factory=list)  # (where, reason) of skipped samples
+
+
+class Source(Protocol):
+    def draw(self, rng: np.random.Generator, bad: list[tuple[str, str]]) -> tuple[torch.Tensor, str | None]: ...
+
+
+def _to_tensor(image: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(image.astype(np.float32) / 255.0).permute(2, 0, 1)
+
+
+class WorldImages:
+    def __init__(self, world: World):
+        self.world = world
+
+    def draw(self, rng: np.random.Generator, bad: list[tuple[str, str]]) -> tuple[torch.Tensor, str | None]:
+        return _to_tensor(self.world.render(self.world.sample_scene(rng))), None
+
+
+class WorldPairs:
+    def __init__(self, world: World, n: int, seed: int):
+        self.pairs = [(image, caption) for image, caption, _ in world.pairs(n, seed)]
+
+    def draw(self, rng: np.random.Generator, bad: list[tuple[str, str]]) -> tuple[torch.Tensor, str | None]:
+        image, caption = self.pairs[int(rng.integers(len(self.pairs)))]
+        return _to_tensor(image), caption
+
+
+class FileSamples:
+    """Images from a folder (caption None) or pairs from JSONL; bad files are retried and reported."""
+
+    def __init__(self, items: list[tuple[Path, str | None]], resolution: int, where: str):
+        if not items:
+            raise FileNotFoundError(f"{where}: no usable samples")
+        self.items, self.resolution = items, resolution
+
+    def draw(self, rng: np.random.Generator, bad: list[tuple[str, str]]) -> tuple[torch.Tensor, str | None]:
+        for _ in range(MAX_RETRIES):
+            path, caption = self.items[int(rng.integers(len(self.items)))]
+            try:
+                return load_image(path, self.resolution), caption
+            except BadSample as err:
+                bad.append((str(path), str(err)))
+        raise RuntimeError(f"{MAX_RETRIES} bad samples in a row (last: {bad[-1]}); the data is mostly unusable")
+
+
+class MixedBatches(torch.utils.data.Dataset):
+    """Each sample is image-only with probability `mix_ratio` (the paper's lambda), else a pair."""
+
+    def __init__(self, images: Source, pairs: Source | None, batch_size: int, mix_ratio: float, seed: int, rank: int = 0):
+        self.images, self.pairs = images, pairs
+        self.batch_size, self.mix_ratio, self.seed, self.rank = batch_size, mix_ratio, seed, rank
+
+    def __len__(self) -> int:
+        return 2**62
+
+    def __getitem__(self, step: int) -> Batch:
+        rng = np.random.default_rng([self.seed, step, self.rank])
+        image_only = rng.random(self.batch_size) < self.mix_ratio
+        bad: list[tuple[str, str]] = []
+        samples = [(self.images if flag or self.pairs is None else self.pairs).draw(rng, bad) for flag in image_only]
+        return Batch(torch.stack([s[0] for s in samples]), [s[1] for s in samples], bad)
+
+
+def build_sources(cfg: Config, report: DataReport | None = None) -> tuple[Source, Source | None]:
+    d = cfg.data
+    world = World(WorldConfig(resolution=d.resolution, max_objects=d.world_max_objects))
+    if d.source == "world":
+        images: Source = WorldImages(world)
+    else:
+        images = FileSamples([(p, None) for p in list_images(d.path)], d.resolution, d.path)
+    pairs: Source | None = None
+    if d.pairs is not None and cfg.train.mix_ratio < 1.0:
+        if d.pairs.startswith("world:"):
+            pairs = WorldPairs(world, int(d.pairs.split(":", 1)[1]), cfg.train.seed)
+        else:
+            listed = read_pairs(d.pairs, report)
+            pairs = FileSamples([(p.image, p.caption) for p in listed], d.resolution, d.pairs)
+    return images, pairs
+
+
+def batch_loader(dataset: MixedBatches, start_step: int, end_step: int, num_workers: int) -> torch.utils.data.DataLoader:
+    return torch.utils.data.DataLoader(dataset, batch_size=None, sampler=range(start_step, end_step),
+                                       num_workers=num_workers, collate_fn=lambda b: b,
+                                       persistent_workers=False, prefetch_factor=4 if num_workers else None)

@@ -1,0 +1,51 @@
+"""Latent codecs: pixel space for tiny images, or a diffusers AutoencoderKL loaded from a local directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL
+from torch import nn
+
+
+class PixelCodec(nn.Module):
+    """Identity codec: images in [0, 1] <-> "latents" in [-1, 1]."""
+
+    factor = 1
+    channels = 3
+
+    def encode(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        return images * 2.0 - 1.0
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return ((latents + 1.0) / 2.0).clamp(0.0, 1.0)
+
+
+class VAECodec(nn.Module):
+    """A frozen AutoencoderKL (SD3 / FLUX style: latents = (mean - shift) * scale)."""
+
+    def __init__(self, vae: AutoencoderKL):
+        super().__init__()
+        self.vae = vae.eval().requires_grad_(False)
+        self.factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.channels = vae.config.latent_channels
+        self.scale = vae.config.scaling_factor
+        self.shift = vae.config.shift_factor or 0.0
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> "VAECodec":
+        return cls(AutoencoderKL.from_pretrained(path, local_files_only=True))
+
+    def train(self, mode: bool = True) -> "VAECodec":
+        return super().train(False)
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        latents = self.vae.encode(images * 2.0 - 1.0).latent_dist.sample(generator)
+        return (latents - self.shift) * self.scale
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        images = self.vae.decode(latents / self.scale + self.shift).sample
+        return ((images + 1.0) / 2.0).clamp(0.0, 1.0)

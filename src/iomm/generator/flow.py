@@ -1,0 +1,59 @@
+"""Flow matching: x_t = (1 - t) x + t z, the network predicts z - x; Euler ODE sampling with CFG."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+from diffusers.training_utils import compute_density_for_timestep_sampling
+
+from iomm.config import FlowConfig
+
+# diffusers' flow-matching models take timesteps in [0, 1000].
+TIMESTEP_SCALE = 1000.0
+
+VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def sample_timesteps(cfg: FlowConfig, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    scheme = "logit_normal" if cfg.timestep_sampling == "logit_normal" else "none"
+    return compute_density_for_timestep_sampling(
+        scheme, batch, logit_mean=cfg.logit_mean, logit_std=cfg.logit_std, generator=generator)
+
+
+def interpolate(x: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    t = t.view(-1, *([1] * (x.dim() - 1))).to(x.dtype)
+    return (1.0 - t) * x + t * noise
+
+
+def velocity_target(x: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    return noise - x
+
+
+def guided(velocity_fn: Callable[[torch.Tensor, torch.Tensor, bool], torch.Tensor], scale: float) -> VelocityFn:
+    """Classifier-free guidance: v_null + s (v_cond - v_null); s == 1 is the conditional prediction."""
+
+    def fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        cond = velocity_fn(x, t, True)
+        if scale == 1.0:
+            return cond
+        null = velocity_fn(x, t, False)
+        return null + scale * (cond - null)
+
+    return fn
+
+
+@torch.no_grad()
+def euler_sample(velocity_fn: VelocityFn, noise: torch.Tensor, steps: int) -> torch.Tensor:
+    """Integrate dx/dt = v from t = 1 (noise) to t = 0 with diffusers' flow-matching Euler scheduler.
+
+    A fresh scheduler each call: `set_timesteps` mutates its sigmas.
+    """
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=int(TIMESTEP_SCALE), shift=1.0)
+    scheduler.set_timesteps(steps, device=noise.device)
+    x = noise
+    for timestep in scheduler.timesteps:
+        t = (timestep / TIMESTEP_SCALE).expand(x.shape[0]).to(x.device)
+        x = scheduler.step(velocity_fn(x, t).to(x.dtype), timestep, x).prev_sample
+    return x

@@ -1,0 +1,167 @@
+"""The IOMM model: frozen MLLM -> Residual Query Adapter -> frozen LLM -> connector -> MM-DiT generator.
+
+One file holds how the pieces meet (MetaQuery style); each piece lives in its own module.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from iomm.conditioning.adapter import build_adapter
+from iomm.conditioning.connector import Connector
+from iomm.conditioning.masking import random_keep_mask, zero_masked
+from iomm.conditioning.mllm import FrozenMLLM
+from iomm.conditioning.sequence import Segment, append, pack_left
+from iomm.config import Config
+from iomm.generator.codec import PixelCodec, VAECodec
+from iomm.generator.flow import TIMESTEP_SCALE, interpolate, sample_timesteps, velocity_target
+from iomm.generator.transformer import build_generator
+
+TRAINABLE = ("adapter", "connector", "generator")
+
+
+@dataclass
+class Condition:
+    tokens: torch.Tensor  # (B, L, W) generator condition tokens
+    pooled: torch.Tensor  # (B, W)
+
+
+def load_mllm(cfg: Config) -> FrozenMLLM:
+    path = cfg.mllm.path
+    if path == "nano":
+        from iomm.nano.mllm import ensure_nano_mllm
+
+        path = ensure_nano_mllm(Path(cfg.mllm.nano_dir), random_init=cfg.mllm.random_init)
+    mllm = FrozenMLLM.from_pretrained(path, trust_remote_code=cfg.mllm.trust_remote_code)
+    if cfg.mllm.gradient_checkpointing:
+        mllm.enable_gradient_checkpointing()
+    return mllm
+
+
+def build_codec(cfg: Config) -> nn.Module:
+    if cfg.codec.kind == "pixel":
+        return PixelCodec()
+    return VAECodec.from_pretrained(cfg.codec.path)
+
+
+class IOMM(nn.Module):
+    def __init__(self, cfg: Config, mllm: FrozenMLLM, codec: nn.Module, generator: nn.Module | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.mllm = mllm
+        self.codec = codec
+        self.adapter = build_adapter(cfg.adapter, mllm.hidden_size, mllm.embed_scale)
+        self.connector = Connector(cfg.connector, mllm.hidden_size)
+        self.generator = generator if generator is not None else build_generator(
+            cfg.generator, in_channels=codec.channels, sample_size=cfg.data.resolution // codec.factor,
+            cond_width=cfg.connector.width)
+        self._prompt_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> "IOMM":
+        return cls(cfg, load_mllm(cfg), build_codec(cfg))
+
+    def trainable(self) -> dict[str, nn.Module]:
+        return {name: getattr(self, name) for name in TRAINABLE if getattr(self, name) is not None}
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for m in self.trainable().values() for p in m.parameters() if p.requires_grad]
+
+    # ---- conditions -------------------------------------------------------------------------
+    def _text_segment(self, texts: list[str]) -> Segment:
+        if len(set(texts)) == 1:  # the fixed stage-1 prompt: embed once
+            key = texts[0]
+            if key not in self._prompt_cache:
+                self._prompt_cache[key] = self.mllm.embed_text([key])
+            embeds, mask = self._prompt_cache[key]
+            return Segment(embeds.expand(len(texts), -1, -1), mask.expand(len(texts), -1))
+        embeds, mask = self.mllm.embed_text(texts)
+        return Segment(embeds, mask)
+
+    def _image_segment(self, images: torch.Tensor, generator: torch.Generator | None, masked: bool) -> Segment:
+        tokens = self.mllm.embed_images(images)
+        valid = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
+        if not masked or self.cfg.masking.ratio == 0.0:
+            return Segment(tokens, valid)
+        keep = random_keep_mask(tokens.shape[0], tokens.shape[1], self.cfg.masking.ratio,
+                                min_keep=self.cfg.masking.min_keep, generator=generator, device=tokens.device)
+        if self.cfg.masking.mode == "zero":
+            return Segment(zero_masked(tokens, keep), valid)
+        return Segment(tokens, keep, counts_position=valid)
+
+    def encode(self, segments: list[Segment]) -> Condition:
+        """Condition sequence c -> concat(c, adapter(c)) -> frozen LLM -> connector."""
+        packed = pack_left(segments)
+        if self.adapter is None:
+            hidden = self.mllm.forward_embeds(packed.embeds, packed.mask, packed.positions)
+            tokens, pooled = self.connector(hidden, packed.mask)
+            return Condition(tokens * packed.mask.unsqueeze(-1).to(tokens.dtype), pooled)
+        queries = self.adapter(packed.embeds, packed.mask)
+        full = append(packed, queries)
+        hidden = self.mllm.forward_embeds(full.embeds, full.mask, full.positions)[:, -queries.shape[1]:]
+        mask = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
+        return Condition(*self.connector(hidden, mask))
+
+    def condition_masked_images(self, images: torch.Tensor, generator: torch.Generator | None = None) -> Condition:
+        """Stage 1: c = concat(c_aux, mask(v(x)))."""
+        prompt = self._text_segment([self.cfg.masking.prompt] * images.shape[0])
+        return self.encode([prompt, self._image_segment(images, generator, masked=True)])
+
+    def condition_texts(self, texts: list[str]) -> Condition:
+        return self.encode([self._text_segment(texts)])
+
+    def condition_edit(self, images: torch.Tensor, instructions: list[str]) -> Condition:
+        """Zero-shot editing: the instruction and the unmasked reference image, as in stage 1's layout."""
+        return self.encode([self._text_segment(instructions), self._image_segment(images, None, masked=False)])
+
+    def null_condition(self, batch: int, length: int) -> Condition:
+        return Condition(*self.connector.null_condition(batch, length))
+
+    def condition_batch(self, images: torch.Tensor, captions: list[str | None], generator: torch.Generator,
+                        dropout: float) -> Condition:
+        """Mixed batch: image-only samples (caption None) are masked self-conditions, the rest use captions.
+
+        Samples hit by condition dropout get the null condition and skip the LLM.
+        """
+        b = images.shape[0]
+        dropped = (torch.rand(b, generator=generator) < dropout).tolist()
+        image_idx = [i for i in range(b) if captions[i] is None and not dropped[i]]
+        text_idx = [i for i in range(b) if captions[i] is not None and not dropped[i]]
+        parts: list[tuple[list[int], Condition]] = []
+        if image_idx:
+            parts.append((image_idx, self.condition_masked_images(images[image_idx], generator)))
+        if text_idx:
+            parts.append((text_idx, self.condition_texts([captions[i] for i in text_idx])))
+        length = max([c.tokens.shape[1] for _, c in parts], default=self._null_length())
+        tokens = self.connector.null.to(images.dtype).expand(b, length, -1).clone()
+        pooled = tokens[:, 0].clone()
+        for idx, cond in parts:
+            tokens[idx, : cond.tokens.shape[1]] = cond.tokens.to(tokens.dtype)
+            pooled[idx] = cond.pooled.to(pooled.dtype)
+        return Condition(tokens, pooled)
+
+    def _null_length(self) -> int:
+        return self.cfg.adapter.num_queries if self.adapter is not None else 1
+
+    # ---- generator --------------------------------------------------------------------------
+    def velocity(self, latents: torch.Tensor, t: torch.Tensor, cond: Condition) -> torch.Tensor:
+        return self.generator(hidden_states=latents, timestep=t * TIMESTEP_SCALE,
+                              encoder_hidden_states=cond.tokens, pooled_projections=cond.pooled,
+                              return_dict=False)[0]
+
+    def forward(self, images: torch.Tensor, captions: list[str | None], generator: torch.Generator) -> torch.Tensor:
+        return self.loss(images, captions, generator)
+
+    def loss(self, images: torch.Tensor, captions: list[str | None], generator: torch.Generator) -> torch.Tensor:
+        """Flow-matching loss of one (mixed) batch; all randomness comes from `generator`."""
+        cond = self.condition_batch(images, captions, generator, self.cfg.train.cond_dropout)
+        latents = self.codec.encode(images, generator)
+        noise = torch.randn(latents.shape, generator=generator).to(latents)
+        t = sample_timesteps(self.cfg.flow, latents.shape[0], generator).to(latents.device)
+        prediction = self.velocity(interpolate(latents, noise, t), t, cond)
+        return F.mse_loss(prediction.float(), velocity_target(latents, noise).float())

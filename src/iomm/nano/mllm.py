@@ -1,0 +1,631 @@
+"""The nano MLLM: a real (tiny) InternVL that understands the testbed world.
+
+A Hugging Face `InternVLForConditionalGeneration` (InternViT-style vision tower, pixel-shuffle
+projector, Qwen2 language model), a word-level tokenizer over the world's vocabulary, trained
+from scratch on questions about procedurally generated scenes, and saved exactly like a downloaded
+checkpoint so that `FrozenMLLM.from_pretrained` loads it like InternVL3-2B-hf.
+
+Prompt format (the tokenizer's chat template renders it; `<sep>` opens the assistant turn):
+
+    <s> [aux prompt] <img> <IMG_CONTEXT> x N </img> question <sep> answer </s> question <sep> ...
+    <s> caption question <sep> answer </s> ...            (text-only context)
+
+The tokenizer adds `<s>` itself, so `embed_text(["a photo of a red circle"])` embeds exactly the
+text context the LLM was trained on.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tokenizers import AddedToken, Tokenizer, models, normalizers, pre_tokenizers, processors
+from torch import Tensor
+from transformers import InternVLConfig, InternVLForConditionalGeneration, InternVLVisionConfig, PreTrainedTokenizerFast, Qwen2Config
+
+from iomm.conditioning.mllm import IMAGENET_MEAN, IMAGENET_STD, FrozenMLLM, family_for
+from iomm.data.world import (
+    CLEAR_POSITION_THRESHOLD,
+    COLORS,
+    PLURALS,
+    POSITION_THRESHOLD,
+    RELATIONS,
+    SHAPES,
+    VOCABULARY,
+    Scene,
+    World,
+    WorldConfig,
+    relative_position,
+)
+
+# ------------------------------------------------------------------------------ tokenizer
+
+SPECIAL_TOKENS: dict[str, str] = {
+    "pad_token": "<pad>",
+    "unk_token": "<unk>",
+    "bos_token": "<s>",
+    "eos_token": "</s>",
+    "sep_token": "<sep>",
+    "start_image_token": "<img>",
+    "end_image_token": "</img>",
+    "context_image_token": "<IMG_CONTEXT>",
+}
+COUNT_WORDS: tuple[str, ...] = ("zero", "one", "two", "three", "four")
+BACKGROUND_WORDS: tuple[str, ...] = ("white", "black")
+QA_WORDS: tuple[str, ...] = (
+    "describe", "the", "image", "what", "color", "is", "shape", "object", "objects", "how", "many",
+    "are", "there", "background", "yes", "no", "?", ".", *COUNT_WORDS, *BACKGROUND_WORDS,
+)
+# The paper's reconstruction prompt (lower-cased; the tokenizer lower-cases) and a few instruction words.
+AUX_PROMPT = "generate an image that is identical to the reference image :"
+INSTRUCTION_WORDS: tuple[str, ...] = (
+    *AUX_PROMPT.split(), "make", "draw", "create", "change", "replace", "remove", "add", "edit", "into",
+    "with", "it", "this", "picture", "instead", "same", ",", "!",
+)
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'assistant' %}<sep> {{ message['content'] }} </s> "
+    "{% elif message['content'] is string %}{{ message['content'] }} "
+    "{% else %}{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}<IMG_CONTEXT>{% else %} {{ item['text'] }} {% endif %}"
+    "{% endfor %}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<sep>{% endif %}"
+)
+
+
+def nano_vocabulary() -> list[str]:
+    """Every plain word of the nano tokenizer: the world's words plus question/instruction words."""
+    return sorted(set(VOCABULARY) | set(QA_WORDS) | set(INSTRUCTION_WORDS))
+
+
+def build_tokenizer(
+    words: list[str] | None = None, special_tokens: dict[str, str] | None = None
+) -> PreTrainedTokenizerFast:
+    """Word-level tokenizer (lower-cased, split on whitespace and punctuation) that prepends `<s>`."""
+    special_tokens = dict(SPECIAL_TOKENS if special_tokens is None else special_tokens)
+    specials = list(dict.fromkeys(special_tokens.values()))
+    vocab = {token: i for i, token in enumerate(specials + [w for w in (words or nano_vocabulary()) if w not in specials])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token=special_tokens["unk_token"]))
+    backend.normalizer = normalizers.Lowercase()
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    bos = special_tokens["bos_token"]
+    backend.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, vocab[bos])]
+    )
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, chat_template=CHAT_TEMPLATE, **special_tokens)
+
+
+# ------------------------------------------------------------------------------ architecture
+
+
+@dataclass
+class NanoMLLMConfig:
+    """Architecture and training recipe of the nano MLLM."""
+
+    resolution: int = 32
+    patch_size: int = 4
+    downsample_ratio: float = 1.0  # pixel shuffle: 1.0 keeps (32/4)^2 = 64 image tokens
+    vision_width: int = 128
+    vision_layers: int = 3
+    vision_heads: int = 4
+    text_width: int = 192
+    text_layers: int = 4
+    text_heads: int = 4
+    text_kv_heads: int = 2
+    max_positions: int = 512
+    batch_size: int = 32  # image sequences per step
+    text_batch_size: int = 32  # caption-context sequences per step (0: no text task)
+    max_turns: int = 4  # questions per sequence (1..max_turns)
+    aux_prompt_prob: float = 0.25  # image sequences prefixed by AUX_PROMPT
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.05
+    weight_decay: float = 0.01
+    warmup_steps: int = 100
+    grad_clip: float = 1.0
+    bf16: bool = True
+    background: str = "mixed"
+    eval_n: int = 200
+
+    @property
+    def image_tokens(self) -> int:
+        return int(round((self.resolution // self.patch_size) ** 2 * self.downsample_ratio**2))
+
+
+def tiny_config() -> NanoMLLMConfig:
+    """A few-second version for tests."""
+    return NanoMLLMConfig(
+        patch_size=8, vision_width=32, vision_layers=1, vision_heads=2, text_width=32, text_layers=1,
+        text_heads=2, text_kv_heads=1, batch_size=4, text_batch_size=4, max_turns=2, warmup_steps=2,
+        eval_n=8,
+    )
+
+
+def model_config(cfg: NanoMLLMConfig, tokenizer: PreTrainedTokenizerFast) -> InternVLConfig:
+    vision = InternVLVisionConfig(
+        hidden_size=cfg.vision_width,
+        num_hidden_layers=cfg.vision_layers,
+        num_attention_heads=cfg.vision_heads,
+        intermediate_size=4 * cfg.vision_width,
+        image_size=cfg.resolution,
+        patch_size=cfg.patch_size,
+    )
+    text = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.text_width,
+        num_hidden_layers=cfg.text_layers,
+        num_attention_heads=cfg.text_heads,
+        num_key_value_heads=cfg.text_kv_heads,
+        intermediate_size=4 * cfg.text_width,
+        max_position_embeddings=cfg.max_positions,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return InternVLConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=tokenizer.convert_tokens_to_ids(SPECIAL_TOKENS["context_image_token"]),
+        image_seq_length=cfg.image_tokens,
+        downsample_ratio=cfg.downsample_ratio,
+        tie_word_embeddings=True,
+    )
+
+
+def preprocessing_config(cfg: NanoMLLMConfig) -> dict[str, Any]:
+    """preprocessor_config.json in the keys of InternVL's image processor (GotOcr2ImageProcessor)."""
+    return {
+        "image_processor_type": "GotOcr2ImageProcessor",
+        "processor_class": "InternVLProcessor",
+        "do_resize": True,
+        "size": {"height": cfg.resolution, "width": cfg.resolution},
+        "resample": 3,
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": list(IMAGENET_MEAN),
+        "image_std": list(IMAGENET_STD),
+        "do_convert_rgb": True,
+        "crop_to_patches": False,
+        "min_patches": 1,
+        "max_patches": 1,
+    }
+
+
+def build_nano_mllm(
+    cfg: NanoMLLMConfig, seed: int = 0
+) -> tuple[InternVLForConditionalGeneration, PreTrainedTokenizerFast]:
+    """The randomly initialised nano InternVL and its tokenizer."""
+    tokenizer = build_tokenizer()
+    torch.manual_seed(seed)
+    model = InternVLForConditionalGeneration(model_config(cfg, tokenizer))
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def save_nano_mllm(
+    out_dir: Path, model: InternVLForConditionalGeneration, tokenizer: PreTrainedTokenizerFast,
+    cfg: NanoMLLMConfig, meta: dict[str, Any],
+) -> None:
+    """Write the checkpoint dir as a downloaded one looks: model, tokenizer, preprocessor config."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    _write_json(out_dir / "preprocessor_config.json", preprocessing_config(cfg))
+    _write_json(out_dir / "nano_mllm.json", {"config": asdict(cfg), **meta})
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+# ------------------------------------------------------------------------------ understanding data
+
+QUESTION_TYPES: tuple[str, ...] = (
+    "caption", "color", "shape", "count", "count_objects", "relation", "background", "exists",
+)
+IMAGE_WEIGHTS: dict[str, float] = {
+    "caption": 2.0, "color": 2.0, "shape": 2.0, "count": 2.0, "count_objects": 1.0,
+    "relation": 1.5, "background": 0.5, "exists": 1.5,
+}
+# What a caption lets one answer: colour words may be missing and relations need not be stated.
+TEXT_WEIGHTS: dict[str, float] = {"color": 2.0, "shape": 2.0, "count": 2.0, "count_objects": 1.0, "exists": 1.5}
+COLOR_FREE_TYPES = ("count", "count_objects")
+
+QA = tuple[str, str]
+
+
+def canonical_caption(world: World, scene: Scene) -> str:
+    """The caption the model learns to produce: objects read left to right, no relation."""
+    ordered = Scene(tuple(sorted(scene.objects, key=lambda o: (o.cx, o.cy))), scene.background, None)
+    return world.caption(ordered)
+
+
+def _unique(scene: Scene, key: Callable[[Any], Any]) -> list[Any]:
+    values = [key(o) for o in scene.objects]
+    return [v for v in dict.fromkeys(values) if values.count(v) == 1]
+
+
+def _pick(rng: np.random.Generator, options: list[Any]) -> Any:
+    return options[int(rng.integers(len(options)))]
+
+
+def ask_color(scene: Scene, rng: np.random.Generator) -> QA | None:
+    shapes = _unique(scene, lambda o: o.shape)
+    if not shapes:
+        return None
+    shape = _pick(rng, shapes)
+    color = next(o.color for o in scene.objects if o.shape == shape)
+    return f"what color is the {shape} ?", color
+
+
+def ask_shape(scene: Scene, rng: np.random.Generator) -> QA | None:
+    colors = _unique(scene, lambda o: o.color)
+    if not colors:
+        return None
+    color = _pick(rng, colors)
+    shape = next(o.shape for o in scene.objects if o.color == color)
+    return f"what shape is the {color} object ?", shape
+
+
+def ask_count(scene: Scene, rng: np.random.Generator) -> QA:
+    present = sorted({o.shape for o in scene.objects})
+    absent = [s for s in SHAPES if s not in present]
+    shape = _pick(rng, absent) if absent and rng.random() < 0.2 else _pick(rng, present)
+    n = sum(o.shape == shape for o in scene.objects)
+    return f"how many {PLURALS[shape]} are there ?", COUNT_WORDS[n]
+
+
+def ask_count_objects(scene: Scene, rng: np.random.Generator) -> QA:
+    return "how many objects are there ?", COUNT_WORDS[len(scene.objects)]
+
+
+def ask_relation(scene: Scene, rng: np.random.Generator) -> QA | None:
+    """Yes when the relation holds clearly, no when it does not hold even by GenEval's loose rule."""
+    kinds = _unique(scene, lambda o: (o.color, o.shape))
+    if len(kinds) < 2:
+        return None
+    i, j = rng.permutation(len(kinds))[:2]
+    a, b = (next(o for o in scene.objects if (o.color, o.shape) == kinds[k]) for k in (i, j))
+    holds = relative_position(a.bbox, b.bbox, CLEAR_POSITION_THRESHOLD)
+    loose = relative_position(a.bbox, b.bbox, POSITION_THRESHOLD)
+    yes, no = sorted(holds), [r for r in RELATIONS if r not in loose]
+    answer = "yes" if yes and (not no or rng.random() < 0.5) else "no"
+    if answer == "no" and not no:
+        return None
+    relation = _pick(rng, yes if answer == "yes" else no)
+    return f"is the {a.color} {a.shape} {relation} the {b.color} {b.shape} ?", answer
+
+
+def ask_background(scene: Scene, rng: np.random.Generator) -> QA:
+    return "what color is the background ?", scene.background
+
+
+def ask_exists(scene: Scene, rng: np.random.Generator) -> QA:
+    present = sorted({(o.color, o.shape) for o in scene.objects})
+    if rng.random() < 0.5:
+        color, shape = _pick(rng, present)
+        return f"is there a {color} {shape} ?", "yes"
+    absent = [(c, s) for c in COLORS for s in SHAPES if (c, s) not in present]
+    color, shape = _pick(rng, absent)
+    return f"is there a {color} {shape} ?", "no"
+
+
+ASK: dict[str, Callable[[Scene, np.random.Generator], QA | None]] = {
+    "color": ask_color, "shape": ask_shape, "count": ask_count, "count_objects": ask_count_objects,
+    "relation": ask_relation, "background": ask_background, "exists": ask_exists,
+}
+
+
+def ask(world: World, scene: Scene, kind: str, rng: np.random.Generator) -> QA | None:
+    """One question of type `kind` about `scene` with its answer, or None if the scene has none."""
+    if kind == "caption":
+        return "describe the image .", canonical_caption(world, scene)
+    return ASK[kind](scene, rng)
+
+
+def sample_turns(
+    world: World, scene: Scene, weights: dict[str, float], n: int, rng: np.random.Generator
+) -> list[QA]:
+    kinds, p = list(weights), np.array(list(weights.values()))
+    turns: dict[str, str] = {}
+    for _ in range(8 * n):  # distinct questions: a repeated one could be copied from the context
+        qa = ask(world, scene, kinds[int(rng.choice(len(kinds), p=p / p.sum()))], rng)
+        if qa is not None:
+            turns.setdefault(*qa)
+        if len(turns) == n:
+            break
+    return list(turns.items())
+
+
+# ------------------------------------------------------------------------------ batches
+
+
+class SequenceBuilder:
+    """Token ids and answer-only labels of training sequences, in the chat template's format."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerFast, image_tokens: int) -> None:
+        self.tokenizer = tokenizer
+        tok = tokenizer.convert_tokens_to_ids
+        self.bos, self.eos, self.sep = tokenizer.bos_token_id, tokenizer.eos_token_id, tok("<sep>")
+        self.image_block = [tok("<img>")] + [tok("<IMG_CONTEXT>")] * image_tokens + [tok("</img>")]
+
+    def words(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def build(self, context: list[int], turns: list[QA]) -> tuple[list[int], list[int]]:
+        ids, labels = [self.bos] + context, [-100] * (1 + len(context))
+        for question, answer in turns:
+            q = self.words(question) + [self.sep]
+            a = self.words(answer) + [self.eos]
+            ids += q + a
+            labels += [-100] * len(q) + a
+        return ids, labels
+
+
+def _right_pad(rows: list[list[int]], value: int) -> Tensor:
+    length = max(len(r) for r in rows)
+    return torch.tensor([r + [value] * (length - len(r)) for r in rows], dtype=torch.long)
+
+
+@dataclass
+class Batch:
+    input_ids: Tensor
+    labels: Tensor
+    attention_mask: Tensor
+    images: Tensor | None  # (B, 3, H, W) in [0, 1]
+
+
+def collate(rows: list[tuple[list[int], list[int]]], pad_id: int, images: Tensor | None) -> Batch:
+    ids = _right_pad([r[0] for r in rows], pad_id)
+    mask = _right_pad([[1] * len(r[0]) for r in rows], 0)
+    return Batch(ids, _right_pad([r[1] for r in rows], -100), mask, images)
+
+
+def to_tensor(images: list[np.ndarray]) -> Tensor:
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float().div(255.0)
+
+
+class TaskSampler:
+    """Understanding batches drawn on the fly from the world."""
+
+    def __init__(self, cfg: NanoMLLMConfig, tokenizer: PreTrainedTokenizerFast, seed: int) -> None:
+        self.cfg = cfg
+        self.world = World(WorldConfig(resolution=cfg.resolution, background=cfg.background))
+        self.builder = SequenceBuilder(tokenizer, cfg.image_tokens)
+        self.aux = self.builder.words(AUX_PROMPT)
+        self.pad = tokenizer.pad_token_id
+        self.rng = np.random.default_rng([seed, 11])
+
+    def n_turns(self) -> int:
+        return int(self.rng.integers(1, self.cfg.max_turns + 1))
+
+    def image_batch(self) -> Batch:
+        rows, images = [], []
+        for _ in range(self.cfg.batch_size):
+            scene = self.world.sample_scene(self.rng)
+            aux = self.aux if self.rng.random() < self.cfg.aux_prompt_prob else []
+            turns = sample_turns(self.world, scene, IMAGE_WEIGHTS, self.n_turns(), self.rng)
+            rows.append(self.builder.build(aux + self.builder.image_block, turns))
+            images.append(self.world.render(scene))
+        return collate(rows, self.pad, to_tensor(images))
+
+    def text_batch(self) -> Batch:
+        rows = []
+        for _ in range(self.cfg.text_batch_size):
+            scene = self.world.sample_scene(self.rng)
+            with_color = bool(self.rng.random() >= 0.25)
+            weights = TEXT_WEIGHTS if with_color else {k: TEXT_WEIGHTS[k] for k in COLOR_FREE_TYPES}
+            turns = sample_turns(self.world, scene, weights, self.n_turns(), self.rng)
+            rows.append(self.builder.build(self.builder.words(self.world.caption(scene, with_color)), turns))
+        return collate(rows, self.pad, None)
+
+
+# ------------------------------------------------------------------------------ training
+
+
+def lr_factor(progress: float, cfg: NanoMLLMConfig, step: int) -> float:
+    """Linear warm-up, then cosine decay to `min_lr_ratio` over training progress in [0, 1]."""
+    warm = min(1.0, (step + 1) / max(1, cfg.warmup_steps))
+    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return warm * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine)
+
+
+def batch_loss(model: InternVLForConditionalGeneration, batch: Batch, cfg: NanoMLLMConfig) -> Tensor:
+    extra = {}
+    if batch.images is not None:
+        extra = family_for(model.config, preprocessing_config(cfg)).model_inputs(batch.images, batch.input_ids)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels, **extra)
+    return out.loss.float()
+
+
+class Progress:
+    """Step / loss / speed / ETA lines, at most every `every` seconds."""
+
+    def __init__(self, enabled: bool, every: float = 10.0) -> None:
+        self.enabled, self.every = enabled, every
+        self.start = self.last = time.monotonic()
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.start
+
+    def __call__(self, step: int, loss: float, progress: float, force: bool = False) -> None:
+        now = time.monotonic()
+        if not self.enabled or (now - self.last < self.every and not force):
+            return
+        self.last = now
+        elapsed = now - self.start
+        eta = elapsed * (1 - progress) / max(progress, 1e-9)
+        print(f"[nano-mllm] step {step} loss {loss:.4f} {step / max(elapsed, 1e-9):.2f} it/s "
+              f"elapsed {elapsed:.0f}s ETA {eta:.0f}s", flush=True)
+
+
+def train_loop(
+    model: InternVLForConditionalGeneration, sampler: TaskSampler, cfg: NanoMLLMConfig,
+    *, steps: int | None, minutes: float | None, progress: bool,
+) -> dict[str, Any]:
+    """AdamW on answer tokens until `steps` or `minutes` (whichever first); returns run statistics."""
+    if steps is None and minutes is None:
+        raise ValueError("train_nano_mllm: give steps or minutes")
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    model.train()
+    log, step, frac, loss = Progress(progress), 0, 0.0, float("nan")
+    while frac < 1.0:
+        for group in opt.param_groups:
+            group["lr"] = cfg.lr * lr_factor(frac, cfg, step)
+        total = batch_loss(model, sampler.image_batch(), cfg)
+        if cfg.text_batch_size > 0:
+            total = total + batch_loss(model, sampler.text_batch(), cfg)
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        step += 1
+        loss = total.item()
+        frac = max(step / steps if steps else 0.0, log.elapsed() / (60 * minutes) if minutes else 0.0)
+        log(step, loss, frac, force=frac >= 1.0)
+    model.eval()
+    return {"steps": step, "train_seconds": round(log.elapsed(), 1), "final_loss": round(loss, 4)}
+
+
+def train_nano_mllm(
+    out_dir: str | Path,
+    *,
+    minutes: float | None = None,
+    steps: int | None = 3000,
+    seed: int = 0,
+    random_init: bool = False,
+    progress: bool = True,
+    tiny: bool = False,
+    config: NanoMLLMConfig | None = None,
+) -> Path:
+    """Train (or, with `random_init`, only initialise) the nano MLLM; save it and understanding.json.
+
+    Stops after `steps` or `minutes`, whichever comes first (pass steps=None for a pure time budget).
+    """
+    out_dir = Path(out_dir)
+    cfg = config or (tiny_config() if tiny else NanoMLLMConfig())
+    model, tokenizer = build_nano_mllm(cfg, seed)
+    n_params = sum(p.numel() for p in model.parameters())
+    if progress:
+        print(f"[nano-mllm] {'random-init' if random_init else 'training'} nano InternVL: {n_params / 1e6:.2f}M "
+              f"params, {cfg.image_tokens} image tokens, vocab {len(tokenizer)} -> {out_dir}", flush=True)
+    stats: dict[str, Any] = {"steps": 0, "train_seconds": 0.0}
+    if not random_init:
+        stats = train_loop(model, TaskSampler(cfg, tokenizer, seed), cfg, steps=steps, minutes=minutes,
+                           progress=progress)
+    meta = {"seed": seed, "random_init": random_init, "parameters": n_params, "threads": torch.get_num_threads(),
+            **stats}
+    save_nano_mllm(out_dir, model, tokenizer, cfg, meta)
+    results = evaluate_understanding(out_dir, n=cfg.eval_n, seed=seed + 1000)
+    _write_json(out_dir / "understanding.json", results)
+    if progress:
+        print(f"[nano-mllm] saved {out_dir}; understanding: " + json.dumps(results["accuracy"]), flush=True)
+    return out_dir
+
+
+def ensure_nano_mllm(path: str | Path, *, progress: bool = True, **train_kwargs: Any) -> Path:
+    """Return `path` if it holds a saved nano MLLM; otherwise train one there first (saying so)."""
+    path = Path(path)
+    if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
+        return path
+    if progress:
+        print(f"[nano-mllm] no nano MLLM at {path}: building it now (one-off, ~10 min on 2 CPU cores)", flush=True)
+    return train_nano_mllm(path, progress=progress, **train_kwargs)
+
+
+# ------------------------------------------------------------------------------ evaluation
+
+
+@dataclass
+class EvalSet:
+    images: Tensor
+    questions: list[str]
+    answers: list[str]
+    contexts: list[str] = field(default_factory=list)  # captions, for the text path
+
+
+def eval_set(world: World, kind: str, n: int, rng: np.random.Generator, text: bool) -> EvalSet:
+    images, questions, answers, contexts = [], [], [], []
+    while len(questions) < n:
+        scene = world.sample_scene(rng)
+        qa = ask(world, scene, kind, rng)
+        if qa is None:
+            continue
+        images.append(world.render(scene))
+        questions.append(qa[0])
+        answers.append(qa[1])
+        contexts.append(world.caption(scene) if text else "")
+    return EvalSet(to_tensor(images), questions, answers, contexts)
+
+
+def _accuracy(predictions: list[str], answers: list[str]) -> float:
+    return round(sum(p == a for p, a in zip(predictions, answers)) / len(answers), 4)
+
+
+def answer_all(mllm: FrozenMLLM, images: Tensor | None, questions: list[str], batch_size: int) -> list[str]:
+    out: list[str] = []
+    for i in range(0, len(questions), batch_size):
+        chunk = None if images is None else images[i : i + batch_size]
+        out += mllm.answer_batch(chunk, questions[i : i + batch_size], max_new_tokens=24)
+    return out
+
+
+def retrieval_top1(mllm: FrozenMLLM, world: World, n: int, rng: np.random.Generator) -> float:
+    """Image -> caption retrieval by cosine of mean-pooled last hidden states (modality alignment)."""
+    scenes = [world.sample_scene(rng) for _ in range(n)]
+    image_embeds = mllm.embed_images(to_tensor([world.render(s) for s in scenes]))
+    prefix, prefix_mask = mllm.embed_text([""] * n)  # "<s>", as the image sequences start
+    image_states = mllm.forward_embeds(
+        torch.cat([prefix, image_embeds], 1),
+        torch.cat([prefix_mask, torch.ones(image_embeds.shape[:2], dtype=torch.bool)], 1),
+    )[:, 1:].mean(1)
+    text, mask = mllm.embed_text([world.caption(s) for s in scenes])
+    states = mllm.forward_embeds(text, mask)
+    text_states = (states * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+    sim = torch.nn.functional.normalize(image_states, dim=-1) @ torch.nn.functional.normalize(text_states, dim=-1).T
+    return round(float((sim.argmax(1) == torch.arange(n)).float().mean()), 4)
+
+
+@torch.no_grad()
+def evaluate_understanding(path: str | Path, n: int = 200, seed: int = 1234, batch_size: int = 100) -> dict[str, Any]:
+    """Held-out accuracy of a saved nano MLLM on fresh scenes (exact match of the greedy answer).
+
+    `accuracy[kind]` asks with the image; `text_accuracy[kind]` asks about the scene's caption
+    without the image; `retrieval_top1` is image -> caption retrieval among 64 scenes.
+    """
+    mllm = FrozenMLLM.from_pretrained(path)
+    cfg = json.loads((Path(path) / "nano_mllm.json").read_text())["config"]
+    world = World(WorldConfig(resolution=cfg["resolution"], background=cfg.get("background", "mixed")))
+    rng = np.random.default_rng([seed, 7919])
+    accuracy, text_accuracy = {}, {}
+    for kind in QUESTION_TYPES:
+        data = eval_set(world, kind, n, rng, text=kind in TEXT_WEIGHTS)
+        accuracy[kind] = _accuracy(answer_all(mllm, data.images, data.questions, batch_size), data.answers)
+        if kind in TEXT_WEIGHTS:
+            prompts = [f"{c} {q}" for c, q in zip(data.contexts, data.questions)]
+            text_accuracy[kind] = _accuracy(answer_all(mllm, None, prompts, batch_size), data.answers)
+    return {
+        "n_per_type": n,
+        "seed": seed,
+        "accuracy": accuracy,
+        "text_accuracy": text_accuracy,
+        "retrieval_top1": retrieval_top1(mllm, world, 64, rng),
+        "embed_scale": round(mllm.embed_scale, 5),
+        "image_token_rms": round(float(mllm.embed_images(eval_set(world, "count", 16, rng, False).images)
+                                       .pow(2).mean().sqrt()), 5),
+        "image_tokens": mllm.num_image_tokens(cfg["resolution"]),
+    }

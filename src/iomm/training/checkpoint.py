@@ -1,0 +1,152 @@
+"""Checkpoints: directories of safetensors plus optimizer and trainer state, written atomically.
+
+Layout of `RUN/checkpoints/step_00001000/`:
+  generator/                diffusers `save_pretrained` (config.json + safetensors)
+  conditioner.safetensors   adapter + connector
+  ema.safetensors           EMA of every trainable weight
+  optimizer.pt              optimizer + LR schedule (read back with weights_only=True)
+  state.json, config.yaml   step, counters, the run's config
+  manifest.json             size and sha256 of every file; written last: no manifest, no checkpoint
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+MANIFEST = "manifest.json"
+PREFIX = "step_"
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def checkpoint_name(step: int) -> str:
+    return f"{PREFIX}{step:08d}"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _files(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.name != MANIFEST)
+
+
+def write_manifest(root: Path) -> None:
+    entries = {str(p.relative_to(root)): {"size": p.stat().st_size, "sha256": _sha256(p)} for p in _files(root)}
+    (root / MANIFEST).write_text(json.dumps(entries, indent=1), encoding="utf-8")
+
+
+def verify(root: Path) -> str | None:
+    """None if the checkpoint is complete and intact, else what is wrong with it."""
+    manifest = root / MANIFEST
+    if not manifest.is_file():
+        return "no manifest (incomplete write)"
+    try:
+        entries = json.loads(manifest.read_text(encoding="utf-8"))
+    except ValueError:
+        return "manifest is not valid JSON"
+    for name, entry in entries.items():
+        path = root / name
+        if not path.is_file():
+            return f"missing file {name}"
+        if path.stat().st_size != entry["size"]:
+            return f"{name} has {path.stat().st_size} bytes, manifest says {entry['size']}"
+        if _sha256(path) != entry["sha256"]:
+            return f"{name} does not match its sha256"
+    return None
+
+
+def save_checkpoint(run_dir: Path, step: int, write: Any, *, keep_last: int, keep_every: int = 0) -> Path:
+    """`write(tmp_dir)` fills a temporary directory, which is renamed into place once its manifest is written.
+
+    On any failure (a full disk included) the temporary directory is removed, the previous
+    checkpoints are untouched, and a CheckpointError says what happened.
+    """
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / checkpoint_name(step)
+    tmp = root / f".tmp-{checkpoint_name(step)}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir()
+        write(tmp)
+        write_manifest(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"could not save checkpoint {final}: {err.strerror or err}; "
+                              f"the previous checkpoint is intact") from err
+    _prune(root, keep_last, keep_every)
+    return final
+
+
+def _prune(root: Path, keep_last: int, keep_every: int) -> None:
+    steps = sorted(_step_of(p) for p in root.glob(f"{PREFIX}*") if _step_of(p) is not None)
+    for step in steps[:-keep_last] if keep_last > 0 else []:
+        if keep_every and step % keep_every == 0:
+            continue
+        shutil.rmtree(root / checkpoint_name(step), ignore_errors=True)
+
+
+def _step_of(path: Path) -> int | None:
+    digits = path.name[len(PREFIX):]
+    return int(digits) if path.name.startswith(PREFIX) and digits.isdigit() else None
+
+
+def latest_checkpoint(run_dir: Path, log: Any = print) -> Path | None:
+    """The newest intact checkpoint; damaged ones are reported by name and passed over."""
+    root = Path(run_dir) / "checkpoints"
+    candidates = sorted((p for p in root.glob(f"{PREFIX}*") if _step_of(p) is not None), key=_step_of, reverse=True)
+    for path in candidates:
+        problem = verify(path)
+        if problem is None:
+            return path
+        log(f"warning: skipping damaged checkpoint {path}: {problem}")
+    return None
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory, or a run directory (its newest intact checkpoint)."""
+    path = Path(path)
+    if (path / MANIFEST).is_file():
+        problem = verify(path)
+        if problem:
+            raise CheckpointError(f"{path}: damaged checkpoint: {problem}")
+        return path
+    found = latest_checkpoint(path)
+    if found is None:
+        raise CheckpointError(f"{path}: no intact checkpoint found (expected a checkpoint dir or a run dir "
+                              f"with checkpoints/{PREFIX}*)")
+    return found
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path))
+
+
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path))
+
+
+def save_torch(obj: Any, path: Path) -> None:
+    torch.save(obj, path)
+
+
+def load_torch(path: Path) -> Any:
+    return torch.load(path, map_location="cpu", weights_only=True)

@@ -1,0 +1,277 @@
+"""Training: stage 1 (image-only, mix_ratio = 1) and stage 2 (mixed) share one loop.
+
+Every source of randomness for step s (data, masks, dropout, timesteps, noise) is seeded from
+(seed, s, rank), so a resumed run continues exactly: only weights, EMA, optimizer and LR schedule
+are state, and they live in the checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from iomm.config import Config, save_config
+from iomm.data.images import DataReport
+from iomm.data.sources import Batch, MixedBatches, batch_loader, build_sources
+from iomm.model import IOMM
+from iomm.training import checkpoint as ckpt
+from iomm.training.ema import EMA
+from iomm.training.logging import RunLog, image_grid, plot_loss_curve
+from iomm.training.state import load_trainable, step_seed, trainable_state
+
+MIN_SAMPLES_FOR_BAD_CHECK = 64
+
+
+class TrainingStopped(RuntimeError):
+    """The run stopped on purpose (bad data, non-finite losses); a checkpoint was saved first."""
+
+
+@dataclass
+class Distributed:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @classmethod
+    def from_env(cls) -> "Distributed":
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        return cls(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def device(self) -> torch.device:
+        return torch.device("cuda", self.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+
+
+@dataclass
+class StepOutcome:
+    loss: float
+    grad_norm: float
+    finite: bool
+
+
+@dataclass
+class Trainer:
+    cfg: Config
+    run_dir: Path
+    init: Path | None = None
+    progress: bool = True
+    dist: Distributed = field(default_factory=Distributed.from_env)
+
+    def __post_init__(self) -> None:
+        self.run_dir = Path(self.run_dir)
+        if self.cfg.train.threads:
+            torch.set_num_threads(self.cfg.train.threads)
+        self.device = self.dist.device()
+        self.model = IOMM.from_config(self.cfg).to(self.device)
+        if self.init is not None:
+            load_trainable(self.model, ckpt.resolve_checkpoint(self.init), use_ema=False)
+        self.params = {f"{name}.{n}": p for name, m in self.model.trainable().items()
+                       for n, p in m.named_parameters() if p.requires_grad}
+        t = self.cfg.train
+        self.optimizer = torch.optim.AdamW(self.params.values(), lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
+        warmup = max(t.warmup_steps, 1)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / warmup))
+        self.ema = EMA(self.params, t.ema_decay)
+        self.report = DataReport()
+        images, pairs = build_sources(self.cfg, self.report)
+        self.batches = MixedBatches(images, pairs, t.batch_size, t.mix_ratio, t.seed, self.dist.rank)
+        self.step = 0
+        self.nonfinite_in_row = 0
+        self.nonfinite_total = 0
+        self.log = RunLog(self.run_dir, enabled=self.dist.main)
+        self.ddp = None
+        if self.dist.world > 1:
+            self.ddp = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.dist.local_rank] if self.device.type == "cuda" else None,
+                find_unused_parameters=True)
+
+    # ---- state -------------------------------------------------------------------------------
+    def _write_checkpoint(self, tmp: Path) -> None:
+        trainable_state(self.model, self.ema, tmp)
+        ckpt.save_torch({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
+                        tmp / "optimizer.pt")
+        state = {"step": self.step, "nonfinite_total": self.nonfinite_total, "data": self.report.to_dict()}
+        (tmp / "state.json").write_text(json.dumps(state, indent=1), encoding="utf-8")
+        save_config(self.cfg, tmp / "config.yaml")
+
+    def save(self) -> Path | None:
+        if not self.dist.main:
+            return None
+        return ckpt.save_checkpoint(self.run_dir, self.step, self._write_checkpoint,
+                                    keep_last=self.cfg.train.keep_last, keep_every=self.cfg.train.keep_every)
+
+    def resume(self) -> bool:
+        found = ckpt.latest_checkpoint(self.run_dir, log=self._print)
+        if found is None:
+            return False
+        load_trainable(self.model, found, use_ema=False, ema=self.ema)
+        opt = ckpt.load_torch(found / "optimizer.pt")
+        self.optimizer.load_state_dict(opt["optimizer"])
+        self.scheduler.load_state_dict(opt["scheduler"])
+        state = json.loads((found / "state.json").read_text(encoding="utf-8"))
+        self.step, self.nonfinite_total = state["step"], state["nonfinite_total"]
+        self._print(f"resumed from {found} at step {self.step}")
+        return True
+
+    # ---- one step ----------------------------------------------------------------------------
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.cfg.train.mixed_precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def train_step(self, micro_batches: list[Batch]) -> StepOutcome:
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        total = 0.0
+        for k, batch in enumerate(micro_batches):
+            generator = torch.Generator().manual_seed(step_seed(self.cfg.train.seed, self.step, k, self.dist.rank))
+            images = batch.images.to(self.device, non_blocking=True)
+            no_sync = self.ddp.no_sync() if self.ddp is not None and k < len(micro_batches) - 1 else contextlib.nullcontext()
+            with no_sync, self._autocast():
+                loss = (self.ddp or self.model)(images, batch.captions, generator) / len(micro_batches)
+            loss.backward()
+            total += float(loss.detach())
+        grads = [p.grad for p in self.params.values() if p.grad is not None]
+        clip = self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else math.inf
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(list(self.params.values()), clip)) if grads else 0.0
+        finite = math.isfinite(total) and math.isfinite(grad_norm)
+        if finite:
+            self.optimizer.step()
+            self.ema.update()
+        self.scheduler.step()
+        return StepOutcome(total, grad_norm, finite)
+
+    # ---- the loop ----------------------------------------------------------------------------
+    def fit(self) -> Path:
+        t = self.cfg.train
+        self.resume()
+        if self.dist.main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(self.cfg, self.run_dir / "config.yaml")
+        if self.step >= t.steps:
+            self._print(f"nothing to do: step {self.step} >= train.steps {t.steps}")
+            return self.run_dir
+        accum = t.grad_accum
+        loader = batch_loader(self.batches, self.step * accum, t.steps * accum, self.cfg.data.num_workers)
+        stop = _StopSignal()
+        bar = tqdm(total=t.steps, initial=self.step, disable=not (self.progress and self.dist.main),
+                   dynamic_ncols=True, unit="step")
+        started, micro = time.time(), []
+        try:
+            for batch in loader:
+                self._count_bad(batch)
+                micro.append(batch)
+                if len(micro) < accum:
+                    continue
+                outcome = self.train_step(micro)
+                micro = []
+                self.step += 1
+                self._after_step(outcome, started, bar)
+                if stop.requested:
+                    self._print(f"signal {stop.requested}: saving a checkpoint at step {self.step} before exit")
+                    break
+                if self.step % t.checkpoint_every == 0 and self.step < t.steps:
+                    self.save()
+            self.save()
+        finally:
+            stop.restore()
+            bar.close()
+            self.log.close()
+        self._finish()
+        return self.run_dir
+
+    def _after_step(self, outcome: StepOutcome, started: float, bar: tqdm) -> None:
+        t = self.cfg.train
+        if outcome.finite:
+            self.nonfinite_in_row = 0
+        else:
+            self.nonfinite_in_row += 1
+            self.nonfinite_total += 1
+            self._print(f"warning: non-finite loss or gradient at step {self.step}; step skipped "
+                        f"({self.nonfinite_in_row} in a row)")
+            if self.nonfinite_in_row >= t.max_nonfinite_in_row:
+                self.save()
+                raise TrainingStopped(f"{self.nonfinite_in_row} non-finite steps in a row at step {self.step}; "
+                                      f"checkpoint saved. Lower train.lr, check the data, or use mixed_precision: no.")
+        bar.update(1)
+        bar.set_postfix(loss=f"{outcome.loss:.4f}", lr=f"{self.scheduler.get_last_lr()[0]:.1e}")
+        if self.step % t.log_every == 0 or self.step == t.steps:
+            elapsed = time.time() - started
+            self.log.scalars(self.step, {"loss": outcome.loss, "grad_norm": outcome.grad_norm,
+                                         "lr": self.scheduler.get_last_lr()[0], "elapsed_s": elapsed,
+                                         "skipped_samples": float(sum(self.report.skipped.values())),
+                                         "nonfinite_steps": float(self.nonfinite_total)})
+        if self.dist.main and t.sample_every and (self.step % t.sample_every == 0 or self.step == t.steps):
+            self.write_samples()
+
+    def _count_bad(self, batch: Batch) -> None:
+        for where, reason in batch.bad:
+            self.report.bad(where, reason)
+        for _ in range(len(batch.captions)):
+            self.report.ok()
+        limit = self.cfg.data.max_bad_fraction
+        if self.report.seen >= MIN_SAMPLES_FOR_BAD_CHECK and self.report.bad_fraction > limit:
+            self.save()
+            raise TrainingStopped(f"{self.report.bad_fraction:.1%} of samples are bad (limit data.max_bad_fraction="
+                                  f"{limit:.1%}); stopped instead of training on garbage.\n{self.report.summary()}")
+
+    def write_samples(self) -> None:
+        from iomm.evaluation.reconstruction import reconstruction_panel
+
+        with self.ema.applied():
+            panel, metrics = reconstruction_panel(self.model, self.cfg)
+        samples = self.run_dir / "samples"
+        samples.mkdir(exist_ok=True)
+        image_grid(panel).save(samples / f"step_{self.step:08d}.png")
+        self.log.scalars(self.step, metrics)
+
+    def _finish(self) -> None:
+        if not self.dist.main:
+            return
+        if (self.run_dir / "metrics.jsonl").is_file():
+            plot_loss_curve(self.run_dir / "metrics.jsonl", self.run_dir / "loss.png")
+        self._print(self.report.summary())
+
+    def _print(self, text: str) -> None:
+        if self.dist.main:
+            tqdm.write(text)
+
+
+class _StopSignal:
+    """SIGTERM / Ctrl-C request a checkpoint and a clean exit instead of killing the step."""
+
+    def __init__(self) -> None:
+        self.requested: str | None = None
+        self._previous: dict[int, Any] = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.requested = signal.Signals(signum).name
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def train(cfg: Config, run_dir: str | Path, init: str | Path | None = None, progress: bool = True) -> Path:
+    return Trainer(cfg, Path(run_dir), Path(init) if init else None, progress).fit()
