@@ -109,7 +109,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     warmup_steps: int = 0
     ema_decay: float = 0.999
-    mixed_precision: Literal["no", "bf16"] = "no"
+    mixed_precision: Literal["fp32", "bf16"] = "fp32"
     cond_dropout: float = 0.1
     # Fraction of image-only samples in each batch (stage 2); 1.0 is pure image-only pre-training.
     mix_ratio: float = 1.0

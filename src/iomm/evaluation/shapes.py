@@ -253,6 +253,15 @@ def _read_jsonl(path: Path) -> list[tuple[str, dict[str, Any]]]:
     return lines
 
 
+def read_prompts(path: str | Path) -> list[dict[str, Any]]:
+    """Prompt dicts from a JSONL file, each validated (errors name the file and line)."""
+    prompts = []
+    for source, meta in _read_jsonl(Path(path)):
+        validate_prompt(meta, source)
+        prompts.append(meta)
+    return prompts
+
+
 def _image_entries(images_dir: Path) -> list[tuple[str, dict[str, Any], list[Path]]]:
     """(source, prompt dict, image paths) from `metadata.jsonl` with "images" lists, or from the
     GenEval layout (<00000>/metadata.jsonl + <00000>/samples/*.png)."""

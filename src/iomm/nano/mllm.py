@@ -122,6 +122,8 @@ class NanoMLLMConfig:
     text_layers: int = 4
     text_heads: int = 4
     text_kv_heads: int = 2
+    text_mlp_ratio: float = 2.0  # gated (SwiGLU) MLP: 3 matrices, so 2.0 costs like a 3x plain MLP
+    vision_mlp_ratio: float = 4.0
     max_positions: int = 512
     batch_size: int = 32  # image sequences per step
     text_batch_size: int = 32  # caption-context sequences per step (0: no text task)
@@ -155,7 +157,7 @@ def model_config(cfg: NanoMLLMConfig, tokenizer: PreTrainedTokenizerFast) -> Int
         hidden_size=cfg.vision_width,
         num_hidden_layers=cfg.vision_layers,
         num_attention_heads=cfg.vision_heads,
-        intermediate_size=4 * cfg.vision_width,
+        intermediate_size=int(cfg.vision_mlp_ratio * cfg.vision_width),
         image_size=cfg.resolution,
         patch_size=cfg.patch_size,
     )
@@ -165,7 +167,7 @@ def model_config(cfg: NanoMLLMConfig, tokenizer: PreTrainedTokenizerFast) -> Int
         num_hidden_layers=cfg.text_layers,
         num_attention_heads=cfg.text_heads,
         num_key_value_heads=cfg.text_kv_heads,
-        intermediate_size=4 * cfg.text_width,
+        intermediate_size=int(cfg.text_mlp_ratio * cfg.text_width),
         max_position_embeddings=cfg.max_positions,
         tie_word_embeddings=True,
         bos_token_id=tokenizer.bos_token_id,

@@ -78,6 +78,7 @@ class Trainer:
         if self.cfg.train.threads:
             torch.set_num_threads(self.cfg.train.threads)
         self.device = self.dist.device()
+        torch.manual_seed(self.cfg.train.seed)  # the same initial weights on every rank and every rerun
         self.model = IOMM.from_config(self.cfg).to(self.device)
         if self.init is not None:
             load_trainable(self.model, ckpt.resolve_checkpoint(self.init), use_ema=False)
@@ -208,7 +209,7 @@ class Trainer:
             if self.nonfinite_in_row >= t.max_nonfinite_in_row:
                 self.save()
                 raise TrainingStopped(f"{self.nonfinite_in_row} non-finite steps in a row at step {self.step}; "
-                                      f"checkpoint saved. Lower train.lr, check the data, or use mixed_precision: no.")
+                                      f"checkpoint saved. Lower train.lr, check the data, or use mixed_precision: fp32.")
         bar.update(1)
         bar.set_postfix(loss=f"{outcome.loss:.4f}", lr=f"{self.scheduler.get_last_lr()[0]:.1e}")
         if self.step % t.log_every == 0 or self.step == t.steps:
