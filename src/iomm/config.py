@@ -277,6 +277,8 @@ def validate(cfg: Config, source: str = "<config>", *, check_paths: bool = True)
     _check(cfg.adapter.num_queries >= 1, source, "adapter.num_queries", ">= 1", cfg.adapter.num_queries)
     _check(cfg.connector.width % cfg.connector.num_heads == 0, source, "connector.width",
            f"a multiple of connector.num_heads={cfg.connector.num_heads}", cfg.connector.width)
+    _check(d.resolution >= 8, source, "data.resolution", ">= 8", d.resolution)
+    _check(cfg.generator.patch_size >= 1, source, "generator.patch_size", ">= 1", cfg.generator.patch_size)
     factor = (8 if cfg.codec.kind == "vae" else 1) * cfg.generator.patch_size
     _check(d.resolution % factor == 0, source, "data.resolution",
            f"divisible by the codec factor x patch size = {factor}", d.resolution)

@@ -1,2 +1,52 @@
-def register(subparsers):
-    pass
+"""`iomm bench train-step`: images/s and the time split of a training step, as JSON."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+from pathlib import Path
+
+from iomm.commands.train import add_config_args
+from iomm.config import load_config
+
+# The naive faithful step: the paper's algorithm as written, fp32, masked tokens zeroed in place.
+NAIVE = ["train.mixed_precision=fp32", "masking.mode=zero"]
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("bench", help="benchmarks")
+    sub = p.add_subparsers(dest="bench", required=True)
+    b = sub.add_parser("train-step", help="time one training step, split by component")
+    add_config_args(b)
+    b.add_argument("--steps", type=int, default=10)
+    b.add_argument("--warmup", type=int, default=2)
+    b.add_argument("--compare-naive", action="store_true",
+                   help="also time the naive faithful step (fp32, zero masking) and report the speed-up")
+    b.add_argument("--out", default="bench/results/train_step.json")
+    b.set_defaults(func=_train_step)
+
+
+def _train_step(args: argparse.Namespace) -> int:
+    from iomm.training.bench import bench_train_step
+
+    result = {"config": args.config, "overrides": args.overrides, "machine": platform.processor() or platform.machine()}
+    result["run"] = bench_train_step(load_config(args.config, args.overrides), args.steps, args.warmup)
+    _print("this config", result["run"])
+    if args.compare_naive:
+        result["naive"] = bench_train_step(load_config(args.config, args.overrides + NAIVE), args.steps, args.warmup)
+        _print("naive faithful step", result["naive"])
+        result["speedup"] = result["run"]["images_per_s"] / result["naive"]["images_per_s"]
+        print(f"speed-up over the naive step: {result['speedup']:.2f}x")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1), encoding="utf-8")
+    print(f"wrote {out}")
+    return 0
+
+
+def _print(title: str, run: dict) -> None:
+    print(f"{title}: {run['images_per_s']:.1f} images/s ({run['mixed_precision']}, masking {run['masking_mode']}, "
+          f"{run['threads']} threads)")
+    for name, seconds in run["seconds_per_step"].items():
+        print(f"  {name:>22s}  {seconds * 1000:8.1f} ms")

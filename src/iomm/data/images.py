@@ -23,6 +23,10 @@ class BadSample(ValueError):
     """A sample that cannot be used; the message says why."""
 
 
+class TooMuchBadData(RuntimeError):
+    """Too many bad samples in a row to make a batch."""
+
+
 @dataclass
 class DataReport:
     """Counts of skipped samples by reason, shared by the loaders of one run."""

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from iomm.config import Config
-from iomm.data.images import BadSample, DataReport, list_images, load_image
+from iomm.data.images import BadSample, DataReport, TooMuchBadData, list_images, load_image
 from iomm.data.pairs import read_pairs
 from iomm.data.world import World, WorldConfig
 
@@ -68,7 +68,7 @@ class FileSamples:
                 return load_image(path, self.resolution), caption
             except BadSample as err:
                 bad.append((str(path), str(err)))
-        raise RuntimeError(f"{MAX_RETRIES} bad samples in a row (last: {bad[-1]}); the data is mostly unusable")
+        raise TooMuchBadData(f"{MAX_RETRIES} bad samples in a row (last: {bad[-1][0]}: {bad[-1][1]})")
 
 
 class MixedBatches(torch.utils.data.Dataset):

@@ -88,9 +88,15 @@ def nano_vocabulary() -> list[str]:
 
 
 def build_tokenizer(
-    words: list[str] | None = None, special_tokens: dict[str, str] | None = None
+    words: list[str] | None = None,
+    special_tokens: dict[str, str] | None = None,
+    chat_template: str | None = CHAT_TEMPLATE,
 ) -> PreTrainedTokenizerFast:
-    """Word-level tokenizer (lower-cased, split on whitespace and punctuation) that prepends `<s>`."""
+    """Word-level tokenizer (lower-cased, split on whitespace and punctuation) that prepends `<s>`.
+
+    `special_tokens` maps attribute names (`bos_token`, ..., family-specific ones such as
+    `context_image_token`) to tokens; it needs at least pad/unk/bos/eos.
+    """
     special_tokens = dict(SPECIAL_TOKENS if special_tokens is None else special_tokens)
     specials = list(dict.fromkeys(special_tokens.values()))
     vocab = {token: i for i, token in enumerate(specials + [w for w in (words or nano_vocabulary()) if w not in specials])}
@@ -102,7 +108,7 @@ def build_tokenizer(
         single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, vocab[bos])]
     )
     backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
-    return PreTrainedTokenizerFast(tokenizer_object=backend, chat_template=CHAT_TEMPLATE, **special_tokens)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, chat_template=chat_template, **special_tokens)
 
 
 # ------------------------------------------------------------------------------ architecture

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from iomm.config import Config, save_config
-from iomm.data.images import DataReport
+from iomm.data.images import DataReport, TooMuchBadData
 from iomm.data.sources import Batch, MixedBatches, batch_loader, build_sources
 from iomm.model import IOMM
 from iomm.training import checkpoint as ckpt
@@ -190,6 +190,9 @@ class Trainer:
                 if self.step % t.checkpoint_every == 0 and self.step < t.steps:
                     self.save()
             self.save()
+        except TooMuchBadData as err:
+            self.save()
+            raise TrainingStopped(f"{err}; stopped instead of training on garbage.\n{self.report.summary()}") from None
         finally:
             stop.restore()
             bar.close()

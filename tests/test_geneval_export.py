@@ -1,0 +1,96 @@
+import json
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from iomm.data.world import World, eval_prompts
+from iomm.evaluation.geneval_export import load_prompts, write_geneval_layout, write_one_per_prompt
+from iomm.evaluation.shapes import score_directory
+
+REPO = Path(__file__).resolve().parents[1]
+CANDIDATES = [REPO / "shared", REPO.parent / "shared"]
+GENEVAL_METADATA = next((p / "benchmarks/geneval/evaluation_metadata.jsonl" for p in CANDIDATES
+                         if (p / "benchmarks/geneval/evaluation_metadata.jsonl").is_file()), None)
+
+
+def dummy_generate(prompts: list[str], seed: int) -> list[Image.Image]:
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)) for _ in prompts]
+
+
+@pytest.fixture
+def geneval_head(tmp_path) -> Path:
+    if GENEVAL_METADATA is None:
+        pytest.skip("shared/benchmarks/geneval/evaluation_metadata.jsonl is not beside the repository")
+    head = tmp_path / "evaluation_metadata.jsonl"
+    head.write_text("".join(GENEVAL_METADATA.read_text().splitlines(keepends=True)[:5]))
+    return head
+
+
+def test_geneval_layout_is_what_the_official_scorer_reads(tmp_path, geneval_head):
+    out = tmp_path / "geneval"
+    folders = write_geneval_layout(geneval_head, out, dummy_generate, n_samples=4)
+    lines = [json.loads(x) for x in geneval_head.read_text().splitlines()]
+    assert [f.name for f in folders] == [f"{i:05d}" for i in range(5)]
+    # the official evaluate_images.py walks the folders exactly like this
+    for subfolder in sorted(os.listdir(out)):
+        assert subfolder.isdigit()
+        with open(out / subfolder / "metadata.jsonl") as fp:
+            assert json.load(fp) == lines[int(subfolder)]
+        samples = sorted(os.listdir(out / subfolder / "samples"))
+        assert samples == ["0000.png", "0001.png", "0002.png", "0003.png"]
+        assert all(re.match(r"\d+\.png", name) for name in samples)
+    first = np.asarray(Image.open(out / "00000/samples/0000.png"))
+    assert first.shape == (16, 16, 3)
+    assert not np.array_equal(first, np.asarray(Image.open(out / "00001/samples/0000.png")))  # seed per prompt
+
+
+def test_generate_fn_returning_the_wrong_count_is_an_error(tmp_path, geneval_head):
+    with pytest.raises(ValueError, match="returned 1 images for 4 prompts"):
+        write_geneval_layout(geneval_head, tmp_path / "o", lambda prompts, seed: dummy_generate(["x"], seed))
+
+
+def test_world_prompts_in_geneval_layout_score_with_the_shapes_scorer(tmp_path):
+    prompts = eval_prompts(per_category=2, seed=0)
+    metadata = tmp_path / "prompts.jsonl"
+    metadata.write_text("".join(json.dumps(m) + "\n" for m in prompts))
+    world, rng = World(), np.random.default_rng(0)
+    by_prompt = {m["prompt"]: m for m in prompts}
+
+    def render(texts: list[str], seed: int) -> list[Image.Image]:
+        return [Image.fromarray(world.render(world.scene_from_prompt(by_prompt[t], rng))) for t in texts]
+
+    write_geneval_layout(metadata, tmp_path / "out", render, n_samples=2)
+    metrics = score_directory(tmp_path / "out")
+    assert metrics["overall"] >= 0.98 and sum(c["n"] for c in metrics["counts"].values()) == 24
+
+
+def test_dpg_one_image_per_prompt_file(tmp_path):
+    prompts_dir = tmp_path / "prompts"
+    prompts_dir.mkdir()
+    for stem in ("partiprompts1", "countbench7", "whoops3"):
+        (prompts_dir / f"{stem}.txt").write_text(f"a prompt for {stem}\n")
+    assert load_prompts(prompts_dir, "dpg")[0] == ("countbench7", "a prompt for countbench7")
+    written = write_one_per_prompt(prompts_dir, tmp_path / "dpg", dummy_generate, naming="dpg", n_samples=4)
+    assert sorted(p.name for p in written) == ["countbench7.png", "partiprompts1.png", "whoops3.png"]
+    assert Image.open(tmp_path / "dpg/whoops3.png").size == (32, 32)  # 2x2 grid of 16 px tiles
+    single = write_one_per_prompt([("a1", "a red circle")], tmp_path / "one", dummy_generate, naming="dpg")
+    assert Image.open(single[0]).size == (16, 16)
+    with pytest.raises(ValueError, match="n_samples"):
+        write_one_per_prompt(prompts_dir, tmp_path / "x", dummy_generate, naming="dpg", n_samples=3)
+
+
+def test_wise_images_named_by_prompt_id(tmp_path):
+    records = [{"prompt_id": 1, "Prompt": "a clock at noon", "Explanation": "", "Subcategory": "time"},
+               {"prompt_id": 42, "Prompt": "ice melting", "Explanation": "", "Subcategory": "physics"}]
+    path = tmp_path / "natural_science.json"
+    path.write_text(json.dumps(records))
+    written = write_one_per_prompt(path, tmp_path / "wise", dummy_generate, naming="wise")
+    assert [p.name for p in written] == ["1.png", "42.png"]
+    path.write_text(json.dumps([{"id": 3, "prompt": "x"}]))
+    with pytest.raises(ValueError, match="prompt_id"):
+        write_one_per_prompt(path, tmp_path / "wise2", dummy_generate, naming="wise")
