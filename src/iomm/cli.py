@@ -10,7 +10,7 @@ import sys
 from iomm.config import ConfigError
 
 # Modules under iomm.commands each add their sub-commands with `register(subparsers)`.
-COMMAND_MODULES = ("train", "describe", "bench", "generate", "world", "eval_shapes", "mllm", "recipe")
+COMMAND_MODULES = ("train", "describe", "bench", "generate", "world", "eval_shapes", "mllm", "recipe", "study")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -28,7 +28,13 @@ import numpy as np
 import torch
 from tokenizers import AddedToken, Tokenizer, models, normalizers, pre_tokenizers, processors
 from torch import Tensor
-from transformers import InternVLConfig, InternVLForConditionalGeneration, InternVLVisionConfig, PreTrainedTokenizerFast, Qwen2Config
+from transformers import (
+    InternVLConfig,
+    InternVLForConditionalGeneration,
+    InternVLVisionConfig,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+)
 
 from iomm.conditioning.mllm import IMAGENET_MEAN, IMAGENET_STD, FrozenMLLM, family_for
 from iomm.data.world import (
@@ -135,6 +141,7 @@ class NanoMLLMConfig:
     text_batch_size: int = 32  # caption-context sequences per step (0: no text task)
     max_turns: int = 4  # questions per sequence (1..max_turns)
     aux_prompt_prob: float = 0.25  # image sequences prefixed by AUX_PROMPT
+    text_warmup: float = 0.0  # first fraction of training on caption-context batches only
     lr: float = 1e-3
     min_lr_ratio: float = 0.05
     weight_decay: float = 0.01
@@ -147,6 +154,9 @@ class NanoMLLMConfig:
     @property
     def image_tokens(self) -> int:
         return int(round((self.resolution // self.patch_size) ** 2 * self.downsample_ratio**2))
+
+
+DEFAULT_STEPS = 3000
 
 
 def tiny_config() -> NanoMLLMConfig:
@@ -188,6 +198,12 @@ def model_config(cfg: NanoMLLMConfig, tokenizer: PreTrainedTokenizerFast) -> Int
         downsample_ratio=cfg.downsample_ratio,
         tie_word_embeddings=True,
     )
+
+
+def nano_config(config: NanoMLLMConfig | None = None, *, tiny: bool = False) -> InternVLConfig:
+    """The HF config of the nano MLLM (no weights: for parameter counting on the meta device)."""
+    cfg = config or (tiny_config() if tiny else NanoMLLMConfig())
+    return model_config(cfg, build_tokenizer())
 
 
 def preprocessing_config(cfg: NanoMLLMConfig) -> dict[str, Any]:
@@ -494,7 +510,9 @@ def train_loop(
     while frac < 1.0:
         for group in opt.param_groups:
             group["lr"] = cfg.lr * lr_factor(frac, cfg, step)
-        total = batch_loss(model, sampler.image_batch(), cfg)
+        total = torch.zeros(())
+        if frac >= cfg.text_warmup or cfg.text_batch_size == 0:
+            total = total + batch_loss(model, sampler.image_batch(), cfg)
         if cfg.text_batch_size > 0:
             total = total + batch_loss(model, sampler.text_batch(), cfg)
         opt.zero_grad(set_to_none=True)
@@ -513,7 +531,7 @@ def train_nano_mllm(
     out_dir: str | Path,
     *,
     minutes: float | None = None,
-    steps: int | None = 3000,
+    steps: int | None = DEFAULT_STEPS,
     seed: int = 0,
     random_init: bool = False,
     progress: bool = True,
@@ -549,10 +567,20 @@ def ensure_nano_mllm(path: str | Path, *, progress: bool = True, **train_kwargs:
     """Return `path` if it holds a saved nano MLLM; otherwise train one there first (saying so)."""
     path = Path(path)
     if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
+        _check_kind(path, bool(train_kwargs.get("random_init", False)))
         return path
     if progress:
         print(f"[nano-mllm] no nano MLLM at {path}: building it now (one-off, ~10 min on 2 CPU cores)", flush=True)
     return train_nano_mllm(path, progress=progress, **train_kwargs)
+
+
+def _check_kind(path: Path, random_init: bool) -> None:
+    meta_path = path / "nano_mllm.json"
+    saved = json.loads(meta_path.read_text()).get("random_init") if meta_path.is_file() else None
+    if saved is not None and bool(saved) != random_init:
+        have, want = ("random-init", "trained") if saved else ("trained", "random-init")
+        raise ValueError(f"{path} holds a {have} nano MLLM but a {want} one was asked for: "
+                         "use a separate directory for each")
 
 
 # ------------------------------------------------------------------------------ evaluation
@@ -616,8 +644,9 @@ def evaluate_understanding(path: str | Path, n: int = 200, seed: int = 1234, bat
     without the image; `retrieval_top1` is image -> caption retrieval among 64 scenes.
     """
     mllm = FrozenMLLM.from_pretrained(path)
-    cfg = json.loads((Path(path) / "nano_mllm.json").read_text())["config"]
-    world = World(WorldConfig(resolution=cfg["resolution"], background=cfg.get("background", "mixed")))
+    meta_path = Path(path) / "nano_mllm.json"
+    cfg = json.loads(meta_path.read_text())["config"] if meta_path.is_file() else asdict(NanoMLLMConfig())
+    world = World(WorldConfig(resolution=cfg["resolution"], background=cfg["background"]))
     rng = np.random.default_rng([seed, 7919])
     accuracy, text_accuracy = {}, {}
     for kind in QUESTION_TYPES:

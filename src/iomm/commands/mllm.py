@@ -1,0 +1,81 @@
+"""`iomm mllm train|eval` (the nano MLLM) and `iomm understand` (ask any supported VLM about an image)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    mllm = subparsers.add_parser("mllm", help="the nano MLLM: train it, measure its understanding")
+    commands = mllm.add_subparsers(dest="mllm_command", required=True)
+
+    train = commands.add_parser("train", help="train the nano MLLM and save it as a HF checkpoint dir")
+    train.add_argument("--out", type=Path, required=True, help="output checkpoint directory")
+    train.add_argument("--minutes", type=float, default=None, help="wall-clock budget (stops at steps or minutes)")
+    train.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the recipe's)")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--random-init", action="store_true",
+                       help="save the same architecture randomly initialised, untrained (ablation)")
+    train.add_argument("--tiny", action="store_true", help="a seconds-long toy version (tests, smoke runs)")
+    train.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    train.set_defaults(func=run_train)
+
+    evaluate = commands.add_parser("eval", help="held-out understanding accuracy of a nano MLLM dir (JSON)")
+    evaluate.add_argument("--mllm", type=Path, required=True, help="checkpoint directory")
+    evaluate.add_argument("--out", type=Path, required=True, help="output JSON file")
+    evaluate.add_argument("--n", type=int, default=200, help="questions per question type")
+    evaluate.add_argument("--seed", type=int, default=1234)
+    evaluate.set_defaults(func=run_eval)
+
+    understand = subparsers.add_parser("understand", help="ask a VLM checkpoint a question about an image")
+    understand.add_argument("--mllm", type=Path, required=True, help="checkpoint directory (nano or HF VLM)")
+    understand.add_argument("--image", type=Path, default=None, help="image file (omit for a text-only question)")
+    understand.add_argument("--question", required=True)
+    understand.add_argument("--max-new-tokens", type=int, default=32)
+    understand.add_argument("--trust-remote-code", action="store_true",
+                            help="allow a checkpoint's own Python code to run (needed by non-HF-native models)")
+    understand.set_defaults(func=run_understand)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from iomm.nano.mllm import DEFAULT_STEPS, train_nano_mllm
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    steps = args.steps if args.steps is not None else (None if args.minutes is not None else DEFAULT_STEPS)
+    train_nano_mllm(args.out, minutes=args.minutes, steps=steps, seed=args.seed, random_init=args.random_init,
+                    tiny=args.tiny)
+    return 0
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from iomm.nano.mllm import evaluate_understanding
+
+    results = evaluate_understanding(args.mllm, n=args.n, seed=args.seed)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    print(json.dumps(results["accuracy"]))
+    return 0
+
+
+def load_image(path: Path) -> torch.Tensor:
+    """An image file as a (3, H, W) float tensor in [0, 1]."""
+    if not path.is_file():
+        raise FileNotFoundError(f"image {path} does not exist")
+    array = np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255.0
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+def run_understand(args: argparse.Namespace) -> int:
+    from iomm.conditioning.mllm import FrozenMLLM
+
+    mllm = FrozenMLLM.from_pretrained(args.mllm, trust_remote_code=args.trust_remote_code)
+    image = load_image(args.image) if args.image is not None else None
+    print(mllm.answer(image, args.question, max_new_tokens=args.max_new_tokens))
+    return 0

@@ -1,0 +1,162 @@
+"""The paper's findings at nano scale: arms of equal compute, several seeds, scored on held-out prompts.
+
+Each arm is one pre-train + fine-tune run (or a pre-train only, for editing) of the nano recipe with
+its own overrides. Arms run as separate processes, `--parallel` at a time with one thread each
+(on this 2-core CPU two 1-thread jobs beat one 2-thread job, see NANO-PROBE.md).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+CATEGORIES = ("single_object", "two_object", "counting", "colors", "position", "color_attr", "overall")
+
+
+@dataclass(frozen=True)
+class Arm:
+    name: str
+    pretrain: tuple[str, ...] = ()  # overrides for stage 1 (None-stage arms skip it)
+    finetune: tuple[str, ...] | None = ()  # overrides for stage 2; None: no fine-tuning
+    skip_pretrain: bool = False
+    edit: bool = False
+
+
+@dataclass
+class Study:
+    name: str
+    arms: list[Arm]
+    description: str
+    common: list[str] = field(default_factory=list)
+
+
+IMAGE, PAIR = "train.mix_ratio=1.0", "train.mix_ratio=0.0"
+FT = {"image": ("finetune.mix_ratio=1.0",), "pair": ("finetune.mix_ratio=0.0",), "mix": ("finetune.mix_ratio=0.5",)}
+
+
+def studies() -> dict[str, Study]:
+    return {
+        "recipes": Study("recipes", [
+            Arm(f"{pre}+{ft}", (IMAGE if pre == "image" else PAIR,), FT[ft])
+            for pre in ("image", "pair") for ft in ("image", "pair", "mix")],
+            "pre-train on images or pairs x fine-tune on images, pairs or the mix (lambda = 0.5)"),
+        "mask-ratio": Study("mask-ratio", [
+            Arm(f"r={r}", (f"masking.ratio={r}",), FT["mix"]) for r in (0.0, 0.25, 0.45, 0.65, 0.85, 0.95)],
+            "stage-1 mask ratio r, then the same mix fine-tuning"),
+        "mix-ratio": Study("mix-ratio", [
+            Arm(f"lambda={lam}", (), (f"finetune.mix_ratio={lam}",)) for lam in (0.0, 0.25, 0.5, 0.75, 1.0)],
+            "fraction of image-only samples in fine-tuning batches"),
+        "adapter": Study("adapter", [
+            Arm(kind, (f"adapter.kind={kind}",), FT["mix"]) for kind in ("raw", "free_queries", "rqa")],
+            "no adapter vs MetaQuery-style free queries vs the Residual Query Adapter"),
+        "editing": Study("editing", [
+            Arm(f"{pre}-pretrain", (IMAGE if pre == "image" else PAIR,), None, edit=True) for pre in ("image", "pair")],
+            "zero-shot editing success after image-only vs pair pre-training (no editing data)"),
+    }
+
+
+def _run(argv: list[str], log: Path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    with log.open("a", encoding="utf-8") as f:
+        subprocess.run(argv, check=True, env=env, stdout=f, stderr=subprocess.STDOUT)
+
+
+def arm_commands(arm: Arm, config: str, common: list[str], seed: int, out: Path, per_category: int) -> list[list[str]]:
+    """The iomm commands of one arm and seed, in order (each resumable)."""
+    iomm = [sys.executable, "-m", "iomm.cli"]
+    sets = [f"--set={s}" for s in [*common, f"train.seed={seed}", "train.threads=1"]]
+    cmds = []
+    if not arm.skip_pretrain:
+        cmds.append([*iomm, "pretrain", "--config", config, *sets, *[f"--set={s}" for s in arm.pretrain],
+                     "--out", str(out / "pretrain"), "--no-progress"])
+    if arm.finetune is not None:
+        init = "none" if arm.skip_pretrain else str(out / "pretrain")
+        cmds.append([*iomm, "finetune", "--config", config, *sets, *[f"--set={s}" for s in (*arm.pretrain, *arm.finetune)],
+                     "--init", init, "--out", str(out / "finetune"), "--no-progress"])
+        cmds.append([*iomm, "eval", "shapes", "--model", str(out / "finetune"), "--out", str(out / "metrics.json"),
+                     "--per-category", str(per_category), "--seed", "0"])
+    if arm.edit:
+        cmds.append([*iomm, "eval", "edits", "--model", str(out / "pretrain"), "--out", str(out / "metrics.json")])
+    return cmds
+
+
+def run_arm(arm: Arm, config: str, common: list[str], seed: int, out: Path, per_category: int) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    if (out / "metrics.json").is_file():
+        return json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+    start = time.time()
+    for argv in arm_commands(arm, config, common, seed, out, per_category):
+        _run(argv, out / "log.txt")
+    metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+    metrics["wall_s"] = time.time() - start
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1), encoding="utf-8")
+    return metrics
+
+
+def run_study(study: Study, config: str, seeds: int, out: Path, parallel: int, per_category: int,
+              common: list[str]) -> Path:
+    from concurrent.futures import ThreadPoolExecutor
+
+    out.mkdir(parents=True, exist_ok=True)
+    jobs = [(arm, seed) for seed in range(seeds) for arm in study.arms]
+    start = time.time()
+    with ThreadPoolExecutor(max_workers=parallel) as pool:
+        futures = {pool.submit(run_arm, arm, config, common, seed, out / arm.name.replace("/", "_") / f"seed{seed}",
+                               per_category): (arm, seed) for arm, seed in jobs}
+        results = []
+        for future, (arm, seed) in futures.items():
+            metrics = future.result()
+            print(f"[{study.name}] {arm.name} seed {seed}: overall {metrics.get('overall', float('nan')):.3f}", flush=True)
+            results.append({"arm": arm.name, "seed": seed, **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}})
+    summary = summarize(results)
+    record = {"study": study.name, "description": study.description, "config": config, "common": common,
+              "seeds": seeds, "wall_s": time.time() - start, "results": results, "summary": summary}
+    (out / "results.json").write_text(json.dumps(record, indent=1), encoding="utf-8")
+    with (out / "results.csv").open("w", newline="", encoding="utf-8") as f:
+        keys = sorted({k for r in results for k in r})
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(results)
+    plot_summary(summary, out / "results.png", study.name)
+    return out
+
+
+def summarize(results: list[dict]) -> dict[str, dict[str, list[float]]]:
+    """arm -> metric -> [mean, std over seeds]."""
+    arms: dict[str, dict[str, list[float]]] = {}
+    for arm in dict.fromkeys(r["arm"] for r in results):
+        rows = [r for r in results if r["arm"] == arm]
+        metrics = [k for k in rows[0] if k not in ("arm", "seed") and all(k in r for r in rows)]
+        arms[arm] = {k: [statistics.fmean(r[k] for r in rows),
+                         statistics.stdev(r[k] for r in rows) if len(rows) > 1 else 0.0] for k in metrics}
+    return arms
+
+
+def plot_summary(summary: dict, out: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    arms = list(summary)
+    metrics = [m for m in CATEGORIES if all(m in summary[a] for a in arms)] or \
+        sorted({m for a in arms for m in summary[a] if m != "wall_s"})
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(metrics) * len(arms) / 3), 3.8))
+    width = 0.8 / max(len(arms), 1)
+    for i, arm in enumerate(arms):
+        means = [summary[arm][m][0] for m in metrics]
+        stds = [summary[arm][m][1] for m in metrics]
+        ax.bar(np.arange(len(metrics)) + i * width, means, width, yerr=stds, label=arm, capsize=2)
+    ax.set_xticks(np.arange(len(metrics)) + width * (len(arms) - 1) / 2, metrics, rotation=20)
+    ax.set_ylim(0, 1), ax.set_title(title), ax.legend(fontsize=7), ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,123 @@
+"""The nano MLLM: tokenizer, understanding data, a few training steps, save/load, evaluation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from iomm.conditioning.mllm import FrozenMLLM
+from iomm.data.world import COLORS, SHAPES, World, WorldConfig
+from iomm.nano.mllm import (
+    AUX_PROMPT,
+    QUESTION_TYPES,
+    TEXT_WEIGHTS,
+    SequenceBuilder,
+    TaskSampler,
+    ask,
+    build_nano_mllm,
+    build_tokenizer,
+    ensure_nano_mllm,
+    evaluate_understanding,
+    nano_config,
+    tiny_config,
+    train_nano_mllm,
+)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    return train_nano_mllm(tmp_path_factory.mktemp("nano") / "mllm", steps=3, tiny=True, progress=False)
+
+
+def test_tokenizer_knows_the_world_and_the_prompt() -> None:
+    tokenizer = build_tokenizer()
+    world = World(WorldConfig())
+    rng = np.random.default_rng(0)
+    texts = [AUX_PROMPT, "Generate an image that is identical to the reference image:"]
+    for _ in range(50):
+        scene = world.sample_scene(rng)
+        texts.append(world.caption(scene))
+        texts += [qa[0] + " " + qa[1] for kind in QUESTION_TYPES if (qa := ask(world, scene, kind, rng))]
+    ids = tokenizer(texts)["input_ids"]
+    assert all(tokenizer.unk_token_id not in row for row in ids)
+    assert all(row[0] == tokenizer.bos_token_id for row in ids)
+    assert tokenizer.decode(tokenizer("a photo of a red circle")["input_ids"], skip_special_tokens=True) == \
+        "a photo of a red circle"
+
+
+def test_answers_are_right() -> None:
+    world = World(WorldConfig())
+    rng = np.random.default_rng(1)
+    for _ in range(100):
+        scene = world.sample_scene(rng)
+        question, answer = ask(world, scene, "count_objects", rng)
+        assert answer == ("zero", "one", "two", "three", "four")[len(scene.objects)]
+        qa = ask(world, scene, "color", rng)
+        if qa is not None:
+            shape = qa[0].split()[-2]
+            assert [o.color for o in scene.objects if o.shape == shape] == [qa[1]]
+        qa = ask(world, scene, "exists", rng)
+        color, shape = qa[0].split()[3:5]
+        assert color in COLORS and shape in SHAPES
+        assert (qa[1] == "yes") == any((o.color, o.shape) == (color, shape) for o in scene.objects)
+
+
+def test_labels_cover_answers_only() -> None:
+    cfg = tiny_config()
+    tokenizer = build_tokenizer()
+    batch = TaskSampler(cfg, tokenizer, seed=0).image_batch()
+    assert batch.images.shape == (cfg.batch_size, 3, 32, 32)
+    context = tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")
+    assert ((batch.input_ids == context).sum(1) == cfg.image_tokens).all()
+    supervised = batch.input_ids[batch.labels != -100]
+    assert context not in supervised.tolist() and tokenizer.sep_token_id not in supervised.tolist()
+    builder = SequenceBuilder(tokenizer, cfg.image_tokens)
+    ids, labels = builder.build(builder.words("a photo of a red circle"), [("what color is the circle ?", "red")])
+    assert [t for t, l in zip(ids, labels) if l != -100] == tokenizer.convert_tokens_to_ids(["red", "</s>"])
+
+
+def test_saved_dir_loads_like_a_checkpoint(trained: Path) -> None:
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "preprocessor_config.json",
+                 "understanding.json", "nano_mllm.json"):
+        assert (trained / name).is_file(), name
+    loaded = FrozenMLLM.from_pretrained(trained)
+    model, tokenizer = build_nano_mllm(tiny_config())
+    model.load_state_dict(loaded.model.state_dict())
+    memory = FrozenMLLM(model, tokenizer, json.loads((trained / "preprocessor_config.json").read_text()))
+    images = torch.rand(2, 3, 32, 32)
+    for mllm in (loaded, memory):
+        text, mask = mllm.embed_text(["a photo of", "two red circles"])
+        img = mllm.embed_images(images)
+        embeds = torch.cat([img, text], 1)
+        mllm.out = mllm.forward_embeds(embeds, torch.cat([torch.ones(img.shape[:2], dtype=torch.bool), mask], 1))
+    assert img.shape[1] == tiny_config().image_tokens == loaded.num_image_tokens(32)
+    assert torch.equal(loaded.out, memory.out)
+    assert isinstance(loaded.answer(images[0], "what color is the circle ?"), str)
+
+
+def test_understanding_json(trained: Path) -> None:
+    results = json.loads((trained / "understanding.json").read_text())
+    assert set(results["accuracy"]) == set(QUESTION_TYPES)
+    assert set(results["text_accuracy"]) == set(TEXT_WEIGHTS)
+    assert all(0.0 <= v <= 1.0 for v in results["accuracy"].values())
+    again = evaluate_understanding(trained, n=4, seed=3)
+    assert set(again) >= {"accuracy", "text_accuracy", "retrieval_top1", "embed_scale", "image_tokens"}
+
+
+def test_ensure_reuses_and_checks_kind(trained: Path) -> None:
+    assert ensure_nano_mllm(trained, progress=False) == trained
+    with pytest.raises(ValueError, match="trained nano MLLM but a random-init"):
+        ensure_nano_mllm(trained, progress=False, random_init=True)
+
+
+def test_random_init_and_meta_config(tmp_path: Path) -> None:
+    path = ensure_nano_mllm(tmp_path / "random", progress=False, random_init=True, tiny=True)
+    assert json.loads((path / "nano_mllm.json").read_text())["random_init"] is True
+    with torch.device("meta"):
+        mllm = FrozenMLLM.from_config(nano_config())
+    assert sum(p.numel() for p in mllm.parameters()) > 1e6
