@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from iomm.data.world import eval_prompts
+from iomm.commands.eval_edits import register_under as register_edits
 from iomm.evaluation.shapes import judge_directory, read_prompts, score
 
 
@@ -29,6 +30,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     shapes.add_argument("--out", type=Path, required=True, help="metrics JSON file")
     shapes.add_argument("--results", type=Path, default=None, help="also write per-image results (JSONL)")
     shapes.set_defaults(func=run_shapes)
+    register_edits(commands)
 
 
 def _generate(args: argparse.Namespace) -> Path:

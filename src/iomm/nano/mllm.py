@@ -176,6 +176,7 @@ def model_config(cfg: NanoMLLMConfig, tokenizer: PreTrainedTokenizerFast) -> Int
         intermediate_size=int(cfg.vision_mlp_ratio * cfg.vision_width),
         image_size=cfg.resolution,
         patch_size=cfg.patch_size,
+        layer_scale_init_value=1.0,  # 0.1 (InternViT's) only slows training from scratch
     )
     text = Qwen2Config(
         vocab_size=len(tokenizer),
@@ -233,10 +234,31 @@ def build_nano_mllm(
     tokenizer = build_tokenizer()
     torch.manual_seed(seed)
     model = InternVLForConditionalGeneration(model_config(cfg, tokenizer))
+    init_position_embeddings(model)
     model.generation_config.bos_token_id = tokenizer.bos_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+def sincos_2d(grid: int, dim: int) -> Tensor:
+    """(grid*grid, dim) fixed 2-D sine-cosine position embeddings (MAE's), raster order."""
+    quarter = dim // 4
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
+    ys, xs = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64),
+                            indexing="ij")
+    parts = [f(axis.reshape(-1, 1) * omega) for axis in (xs, ys) for f in (torch.sin, torch.cos)]
+    out = torch.cat(parts, dim=1)
+    return torch.nn.functional.pad(out, (0, dim - out.shape[1])).float()
+
+
+@torch.no_grad()
+def init_position_embeddings(model: InternVLForConditionalGeneration) -> None:
+    """Start the vision tower's learned position embeddings at 2-D sin-cos instead of HF's zeros:
+    with zeros the ViT begins blind to where patches are, and shapes are learned far slower."""
+    embeddings = model.model.vision_tower.embeddings.position_embeddings  # (1, 1 + grid^2, width)
+    grid = int(round((embeddings.shape[1] - 1) ** 0.5))
+    embeddings[0, 1:] = sincos_2d(grid, embeddings.shape[2])
 
 
 def save_nano_mllm(
