@@ -25,6 +25,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="also time the naive faithful step (fp32, zero masking) and report the speed-up")
     b.add_argument("--out", default="bench/results/train_step.json")
     b.set_defaults(func=_train_step)
+    w = sub.add_parser("world", help="render speed of the procedural world (images/s, one thread)")
+    w.add_argument("--n", type=int, default=5000)
+    w.add_argument("--resolution", type=int, default=32)
+    w.set_defaults(func=_world)
 
 
 def _train_step(args: argparse.Namespace) -> int:
@@ -50,3 +54,19 @@ def _print(title: str, run: dict) -> None:
           f"{run['threads']} threads)")
     for name, seconds in run["seconds_per_step"].items():
         print(f"  {name:>22s}  {seconds * 1000:8.1f} ms")
+
+
+def _world(args: argparse.Namespace) -> int:
+    import time
+
+    import numpy as np
+
+    from iomm.data.world import World, WorldConfig
+
+    world, rng = World(WorldConfig(resolution=args.resolution)), np.random.default_rng(0)
+    start = time.perf_counter()
+    for _ in range(args.n):
+        world.render(world.sample_scene(rng))
+    rate = args.n / (time.perf_counter() - start)
+    print(f"world: {rate:.0f} images/s sampled and rendered at {args.resolution} px (one process)")
+    return 0

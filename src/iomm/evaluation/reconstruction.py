@@ -41,3 +41,20 @@ def reconstruction_panel(model: IOMM, cfg: Config, steps: int | None = None) -> 
     other = ((recon - originals.roll(1, dims=0)) ** 2).mean().item()
     model.train()
     return [originals.cpu(), recon.cpu()], {"recon_mse_own": own, "recon_mse_other": other}
+
+
+PANEL_PROMPTS = (
+    "a photo of a red circle", "a photo of a blue square", "a photo of a green triangle", "a photo of two yellow circles",
+    "a photo of a purple square left of a cyan circle", "a photo of three triangles",
+    "a photo of a red triangle and a green circle", "a photo of a blue circle above a yellow square",
+)
+
+
+@torch.no_grad()
+def prompt_row(model: IOMM, cfg: Config, prompts: tuple[str, ...] = PANEL_PROMPTS) -> torch.Tensor:
+    """Text-to-image samples for fixed prompts (fixed noise), for the stage-2 sample grid."""
+    model.eval()
+    images = sample_images(model, model.condition_texts(list(prompts)), seed=HELD_OUT_SEED,
+                           steps=cfg.flow.sample_steps, guidance_scale=cfg.flow.guidance_scale)
+    model.train()
+    return images.cpu()

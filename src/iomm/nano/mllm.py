@@ -137,6 +137,9 @@ class NanoMLLMConfig:
     text_mlp_ratio: float = 2.0  # gated (SwiGLU) MLP: 3 matrices, so 2.0 costs like a 3x plain MLP
     vision_mlp_ratio: float = 4.0
     max_positions: int = 512
+    # weights ~ N(0, (init_scale / sqrt(width))^2): HF's fixed 0.02 suits widths near 1024; at 128 it
+    # leaves every block near the identity and training from scratch crawls
+    init_scale: float = 1.0
     batch_size: int = 32  # image sequences per step
     text_batch_size: int = 32  # caption-context sequences per step (0: no text task)
     max_turns: int = 4  # questions per sequence (1..max_turns)
@@ -177,6 +180,7 @@ def model_config(cfg: NanoMLLMConfig, tokenizer: PreTrainedTokenizerFast) -> Int
         image_size=cfg.resolution,
         patch_size=cfg.patch_size,
         layer_scale_init_value=1.0,  # 0.1 (InternViT's) only slows training from scratch
+        initializer_range=cfg.init_scale / math.sqrt(cfg.vision_width),
     )
     text = Qwen2Config(
         vocab_size=len(tokenizer),
@@ -187,6 +191,7 @@ def model_config(cfg: NanoMLLMConfig, tokenizer: PreTrainedTokenizerFast) -> Int
         intermediate_size=int(cfg.text_mlp_ratio * cfg.text_width),
         max_position_embeddings=cfg.max_positions,
         tie_word_embeddings=True,
+        initializer_range=cfg.init_scale / math.sqrt(cfg.text_width),
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,

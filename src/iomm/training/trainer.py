@@ -236,10 +236,12 @@ class Trainer:
                                   f"{limit:.1%}); stopped instead of training on garbage.\n{self.report.summary()}")
 
     def write_samples(self) -> None:
-        from iomm.evaluation.reconstruction import reconstruction_panel
+        from iomm.evaluation.reconstruction import prompt_row, reconstruction_panel
 
         with self.ema.applied():
             panel, metrics = reconstruction_panel(self.model, self.cfg)
+            if self.cfg.train.mix_ratio < 1.0:
+                panel.append(prompt_row(self.model, self.cfg))
         samples = self.run_dir / "samples"
         samples.mkdir(exist_ok=True)
         image_grid(panel).save(samples / f"step_{self.step:08d}.png")
