@@ -1,3 +1,4 @@
+import argparse
 import json
 import os
 import re
@@ -7,6 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from iomm.commands import eval_shapes
 from iomm.data.world import World, eval_prompts
 from iomm.evaluation.geneval_export import load_prompts, write_geneval_layout, write_one_per_prompt
 from iomm.evaluation.shapes import score_directory
@@ -94,3 +96,65 @@ def test_wise_images_named_by_prompt_id(tmp_path):
     path.write_text(json.dumps([{"id": 3, "prompt": "x"}]))
     with pytest.raises(ValueError, match="prompt_id"):
         write_one_per_prompt(path, tmp_path / "wise2", dummy_generate, naming="wise")
+
+
+def test_bad_metadata_fails_before_anything_is_generated(tmp_path):
+    calls = []
+
+    def generate(prompts: list[str], seed: int) -> list[Image.Image]:
+        calls.append(prompts)
+        return dummy_generate(prompts, seed)
+
+    metadata = tmp_path / "evaluation_metadata.jsonl"
+    good = json.dumps({"tag": "single_object", "include": [{"class": "bench", "count": 1}], "prompt": "a bench"})
+    for bad, message in (("{not json", r"metadata.jsonl:2: invalid JSON"),
+                         (json.dumps({"tag": "single_object"}), r"metadata.jsonl:2: field 'prompt'")):
+        metadata.write_text(f"{good}\n{bad}\n")
+        with pytest.raises(ValueError, match=message):
+            write_geneval_layout(metadata, tmp_path / "out", generate)
+    with pytest.raises(FileNotFoundError, match="no such metadata file"):
+        write_geneval_layout(tmp_path / "missing.jsonl", tmp_path / "out", generate)
+    with pytest.raises(ValueError, match="duplicates"):
+        write_one_per_prompt([("7", "a"), ("7", "b")], tmp_path / "wise", generate, naming="wise")
+    assert calls == [] and not (tmp_path / "out").exists()
+
+
+def test_export_command_writes_each_official_layout_with_a_real_model(tiny_config, tmp_path):
+    from iomm.training.trainer import Trainer
+
+    Trainer(tiny_config("train.steps=1"), tmp_path / "run", progress=False).fit()
+    parser = argparse.ArgumentParser()
+    eval_shapes.register(parser.add_subparsers(dest="command"))
+
+    def export(*argv: str) -> int:
+        args = parser.parse_args(["eval", "export", *argv, "--model", str(tmp_path / "run"), "--steps", "2"])
+        return args.func(args)
+
+    prompts = eval_prompts(per_category=1, seed=0)  # the world's own prompts: the shapes scorer reads the result
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(m) + "\n" for m in prompts))
+    assert export("geneval", "--prompts", str(tmp_path / "prompts.jsonl"), "--out", str(tmp_path / "g"),
+                  "--samples", "2") == 0
+    assert sorted(os.listdir(tmp_path / "g")) == [f"{i:05d}" for i in range(6)]
+    assert sorted(os.listdir(tmp_path / "g/00005/samples")) == ["0000.png", "0001.png"]
+    assert Image.open(tmp_path / "g/00000/samples/0000.png").size == (32, 32)
+    assert sum(c["n"] for c in score_directory(tmp_path / "g")["counts"].values()) == 12
+
+    dpg = tmp_path / "dpg_prompts"
+    dpg.mkdir()
+    for stem in ("countbench7", "whoops3"):
+        (dpg / f"{stem}.txt").write_text(f"a photo of a red circle ({stem})\n")
+    assert export("dpg", "--prompts", str(dpg), "--out", str(tmp_path / "d")) == 0
+    assert sorted(os.listdir(tmp_path / "d")) == ["countbench7.png", "whoops3.png"]
+    assert Image.open(tmp_path / "d/whoops3.png").size == (64, 64)  # the --pic-num 4 grid of 32 px tiles
+
+    wise = []
+    for name, ids in (("cultural_common_sense.json", (1, 2)), ("natural_science.json", (701,))):
+        (tmp_path / name).write_text(json.dumps([{"prompt_id": i, "Prompt": f"prompt {i}", "Explanation": "",
+                                                  "Subcategory": "x"} for i in ids]))
+        wise.append(str(tmp_path / name))
+    assert export("wise", "--prompts", *wise, "--out", str(tmp_path / "w")) == 0
+    assert sorted(os.listdir(tmp_path / "w")) == ["1.png", "2.png", "701.png"]
+    assert Image.open(tmp_path / "w/701.png").size == (32, 32)
+
+    with pytest.raises(SystemExit, match="geneval takes one"):
+        export("geneval", "--prompts", *wise, "--out", str(tmp_path / "x"))

@@ -1,16 +1,25 @@
-"""A killed run resumes exactly; saves are atomic; signals save; non-finite steps are skipped."""
+"""A killed run resumes exactly; saves are atomic; signals save; non-finite steps are skipped; loads are safe."""
 
+import ast
 import errno
 import json
+import math
 import os
+import pickle
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
+from safetensors import SafetensorError
 
+import iomm
+from iomm.cli import main
 from iomm.config import save_config
 from iomm.training import checkpoint as ckpt
 from iomm.training.trainer import Trainer, TrainingStopped
@@ -45,7 +54,8 @@ def test_sigkill_then_same_command_continues_exactly(tiny_config, tmp_path):
     proc.wait()
     newest = ckpt.latest_checkpoint(tmp_path / "killed")
     assert newest is not None and newest.name < "step_00000010", "the run was not interrupted"
-    resumed = subprocess.run(_cli(config_path, tmp_path / "killed"), check=True, env=env, capture_output=True, text=True)
+    resumed = subprocess.run(_cli(config_path, tmp_path / "killed"), check=True, env=env, capture_output=True,
+                             text=True)
     assert f"resumed from {newest}" in resumed.stdout
     a, b = _losses(tmp_path / "straight"), _losses(tmp_path / "killed")
     assert sorted(a) == sorted(b) == list(range(1, 11))
@@ -53,35 +63,89 @@ def test_sigkill_then_same_command_continues_exactly(tiny_config, tmp_path):
         assert a[step] == pytest.approx(b[step], abs=1e-6), step
 
 
-def test_sigterm_saves_a_checkpoint_before_exit(tiny_config, tmp_path):
+def test_resume_restores_optimizer_schedule_ema_and_counters(tiny_config, tmp_path):
+    overrides = ("train.steps=2", "train.ema_decay=0.5", "train.warmup_steps=5")
+    trained = Trainer(tiny_config(*overrides), tmp_path / "run", progress=False)
+    trained.fit()
+    resumed = Trainer(tiny_config(*overrides), tmp_path / "run", progress=False)
+    assert resumed.resume() and resumed.step == 2 and resumed.nonfinite_total == trained.nonfinite_total
+    assert resumed.scheduler.state_dict() == trained.scheduler.state_dict()
+    assert resumed.scheduler.get_last_lr() == trained.scheduler.get_last_lr() != [1e-4]  # mid-warmup
+    for name, p in trained.params.items():
+        assert torch.equal(resumed.params[name], p), name
+        assert torch.equal(resumed.ema.shadow[name], trained.ema.shadow[name]), name
+    assert any(not torch.equal(trained.ema.shadow[n], p) for n, p in trained.params.items())  # EMA is its own state
+    a, b = trained.optimizer.state_dict(), resumed.optimizer.state_dict()
+    assert a["param_groups"] == b["param_groups"] and a["state"].keys() == b["state"].keys()
+    for k, state in a["state"].items():
+        assert all(torch.equal(v, b["state"][k][key]) for key, v in state.items()), k
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_and_ctrl_c_save_a_checkpoint_before_exit(tiny_config, tmp_path, sig):
+    before = signal.getsignal(sig)
     trainer = Trainer(tiny_config("train.steps=50", "train.checkpoint_every=100"), tmp_path / "run", progress=False)
     original = trainer.train_step
 
     def step_then_signal(batches):
         outcome = original(batches)
         if trainer.step == 2:  # the step counter is incremented after train_step: this is step 3
-            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), sig)
         return outcome
 
     trainer.train_step = step_then_signal
     trainer.fit()
     assert ckpt.latest_checkpoint(tmp_path / "run").name == "step_00000003"
-    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    assert signal.getsignal(sig) == before
 
 
-def test_full_disk_fails_clearly_and_keeps_the_previous_checkpoint(tmp_path):
+def _fill_dev_full(tmp):  # the real writer into a device that is always full
+    (tmp / "optimizer.pt").symlink_to("/dev/full")
+    ckpt.save_torch({"step": torch.zeros(1000)}, tmp / "optimizer.pt")
+
+
+def _raise(err):
+    def write(tmp):
+        (tmp / "a.bin").write_bytes(b"12")
+        raise err
+    return write
+
+
+@pytest.mark.parametrize("write, message", [
+    (_raise(OSError(errno.ENOSPC, "No space left on device")), "No space left on device"),
+    (_raise(SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")),
+     "No space left on device"),
+    pytest.param(_fill_dev_full, "", marks=pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full")),
+], ids=["oserror", "safetensors", "torch.save-into-dev-full"])
+def test_full_disk_fails_clearly_and_keeps_the_previous_checkpoint(tmp_path, write, message):
     def ok(tmp):
         (tmp / "a.bin").write_bytes(b"1234")
 
-    def full(tmp):
-        (tmp / "a.bin").write_bytes(b"12")
-        raise OSError(errno.ENOSPC, "No space left on device")
-
     ckpt.save_checkpoint(tmp_path, 1, ok, keep_last=3)
-    with pytest.raises(ckpt.CheckpointError, match="No space left on device.*previous checkpoint is intact"):
-        ckpt.save_checkpoint(tmp_path, 2, full, keep_last=3)
+    expected = f"step_00000002: .*{message}.*MiB free.*previous checkpoint is intact"
+    with pytest.raises(ckpt.CheckpointError, match=expected):
+        ckpt.save_checkpoint(tmp_path, 2, write, keep_last=3)
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_00000001"]
     assert ckpt.latest_checkpoint(tmp_path).name == "step_00000001"
+
+
+def test_saves_go_through_a_temporary_directory_and_leftovers_are_removed(tmp_path):
+    stale = tmp_path / "checkpoints/.tmp-step_00000005-99999"  # a save killed half-way
+    stale.mkdir(parents=True)
+    (stale / "generator.safetensors").write_bytes(b"half")
+    seen = []
+
+    def write(tmp):
+        seen.append(tmp)
+        assert tmp.parent == tmp_path / "checkpoints" and tmp.name.startswith(".")
+        assert not (tmp_path / "checkpoints/step_00000001").exists()
+        (tmp / "x").write_text("x")
+
+    final = ckpt.save_checkpoint(tmp_path, 1, write, keep_last=3)
+    assert final.name == "step_00000001" and not seen[0].exists()
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000001"]
+    assert json.loads((final / "manifest.json").read_text()) == \
+        {"x": {"size": 1, "sha256": "2d711642b726b04401627ca9fbac32f5c8530fb1903cc4db02258717921a4881"}}
 
 
 def test_keep_last_and_keep_every(tmp_path):
@@ -100,6 +164,83 @@ def test_missing_manifest_means_incomplete(tmp_path):
     assert "incomplete" in logged[0]
     with pytest.raises(ckpt.CheckpointError, match="no intact checkpoint"):
         ckpt.resolve_checkpoint(tmp_path / "elsewhere")
+
+
+def _two_checkpoints(tmp_path):
+    def write(tmp):
+        (tmp / "weights.bin").write_bytes(bytes(range(64)))
+
+    for step in (1, 2):
+        ckpt.save_checkpoint(tmp_path, step, write, keep_last=3)
+    return tmp_path / "checkpoints/step_00000002"
+
+
+def test_corrupt_checkpoint_of_the_right_size_is_caught_by_sha256(tmp_path):
+    newest = _two_checkpoints(tmp_path)
+    data = bytearray((newest / "weights.bin").read_bytes())
+    data[10] ^= 0xFF
+    (newest / "weights.bin").write_bytes(bytes(data))
+    logged = []
+    assert ckpt.latest_checkpoint(tmp_path, log=logged.append).name == "step_00000001"
+    assert logged == [f"warning: skipping damaged checkpoint {newest}: weights.bin does not match its sha256"]
+    with pytest.raises(ckpt.CheckpointError, match="step_00000002: damaged checkpoint: weights.bin"):
+        ckpt.resolve_checkpoint(newest)
+
+
+@pytest.mark.parametrize("manifest, problem", [
+    ("{not json", "not valid JSON"),
+    ("[]", "lists no files"),
+    ("{}", "lists no files"),
+    ('{"weights.bin": 64}', "entry for weights.bin is malformed"),
+    ('{"weights.bin": {"size": 64}}', "entry for weights.bin is malformed"),
+    ('{"../../secret": {"size": 1, "sha256": "0"}}', "outside the checkpoint"),
+    ('{"gone.bin": {"size": 1, "sha256": "0"}}', "missing file gone.bin"),
+])
+def test_a_malformed_manifest_is_reported_not_raised(tmp_path, manifest, problem):
+    newest = _two_checkpoints(tmp_path)
+    (newest / "manifest.json").write_text(manifest)
+    logged = []
+    assert ckpt.latest_checkpoint(tmp_path, log=logged.append).name == "step_00000001"
+    assert len(logged) == 1 and "step_00000002" in logged[0] and problem in logged[0]
+
+
+class _Payload:
+    ran = False
+
+    def __reduce__(self):
+        return (_Payload.mark, ())
+
+    @staticmethod
+    def mark():
+        _Payload.ran = True
+
+
+def test_pickled_code_in_a_checkpoint_is_refused_not_run(tmp_path):
+    torch.save({"optimizer": _Payload()}, tmp_path / "optimizer.pt")
+    with pytest.raises(pickle.UnpicklingError, match="[Ww]eights only load failed"):
+        ckpt.load_torch(tmp_path / "optimizer.pt")
+    assert not _Payload.ran
+
+
+UNPICKLERS = {"pickle", "dill", "joblib", "cloudpickle", "shelve"}
+
+
+def test_source_loads_weights_safely_and_runs_remote_code_only_when_asked():
+    files = sorted(Path(iomm.__file__).parent.rglob("*.py"))
+    assert len(files) > 10
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            where = f"{path}:{getattr(node, 'lineno', '?')}"
+            if isinstance(node, ast.Import):
+                assert not UNPICKLERS & {a.name.split(".")[0] for a in node.names}, where
+            elif isinstance(node, ast.ImportFrom):
+                assert (node.module or "").split(".")[0] not in UNPICKLERS, where
+            elif isinstance(node, ast.Call):
+                kwargs = {k.arg: ast.unparse(k.value) for k in node.keywords}
+                if ast.unparse(node.func) == "torch.load":
+                    assert kwargs.get("weights_only") == "True", where
+                # trust_remote_code is passed on from the config / CLI flag, never switched on in the code
+                assert kwargs.get("trust_remote_code") != "True" and kwargs.get("allow_pickle") != "True", where
 
 
 def test_nonfinite_steps_are_skipped_then_stop_the_run(tiny_config, tmp_path):
@@ -121,3 +262,28 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run(tiny_config, tmp_path):
     assert any(not torch.equal(before[k], p) for k, p in trainer.params.items())
     state = json.loads((ckpt.latest_checkpoint(tmp_path / "run") / "state.json").read_text())
     assert state["nonfinite_total"] == 4
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before `optimizer.step\\(\\)`")
+def test_a_nonfinite_gradient_with_a_finite_loss_is_skipped_too(tiny_config, tmp_path):
+    trainer = Trainer(tiny_config("train.steps=5", "train.max_nonfinite_in_row=2"), tmp_path / "run", progress=False)
+    next(iter(trainer.params.values())).register_hook(lambda grad: grad + float("inf"))
+    before = {k: v.clone() for k, v in trainer.params.items()}
+    with pytest.raises(TrainingStopped, match="2 non-finite steps in a row at step 2"):
+        trainer.fit()
+    assert all(torch.equal(before[k], p) for k, p in trainer.params.items())  # no update, no EMA drift
+    assert all(torch.equal(before[k], trainer.ema.shadow[k]) for k in before)
+    assert _losses(tmp_path / "run") and all(map(math.isfinite, _losses(tmp_path / "run").values()))
+
+
+def test_a_stopped_run_reports_without_a_traceback(tiny_config, tmp_path, capsys):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(folder / "good.png")
+    for i in range(20):
+        (folder / f"bad{i}.png").write_bytes(b"garbage")
+    save_config(tiny_config("data.source=folder", f"data.path={folder}", "train.steps=40"), tmp_path / "c.yaml")
+    assert main(["pretrain", "--config", str(tmp_path / "c.yaml"), "--out", str(tmp_path / "run"), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "\niomm: " in err and "x unreadable image (UnidentifiedImageError)" in err and "Traceback" not in err
+    assert (tmp_path / "run/checkpoints").is_dir()

@@ -4,6 +4,7 @@ from collections import deque
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from iomm.commands import eval_shapes
 from iomm.data.world import COLORS, SHAPES, World, WorldConfig, eval_prompts
@@ -220,6 +221,23 @@ def test_bad_metadata_names_file_line_and_field(tmp_path):
     (tmp_path / "p.jsonl").write_text(json.dumps(PROMPTS[0]) + "\n{not json\n")
     with pytest.raises(ValueError, match=r"p.jsonl:2: invalid JSON"):
         read_prompts(tmp_path / "p.jsonl")
+    (tmp_path / "p.jsonl").write_text(json.dumps(PROMPTS[0]) + "\n[1, 2]\n")
+    with pytest.raises(ValueError, match=r"p.jsonl:2: expected a JSON object"):
+        read_prompts(tmp_path / "p.jsonl")
+
+
+def test_geneval_layout_reads_like_the_official_scorer(tmp_path):
+    world, rng = World(), np.random.default_rng(9)
+    folder = tmp_path / "g" / "00000"
+    (folder / "samples").mkdir(parents=True)
+    (folder / "metadata.jsonl").write_text(json.dumps(PROMPTS[0]) + "\n")
+    Image.fromarray(world.render(world.scene_from_prompt(PROMPTS[0], rng))).save(folder / "samples" / "0000.png")
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(folder / "samples" / "preview.png")  # not \d+.png: skipped
+    (records,) = judge_directory(tmp_path / "g")
+    assert records["filename"].endswith("0000.png") and records["correct"]
+    (folder / "metadata.jsonl").write_text(json.dumps(PROMPTS[0]) + "\n" + json.dumps(PROMPTS[1]) + "\n")
+    with pytest.raises(ValueError, match=r"00000/metadata.jsonl: expected one prompt line"):
+        judge_directory(tmp_path / "g")
 
 
 def test_model_flag_without_inference_module_errors_clearly(tmp_path, monkeypatch):
@@ -230,3 +248,20 @@ def test_model_flag_without_inference_module_errors_clearly(tmp_path, monkeypatc
     args = parser.parse_args(["eval", "shapes", "--model", "run", "--out", str(tmp_path / "m.json")])
     with pytest.raises(SystemExit, match="generate_for_prompts"):
         args.func(args)
+
+
+def test_eval_shapes_with_a_real_model_writes_all_six_categories(tiny_config, tmp_path):
+    from iomm.data.world import GENEVAL_TAGS
+    from iomm.training.trainer import Trainer
+
+    Trainer(tiny_config("train.steps=1"), tmp_path / "run", progress=False).fit()
+    parser = argparse.ArgumentParser()
+    eval_shapes.register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["eval", "shapes", "--model", str(tmp_path / "run"), "--per-category", "1",
+                              "--samples", "2", "--out", str(tmp_path / "m.json")])
+    assert args.func(args) == 0
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert set(GENEVAL_TAGS) | {"overall", "counts"} <= set(metrics)
+    assert metrics["counts"] == {tag: {"n": 2, "passed": metrics["counts"][tag]["passed"]} for tag in GENEVAL_TAGS}
+    assert metrics["overall"] == pytest.approx(np.mean([metrics[tag] for tag in GENEVAL_TAGS]))
+    assert len((tmp_path / "m_images" / "metadata.jsonl").read_text().splitlines()) == 6

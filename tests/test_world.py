@@ -246,3 +246,21 @@ def test_captioned_grid_and_world_commands(tmp_path):
     assert [json.loads(x) for x in out.read_text().splitlines()] == eval_prompts(2, 0)
     rendered = [json.loads(x) for x in (tmp_path / "r" / "metadata.jsonl").read_text().splitlines()]
     assert len(rendered) == 12 and all(len(x["images"]) == 2 for x in rendered)
+
+
+def test_world_sample_command_is_deterministic_per_seed_and_writes_counts(tmp_path):
+    parser = argparse.ArgumentParser()
+    world_command.register(parser.add_subparsers(dest="command"))
+
+    def sample(name: str, seed: int) -> list[dict]:
+        args = parser.parse_args(["world", "sample", "--n", "8", "--out", str(tmp_path / name), "--seed", str(seed)])
+        assert args.func(args) == 0
+        return [json.loads(x) for x in (tmp_path / name / "metadata.jsonl").read_text().splitlines()]
+
+    first, again, other = sample("a", 3), sample("b", 3), sample("c", 4)
+    assert first == again != other
+    assert all((tmp_path / "a" / x["image"]).read_bytes() == (tmp_path / "b" / x["image"]).read_bytes() for x in first)
+    for line in first:
+        scene = scene_from_dict(line)
+        assert line["counts"] == {s: n for s in SHAPES if (n := sum(o.shape == s for o in scene.objects))}
+        assert line["caption"] == World().caption(scene)

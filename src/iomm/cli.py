@@ -8,6 +8,7 @@ import os
 import sys
 
 from iomm.config import ConfigError
+from iomm.training.checkpoint import CheckpointError
 
 # Modules under iomm.commands each add their sub-commands with `register(subparsers)`.
 COMMAND_MODULES = ("train", "describe", "bench", "generate", "world", "eval_shapes", "mllm", "recipe", "study")
@@ -29,9 +30,16 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"iomm: config error: {err}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, NotADirectoryError) as err:
+    except (FileNotFoundError, NotADirectoryError, CheckpointError) as err:
         print(f"iomm: {err}", file=sys.stderr)
         return 2
+    except RuntimeError as err:
+        from iomm.training.trainer import TrainingStopped
+
+        if not isinstance(err, TrainingStopped):
+            raise
+        print(f"iomm: {err}", file=sys.stderr)  # stopped on purpose (bad data, non-finite steps), checkpoint saved
+        return 1
 
 
 if __name__ == "__main__":

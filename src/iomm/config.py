@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -109,7 +110,8 @@ class TrainConfig:
     grad_clip: float = 1.0
     warmup_steps: int = 0
     ema_decay: float = 0.999
-    mixed_precision: Literal["fp32", "bf16"] = "fp32"
+    # auto: bf16 autocast where the hardware runs bf16 natively, else fp32
+    mixed_precision: Literal["fp32", "bf16", "auto"] = "fp32"
     cond_dropout: float = 0.1
     # Fraction of image-only samples in each batch (stage 2); 1.0 is pure image-only pre-training.
     mix_ratio: float = 1.0
@@ -219,7 +221,10 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise ConfigError("--set", text, "KEY=VALUE (e.g. train.steps=100)", text)
     key, raw = text.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise ConfigError("--set", key.strip(), "a YAML value", f"{raw} ({str(err).splitlines()[0]})") from None
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -268,9 +273,22 @@ def validate(cfg: Config, source: str = "<config>", *, check_paths: bool = True)
     _check(0.0 <= t.cond_dropout < 1.0, source, "train.cond_dropout", "a value in [0, 1)", t.cond_dropout)
     _check(0.0 <= t.ema_decay < 1.0, source, "train.ema_decay", "a value in [0, 1)", t.ema_decay)
     _check(len(t.betas) == 2 and all(0.0 <= b < 1.0 for b in t.betas), source, "train.betas", "two values in [0, 1)", t.betas)
-    for name in ("steps", "batch_size", "grad_accum"):
+    for name in ("steps", "batch_size", "grad_accum", "log_every", "checkpoint_every", "max_nonfinite_in_row"):
         _check(getattr(t, name) >= 1, source, f"train.{name}", ">= 1", getattr(t, name))
-    _check(t.lr > 0, source, "train.lr", "> 0", t.lr)
+    for name in ("warmup_steps", "sample_every", "keep_last", "keep_every", "threads"):
+        _check(getattr(t, name) >= 0, source, f"train.{name}", ">= 0", getattr(t, name))
+    _check(math.isfinite(t.lr) and t.lr > 0, source, "train.lr", "a finite number > 0", t.lr)
+    _check(math.isfinite(t.weight_decay) and t.weight_decay >= 0, source, "train.weight_decay", "a finite number >= 0",
+           t.weight_decay)
+    _check(d.num_workers >= 0, source, "data.num_workers", ">= 0", d.num_workers)
+    _check(cfg.flow.sample_steps >= 1, source, "flow.sample_steps", ">= 1", cfg.flow.sample_steps)
+    _check(math.isfinite(cfg.flow.logit_std) and cfg.flow.logit_std > 0, source, "flow.logit_std",
+           "a finite number > 0", cfg.flow.logit_std)
+    for section, name in (("adapter", "num_heads"), ("connector", "num_layers"), ("connector", "num_heads"),
+                          ("generator", "num_layers"), ("generator", "attention_head_dim"),
+                          ("generator", "num_attention_heads")):
+        value = getattr(getattr(cfg, section), name)
+        _check(value >= 1, source, f"{section}.{name}", ">= 1", value)
     _check(t.grad_clip >= 0, source, "train.grad_clip", ">= 0 (0 disables clipping)", t.grad_clip)
     _check(0.0 <= d.max_bad_fraction <= 1.0, source, "data.max_bad_fraction", "a value in [0, 1]", d.max_bad_fraction)
     _check(1 <= d.world_max_objects <= 4, source, "data.world_max_objects", "1..4", d.world_max_objects)
@@ -278,34 +296,47 @@ def validate(cfg: Config, source: str = "<config>", *, check_paths: bool = True)
     _check(cfg.connector.width % cfg.connector.num_heads == 0, source, "connector.width",
            f"a multiple of connector.num_heads={cfg.connector.num_heads}", cfg.connector.width)
     _check(d.resolution >= 8, source, "data.resolution", ">= 8", d.resolution)
+    if d.source == "world":
+        _check(d.resolution >= 16, source, "data.resolution", ">= 16 for the built-in world", d.resolution)
     _check(cfg.generator.patch_size >= 1, source, "generator.patch_size", ">= 1", cfg.generator.patch_size)
     factor = (8 if cfg.codec.kind == "vae" else 1) * cfg.generator.patch_size
     _check(d.resolution % factor == 0, source, "data.resolution",
            f"divisible by the codec factor x patch size = {factor}", d.resolution)
     _check(t.mix_ratio == 1.0 or d.pairs is not None, source, "data.pairs",
            "a pair source (JSONL path or world:N) when train.mix_ratio < 1", d.pairs)
+    if d.pairs is not None and d.pairs.startswith("world:"):
+        count = d.pairs.split(":", 1)[1]
+        _check(count.isdecimal() and int(count) > 0, source, "data.pairs", "world:N with N a positive integer", d.pairs)
     if d.source == "folder":
         _check(d.path is not None, source, "data.path", "an image folder for data.source=folder", d.path)
     if check_paths:
         _check_paths(cfg, source)
 
 
+def _exists(path: str, kind: str) -> bool:
+    """Path.is_dir / is_file that say False instead of raising for names no file can have (too long, NUL)."""
+    try:
+        return Path(path).is_dir() if kind == "dir" else Path(path).is_file()
+    except (OSError, ValueError):
+        return False
+
+
 def _check_paths(cfg: Config, source: str) -> None:
     if cfg.mllm.path != "nano":
-        _check(Path(cfg.mllm.path).is_dir(), source, "mllm.path", "'nano' or an existing local model directory", cfg.mllm.path)
+        _check(_exists(cfg.mllm.path, "dir"), source, "mllm.path", "'nano' or an existing local model directory",
+               cfg.mllm.path)
         _check_remote_code(Path(cfg.mllm.path), cfg.mllm.trust_remote_code, source)
-    if cfg.codec.kind == "vae" and cfg.codec.path is not None:
-        _check(Path(cfg.codec.path).is_dir(), source, "codec.path", "an existing AutoencoderKL directory", cfg.codec.path)
+    if cfg.codec.kind == "vae":
+        _check(cfg.codec.path is not None and _exists(cfg.codec.path, "dir"), source, "codec.path",
+               "an existing AutoencoderKL directory for codec.kind=vae", cfg.codec.path)
     if cfg.generator.pretrained is not None:
-        _check(Path(cfg.generator.pretrained).is_dir(), source, "generator.pretrained", "an existing directory", cfg.generator.pretrained)
+        _check(_exists(cfg.generator.pretrained, "dir"), source, "generator.pretrained", "an existing directory",
+               cfg.generator.pretrained)
     if cfg.data.source == "folder" and cfg.data.path is not None:
-        _check(Path(cfg.data.path).is_dir(), source, "data.path", "an existing image folder", cfg.data.path)
+        _check(_exists(cfg.data.path, "dir"), source, "data.path", "an existing image folder", cfg.data.path)
     pairs = cfg.data.pairs
     if pairs is not None and not pairs.startswith("world:"):
-        _check(Path(pairs).is_file(), source, "data.pairs", "an existing JSONL file or world:N", pairs)
-    if pairs is not None and pairs.startswith("world:"):
-        count = pairs.split(":", 1)[1]
-        _check(count.isdigit() and int(count) > 0, source, "data.pairs", "world:N with N a positive integer", pairs)
+        _check(_exists(pairs, "file"), source, "data.pairs", "an existing JSONL file or world:N", pairs)
 
 
 def _check_remote_code(path: Path, trusted: bool, source: str) -> None:

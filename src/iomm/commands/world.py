@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -74,7 +75,9 @@ def run_sample(args: argparse.Namespace) -> int:
         name = f"{i:06d}.png"
         Image.fromarray(image).save(args.out / name)
         held_out = any(is_held_out(o.color, o.shape) for o in scene.objects)
-        lines.append(json.dumps({"image": name, "caption": caption, "held_out": held_out, **scene_to_dict(scene)}))
+        counts = dict(Counter(o.shape for o in scene.objects))  # per class, like GenEval's include counts
+        lines.append(json.dumps({"image": name, "caption": caption, "held_out": held_out, "counts": counts,
+                                 **scene_to_dict(scene)}))
     (args.out / "metadata.jsonl").write_text("\n".join(lines) + "\n")
     print(f"wrote {len(samples)} images and metadata.jsonl to {args.out}")
     if args.grid is not None:

@@ -5,6 +5,7 @@ A bad file never crashes a run: it is skipped, counted and reported (see `DataRe
 
 from __future__ import annotations
 
+import math
 import threading
 import warnings
 from collections import Counter
@@ -13,10 +14,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageFile, UnidentifiedImageError
+from PIL import Image, ImageFile
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 MIN_SIDE = 8
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
+# How many standard deviations the bad fraction must stand above the limit before a run is stopped:
+# a few unlucky draws of a mostly good dataset early in a run must not stop it.
+BAD_FRACTION_SIGMAS = 4.0
 
 
 class BadSample(ValueError):
@@ -24,7 +29,11 @@ class BadSample(ValueError):
 
 
 class TooMuchBadData(RuntimeError):
-    """Too many bad samples in a row to make a batch."""
+    """Too many bad samples in a row to make a batch; `bad` holds their (where, reason) for the report."""
+
+    def __init__(self, message: str, bad: list[tuple[str, str]] | None = None):
+        super().__init__(message)
+        self.bad = list(bad or [])
 
 
 @dataclass
@@ -50,6 +59,16 @@ class DataReport:
     def bad_fraction(self) -> float:
         return sum(self.skipped.values()) / max(self.seen, 1)
 
+    def exceeds(self, limit: float, sigmas: float = BAD_FRACTION_SIGMAS) -> bool:
+        """True when the bad fraction is above `limit` beyond reasonable doubt: the lower end of its Wilson
+        score interval (`sigmas` wide) is above `limit`. Any bad sample exceeds a limit of 0."""
+        bad, n = sum(self.skipped.values()), self.seen
+        if bad == 0:
+            return False
+        p, z2 = bad / n, sigmas * sigmas
+        low = (p + z2 / (2 * n) - sigmas * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n))) / (1 + z2 / n)
+        return low > limit
+
     def summary(self) -> str:
         if not self.skipped:
             return f"data: {self.seen} samples read, none skipped"
@@ -61,12 +80,22 @@ class DataReport:
         return {"seen": self.seen, "skipped": dict(self.skipped), "examples": self.examples}
 
 
+def _to_8bit(image: Image.Image) -> Image.Image:
+    """16-bit, 32-bit integer or float grayscale as 8-bit "L". 16-bit modes span 0..65535; for "I" and "F"
+    the range is read from the data (floats up to 1 are taken as [0, 1], values up to 255 as 8-bit)."""
+    array = np.nan_to_num(np.asarray(image, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    top = float(array.max()) if array.size else 0.0
+    if image.mode in SIXTEEN_BIT_MODES or top > 255.0:
+        peak = 65535.0
+    else:
+        peak = 1.0 if image.mode == "F" and top <= 1.0 else 255.0
+    return Image.fromarray((array / peak * 255.0).round().clip(0, 255).astype(np.uint8), "L")
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
-    """Convert any PIL mode (L, P, CMYK, RGBA, I;16, ...) to RGB; alpha is composited over white."""
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        array = np.asarray(image, dtype=np.float64)
-        peak = 65535.0 if array.max() > 255 else 255.0
-        image = Image.fromarray((array / peak * 255.0).clip(0, 255).astype(np.uint8), "L")
+    """Convert any PIL mode (L, P, CMYK, RGBA, I;16, I, F, ...) to RGB; alpha is composited over white."""
+    if image.mode in (*SIXTEEN_BIT_MODES, "I", "F"):
+        image = _to_8bit(image)
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -75,12 +104,14 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def resize_center_crop(image: Image.Image, resolution: int) -> Image.Image:
+    """The centred square of side min(w, h), resized to resolution x resolution.
+
+    Only the square is resampled, so a long thin image (8 x 100000) costs no more than its square.
+    """
     w, h = image.size
-    scale = resolution / min(w, h)
-    image = image.resize((max(resolution, round(w * scale)), max(resolution, round(h * scale))), Image.BICUBIC)
-    w, h = image.size
-    left, top = (w - resolution) // 2, (h - resolution) // 2
-    return image.crop((left, top, left + resolution, top + resolution))
+    side = min(w, h)
+    left, top = (w - side) / 2, (h - side) / 2
+    return image.resize((resolution, resolution), Image.BICUBIC, box=(left, top, left + side, top + side))
 
 
 def load_image(path: str | Path, resolution: int) -> torch.Tensor:
@@ -98,8 +129,7 @@ def load_image(path: str | Path, resolution: int) -> torch.Tensor:
         raise
     except FileNotFoundError:
         raise BadSample("missing file") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombWarning,
-            Image.DecompressionBombError) as err:
+    except Exception as err:  # decoders parse untrusted bytes: whatever one raises makes this one file bad
         raise BadSample(f"unreadable image ({type(err).__name__})") from None
     return torch.from_numpy(np.asarray(rgb, dtype=np.float32) / 255.0).permute(2, 0, 1)
 

@@ -15,9 +15,17 @@ class Pair:
     caption: str
 
 
+def _is_file(path: Path) -> bool:
+    """Path.is_file that says False instead of raising for names no file can have (too long, NUL, surrogates)."""
+    try:
+        return path.is_file()
+    except (OSError, ValueError):
+        return False
+
+
 def read_pairs(path: str | Path, report: DataReport | None = None) -> list[Pair]:
     """Valid pairs in file order; bad lines (not JSON, missing fields, empty caption, missing image,
-    duplicates, non-UTF-8) are skipped and counted in `report`."""
+    duplicates, non-UTF-8) are skipped and counted in `report`. A UTF-8 byte-order mark is ignored."""
     path = Path(path)
     report = report if report is not None else DataReport()
     pairs, seen = [], set()
@@ -26,11 +34,11 @@ def read_pairs(path: str | Path, report: DataReport | None = None) -> list[Pair]
         if not raw.strip():
             continue
         try:
-            line = json.loads(raw.decode("utf-8"))
+            line = json.loads(raw.decode("utf-8-sig"))
         except UnicodeDecodeError:
             report.bad(where, "caption file line is not UTF-8")
             continue
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             report.bad(where, "line is not JSON")
             continue
         if not isinstance(line, dict) or not isinstance(line.get("image"), str):
@@ -40,9 +48,14 @@ def read_pairs(path: str | Path, report: DataReport | None = None) -> list[Pair]
         if not isinstance(caption, str) or not caption.strip():
             report.bad(where, "empty or missing caption")
             continue
+        try:
+            caption.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate escaped in the JSON ("\ud800")
+            report.bad(where, "caption file line is not UTF-8")
+            continue
         image = Path(line["image"])
         image = image if image.is_absolute() else path.parent / image
-        if not image.is_file():
+        if not _is_file(image):
             report.bad(where, "image path does not exist")
             continue
         key = (str(image), caption.strip())

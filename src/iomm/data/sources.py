@@ -68,7 +68,7 @@ class FileSamples:
                 return load_image(path, self.resolution), caption
             except BadSample as err:
                 bad.append((str(path), str(err)))
-        raise TooMuchBadData(f"{MAX_RETRIES} bad samples in a row (last: {bad[-1][0]}: {bad[-1][1]})")
+        raise TooMuchBadData(f"{MAX_RETRIES} bad samples in a row (last: {bad[-1][0]}: {bad[-1][1]})", bad)
 
 
 class MixedBatches(torch.utils.data.Dataset):

@@ -3,23 +3,30 @@
 - GenEval (djghosh13/geneval, `evaluation/evaluate_images.py`): one folder per prompt line,
   `<out>/<00000>/metadata.jsonl` holding that line and `<out>/<00000>/samples/<0000>.png`.
 - DPG-Bench (ELLA's `dpg_bench/compute_dpg_bench.py`): `<out>/<item_id>.png`, where item_id is the
-  prompt file's stem; with 4 samples the file is a 2x2 grid (score with `--pic-num 4`).
+  prompt file's stem; with 4 samples the file is a 2x2 grid of tiles (score with `--pic-num 4` and
+  `--resolution` = the tile side, i.e. the model's resolution).
 - WISE (`gpt_eval.py`): `<out>/<prompt_id>.png` for every record of its prompt JSON files.
 
-`generate_fn(prompts, seed)` is supplied by the caller and returns one PIL image per prompt.
+`generate_fn(prompts, seed)` is supplied by the caller and returns one PIL image per prompt
+(`iomm eval export` passes the IOMM pipeline).
 """
 
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from PIL import Image
 
+from iomm.evaluation.shapes import read_jsonl
+
 GenerateFn = Callable[[list[str], int], list[Image.Image]]
+# Images per prompt by default: GenEval's protocol (4), DPG-Bench's --pic-num 4 grid, WISE one image.
+DEFAULT_SAMPLES: dict[str, int] = {"geneval": 4, "dpg": 4, "wise": 1}
 
 
 def _generate(generate_fn: GenerateFn, prompt: str, n: int, seed: int) -> list[Image.Image]:
@@ -29,21 +36,33 @@ def _generate(generate_fn: GenerateFn, prompt: str, n: int, seed: int) -> list[I
     return [image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image)) for image in images]
 
 
+def read_geneval_metadata(metadata_path: str | Path) -> list[dict[str, Any]]:
+    """The prompt dicts of an evaluation_metadata.jsonl, all checked before anything is generated
+    (errors name the file, the line and the field)."""
+    prompts = []
+    for source, meta in read_jsonl(metadata_path):
+        if not isinstance(meta.get("prompt"), str):
+            raise ValueError(f"{source}: field 'prompt': expected a string, got {meta.get('prompt')!r}")
+        prompts.append(meta)
+    if not prompts:
+        raise ValueError(f"{metadata_path}: no prompts")
+    return prompts
+
+
 def write_geneval_layout(metadata_path: str | Path, out_dir: str | Path, generate_fn: GenerateFn,
                          n_samples: int = 4, seed: int = 0) -> list[Path]:
     """One folder per line of GenEval's evaluation_metadata.jsonl; prompt i uses seed `seed + i`.
     Returns the folders written."""
-    metadata_path, out_dir = Path(metadata_path), Path(out_dir)
-    lines = [line for line in metadata_path.read_text().splitlines() if line.strip()]
+    if n_samples < 1:
+        raise ValueError(f"n_samples for geneval: expected >= 1, got {n_samples}")
+    out_dir = Path(out_dir)
     folders = []
-    for index, line in enumerate(lines):
-        meta = json.loads(line)
-        if "prompt" not in meta:
-            raise ValueError(f"{metadata_path}:{index + 1}: field 'prompt': expected a string, got nothing")
+    for index, meta in enumerate(read_geneval_metadata(metadata_path)):
+        images = _generate(generate_fn, meta["prompt"], n_samples, seed + index)
         folder = out_dir / f"{index:05d}"
         (folder / "samples").mkdir(parents=True, exist_ok=True)
         (folder / "metadata.jsonl").write_text(json.dumps(meta) + "\n")
-        for k, image in enumerate(_generate(generate_fn, meta["prompt"], n_samples, seed + index)):
+        for k, image in enumerate(images):
             image.save(folder / "samples" / f"{k:04d}.png")
         folders.append(folder)
     return folders
@@ -66,13 +85,16 @@ def load_prompts(source: str | Path, naming: Literal["dpg", "wise"]) -> list[tup
         files = sorted(path.glob("*.txt")) if path.is_dir() else [path]
         if not files or not all(f.is_file() for f in files):
             raise FileNotFoundError(f"{path}: expected a DPG-Bench prompts folder of .txt files or one .txt file")
-        return [(f.stem, f.read_text().strip()) for f in files]
+        return [(f.stem, f.read_text(encoding="utf-8").strip()) for f in files]
     if naming == "wise":
-        records = json.loads(path.read_text())
+        records = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(records, list):
+            raise ValueError(f"{path}: expected a JSON list of WISE records, got {type(records).__name__}")
         pairs = []
         for i, record in enumerate(records):
-            if "prompt_id" not in record or "Prompt" not in record:
-                raise ValueError(f"{path}: record {i}: expected fields 'prompt_id' and 'Prompt', got {sorted(record)}")
+            if not isinstance(record, dict) or "prompt_id" not in record or "Prompt" not in record:
+                got = sorted(record) if isinstance(record, dict) else record
+                raise ValueError(f"{path}: record {i}: expected fields 'prompt_id' and 'Prompt', got {got!r}")
             pairs.append((str(record["prompt_id"]), record["Prompt"]))
         return pairs
     raise ValueError(f"naming: expected 'dpg' or 'wise', got {naming!r}")
@@ -87,6 +109,9 @@ def write_one_per_prompt(prompts: str | Path | Sequence[tuple[str, str]], out_di
     if n_samples not in allowed:
         raise ValueError(f"n_samples for {naming}: expected one of {allowed}, got {n_samples}")
     pairs = load_prompts(prompts, naming) if isinstance(prompts, (str, Path)) else list(prompts)
+    duplicates = sorted(name for name, count in Counter(name for name, _ in pairs).items() if count > 1)
+    if duplicates:
+        raise ValueError(f"prompt names must be unique (one <name>.png each), got duplicates {duplicates[:5]}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []

@@ -244,24 +244,29 @@ def score(results: Iterable[tuple[Mapping[str, Any], bool]]) -> dict[str, Any]:
     return metrics
 
 
-def _read_jsonl(path: Path) -> list[tuple[str, dict[str, Any]]]:
+def read_jsonl(path: str | Path) -> list[tuple[str, dict[str, Any]]]:
+    """("<file>:<line>", object) for each non-blank line; errors name the file and the line."""
+    path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such metadata file")
     lines = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if line.strip():
             source = f"{path}:{number}"
             try:
-                lines.append((source, json.loads(line)))
+                value = json.loads(line)
             except json.JSONDecodeError as error:
                 raise ValueError(f"{source}: invalid JSON ({error})") from None
+            if not isinstance(value, dict):
+                raise ValueError(f"{source}: expected a JSON object, got {value!r:.80}")
+            lines.append((source, value))
     return lines
 
 
 def read_prompts(path: str | Path) -> list[dict[str, Any]]:
     """Prompt dicts from a JSONL file, each validated (errors name the file and line)."""
     prompts = []
-    for source, meta in _read_jsonl(Path(path)):
+    for source, meta in read_jsonl(Path(path)):
         validate_prompt(meta, source)
         prompts.append(meta)
     return prompts
@@ -273,7 +278,7 @@ def _image_entries(images_dir: Path) -> list[tuple[str, dict[str, Any], list[Pat
     flat = images_dir / "metadata.jsonl"
     if flat.is_file():
         entries = []
-        for source, meta in _read_jsonl(flat):
+        for source, meta in read_jsonl(flat):
             images = meta.get("images")
             if not isinstance(images, list) or not images:
                 raise ValueError(f"{source}: field 'images': expected a non-empty list of paths, got {images!r}")
@@ -284,8 +289,13 @@ def _image_entries(images_dir: Path) -> list[tuple[str, dict[str, Any], list[Pat
         raise FileNotFoundError(f"{images_dir}: expected metadata.jsonl or GenEval folders <00000>/metadata.jsonl")
     entries = []
     for folder in folders:
-        (source, meta), = _read_jsonl(folder / "metadata.jsonl")
-        entries.append((source, meta, sorted((folder / "samples").glob("*.png"))))
+        metadata = folder / "metadata.jsonl"
+        lines = read_jsonl(metadata)
+        if len(lines) != 1:
+            raise ValueError(f"{metadata}: expected one prompt line (GenEval layout), got {len(lines)}")
+        (source, meta), = lines
+        samples = sorted(p for p in (folder / "samples").glob("*.png") if p.stem.isdigit())  # as GenEval reads them
+        entries.append((source, meta, samples))
     return entries
 
 

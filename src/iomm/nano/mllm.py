@@ -50,6 +50,7 @@ from iomm.data.world import (
     WorldConfig,
     relative_position,
 )
+from iomm.training.precision import autocast
 
 # ------------------------------------------------------------------------------ tokenizer
 
@@ -150,7 +151,7 @@ class NanoMLLMConfig:
     weight_decay: float = 0.01
     warmup_steps: int = 100
     grad_clip: float = 1.0
-    bf16: bool = True
+    precision: str = "auto"  # bf16 autocast only where native (see iomm.training.precision)
     background: str = "mixed"
     eval_n: int = 200
 
@@ -498,7 +499,7 @@ def batch_loss(model: InternVLForConditionalGeneration, batch: Batch, cfg: NanoM
     extra = {}
     if batch.images is not None:
         extra = family_for(model.config, preprocessing_config(cfg)).model_inputs(batch.images, batch.input_ids)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+    with autocast(cfg.precision):
         out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels, **extra)
     return out.loss.float()
 

@@ -14,6 +14,8 @@ from iomm.data.sources import MixedBatches, build_sources
 from iomm.generator.flow import interpolate, sample_timesteps, velocity_target
 from iomm.model import IOMM
 from iomm.training.ema import EMA
+from iomm.training.precision import autocast as precision_autocast
+from iomm.training.precision import resolve_precision
 from iomm.training.state import step_seed
 
 
@@ -40,8 +42,7 @@ def bench_train_step(cfg: Config, steps: int = 10, warmup: int = 2) -> dict:
     ema = EMA(params, cfg.train.ema_decay)
     images_src, pairs_src = build_sources(cfg)
     batches = MixedBatches(images_src, pairs_src, cfg.train.batch_size, cfg.train.mix_ratio, cfg.train.seed)
-    autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if cfg.train.mixed_precision == "bf16"
-                else contextlib.nullcontext())
+    autocast = precision_autocast(cfg.train.mixed_precision)
     clock = _Clock()
     for step in range(warmup + steps):
         if step == warmup:
@@ -76,7 +77,7 @@ def bench_train_step(cfg: Config, steps: int = 10, warmup: int = 2) -> dict:
         "seconds_per_step": per_step,
         "batch_size": cfg.train.batch_size,
         "threads": torch.get_num_threads(),
-        "mixed_precision": cfg.train.mixed_precision,
+        "mixed_precision": resolve_precision(cfg.train.mixed_precision),
         "masking_mode": cfg.masking.mode,
         "parameters": {n: sum(p.numel() for p in m.parameters()) for n, m in model.trainable().items()},
     }

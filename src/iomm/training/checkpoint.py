@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 
 MANIFEST = "manifest.json"
 PREFIX = "step_"
+TMP_PREFIX = ".tmp-"
 
 
 class CheckpointError(RuntimeError):
@@ -59,14 +60,24 @@ def verify(root: Path) -> str | None:
         entries = json.loads(manifest.read_text(encoding="utf-8"))
     except ValueError:
         return "manifest is not valid JSON"
+    if not isinstance(entries, dict) or not entries:
+        return "manifest lists no files"
     for name, entry in entries.items():
         path = root / name
-        if not path.is_file():
-            return f"missing file {name}"
-        if path.stat().st_size != entry["size"]:
-            return f"{name} has {path.stat().st_size} bytes, manifest says {entry['size']}"
-        if _sha256(path) != entry["sha256"]:
-            return f"{name} does not match its sha256"
+        if not (isinstance(entry, dict) and isinstance(entry.get("size"), int)
+                and isinstance(entry.get("sha256"), str)):
+            return f"manifest entry for {name} is malformed"
+        if ".." in Path(name).parts or Path(name).is_absolute():
+            return f"manifest names a file outside the checkpoint: {name}"
+        try:
+            if not path.is_file():
+                return f"missing file {name}"
+            if path.stat().st_size != entry["size"]:
+                return f"{name} has {path.stat().st_size} bytes, manifest says {entry['size']}"
+            if _sha256(path) != entry["sha256"]:
+                return f"{name} does not match its sha256"
+        except OSError as err:
+            return f"cannot read {name}: {err.strerror or err}"
     return None
 
 
@@ -74,13 +85,15 @@ def save_checkpoint(run_dir: Path, step: int, write: Any, *, keep_last: int, kee
     """`write(tmp_dir)` fills a temporary directory, which is renamed into place once its manifest is written.
 
     On any failure (a full disk included) the temporary directory is removed, the previous
-    checkpoints are untouched, and a CheckpointError says what happened.
+    checkpoints are untouched, and a CheckpointError says what happened. Temporary directories
+    left by a save that was killed are removed first.
     """
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(f"{TMP_PREFIX}*"):  # left by a save that was killed: never a checkpoint
+        shutil.rmtree(stale, ignore_errors=True)
     final = root / checkpoint_name(step)
-    tmp = root / f".tmp-{checkpoint_name(step)}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = root / f"{TMP_PREFIX}{checkpoint_name(step)}-{os.getpid()}"
     try:
         tmp.mkdir()
         write(tmp)
@@ -88,12 +101,23 @@ def save_checkpoint(run_dir: Path, step: int, write: Any, *, keep_last: int, kee
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-    except OSError as err:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(f"could not save checkpoint {final}: {err.strerror or err}; "
+        if not isinstance(err, Exception):  # Ctrl-C, SystemExit: clean up, then let it through
+            raise
+        # A full disk shows as OSError from Python, RuntimeError from torch.save, SafetensorError from safetensors.
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err) or type(err).__name__
+        raise CheckpointError(f"could not save checkpoint {final}: {reason} ({_free_space(root)}); "
                               f"the previous checkpoint is intact") from err
     _prune(root, keep_last, keep_every)
     return final
+
+
+def _free_space(path: Path) -> str:
+    try:
+        return f"{shutil.disk_usage(path).free / 2**20:,.0f} MiB free on that disk"
+    except OSError:
+        return "free space unknown"
 
 
 def _prune(root: Path, keep_last: int, keep_every: int) -> None:

@@ -28,6 +28,7 @@ from iomm.model import IOMM
 from iomm.training import checkpoint as ckpt
 from iomm.training.ema import EMA
 from iomm.training.logging import RunLog, image_grid, plot_loss_curve
+from iomm.training.precision import autocast
 from iomm.training.state import load_trainable, step_seed, trainable_state
 
 MIN_SAMPLES_FOR_BAD_CHECK = 64
@@ -132,9 +133,7 @@ class Trainer:
 
     # ---- one step ----------------------------------------------------------------------------
     def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.cfg.train.mixed_precision == "bf16":
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        return autocast(self.cfg.train.mixed_precision, self.device.type)
 
     def train_step(self, micro_batches: list[Batch]) -> StepOutcome:
         self.model.train()
@@ -191,6 +190,8 @@ class Trainer:
                     self.save()
             self.save()
         except TooMuchBadData as err:
+            for where, reason in err.bad:
+                self.report.bad(where, reason)
             self.save()
             raise TrainingStopped(f"{err}; stopped instead of training on garbage.\n{self.report.summary()}") from None
         finally:
@@ -230,7 +231,7 @@ class Trainer:
         for _ in range(len(batch.captions)):
             self.report.ok()
         limit = self.cfg.data.max_bad_fraction
-        if self.report.seen >= MIN_SAMPLES_FOR_BAD_CHECK and self.report.bad_fraction > limit:
+        if self.report.seen >= MIN_SAMPLES_FOR_BAD_CHECK and self.report.exceeds(limit):
             self.save()
             raise TrainingStopped(f"{self.report.bad_fraction:.1%} of samples are bad (limit data.max_bad_fraction="
                                   f"{limit:.1%}); stopped instead of training on garbage.\n{self.report.summary()}")
