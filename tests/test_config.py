@@ -60,7 +60,7 @@ def test_bad_values_fail_with_field_expected_and_got(overrides, field, expected,
         load_config(None, overrides)
     assert err.value.field_path == field and expected in err.value.expected
     assert err.value.got == got
-    assert str(err.value).startswith(f"<defaults>: field '{field}': expected ")
+    assert str(err.value).startswith(f"<defaults> with --set {' '.join(overrides)}: field '{field}': expected ")
 
 
 def test_errors_in_a_file_name_the_file_field_expected_and_got(tmp_path):

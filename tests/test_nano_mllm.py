@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from iomm.conditioning.mllm import FrozenMLLM
-from iomm.data.world import COLORS, SHAPES, World, WorldConfig
+from iomm.data.world import COLORS, SHAPES, Scene, World, WorldConfig, WorldObject
 from iomm.nano.mllm import (
     AUX_PROMPT,
     QUESTION_TYPES,
@@ -23,6 +23,7 @@ from iomm.nano.mllm import (
     ensure_nano_mllm,
     evaluate_understanding,
     nano_config,
+    patch_labels,
     tiny_config,
     train_nano_mllm,
 )
@@ -121,3 +122,24 @@ def test_random_init_and_meta_config(tmp_path: Path) -> None:
     with torch.device("meta"):
         mllm = FrozenMLLM.from_config(nano_config())
     assert sum(p.numel() for p in mllm.parameters()) > 1e6
+
+
+def test_patch_labels_mark_the_patches_an_object_covers() -> None:
+    world = World(WorldConfig())
+    square = WorldObject("square", "blue", "large", cx=10.5, cy=22.5, extent=13.0)  # pixels 4..16 x 16..28
+    scene = Scene((square,), "white")
+    assert (world.object_map(scene) == 0).sum() == 13 * 13
+    labels = patch_labels(world, scene, patch=4).reshape(8, 8, 2)
+    covered = np.zeros((8, 8), dtype=bool)
+    covered[4:8, 1:5] = True  # patch rows 4..6 and columns 1..3 lie inside; row 7 and column 4 hold a
+    covered[7, 4] = False     # 1-px strip (a quarter: labelled); their corner patch holds 1 px (not)
+    assert (labels[..., 0][covered] == SHAPES.index("square") + 1).all()
+    assert (labels[..., 1][covered] == list(COLORS).index("blue") + 1).all()
+    assert (labels[~covered] == 0).all()
+
+
+def test_dense_head_is_not_part_of_the_saved_model(trained: Path) -> None:
+    from safetensors import safe_open
+
+    with safe_open(str(trained / "model.safetensors"), "pt") as f:
+        assert not any("proj.weight" == key or key.startswith("dense") for key in f.keys())

@@ -252,6 +252,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         except yaml.YAMLError as err:
             raise ConfigError(source, "<file>", "valid YAML", str(err).splitlines()[0]) from None
     data = apply_overrides(data, list(overrides or []))
+    if overrides:  # the bad value may come from the command line rather than the file
+        source += " with --set " + " ".join(overrides)
     config = _build(Config, data, source)
     validate(config, source, check_paths=check_paths)
     return config

@@ -17,8 +17,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     train = commands.add_parser("train", help="train the nano MLLM and save it as a HF checkpoint dir")
     train.add_argument("--out", type=Path, required=True, help="output checkpoint directory")
-    train.add_argument("--minutes", type=float, default=None, help="wall-clock budget (stops at steps or minutes)")
-    train.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the recipe's)")
+    train.add_argument("--minutes", type=float, default=None,
+                       help="wall-clock budget (default: 9, unless --steps is given; with both, whichever comes first)")
+    train.add_argument("--steps", type=int, default=None, help="optimizer steps: reproducible step for step")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--random-init", action="store_true",
                        help="save the same architecture randomly initialised, untrained (ablation)")
@@ -44,12 +45,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from iomm.nano.mllm import DEFAULT_STEPS, train_nano_mllm
+    from iomm.nano.mllm import DEFAULT_MINUTES, train_nano_mllm
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    steps = args.steps if args.steps is not None else (None if args.minutes is not None else DEFAULT_STEPS)
-    train_nano_mllm(args.out, minutes=args.minutes, steps=steps, seed=args.seed, random_init=args.random_init,
+    minutes = args.minutes if args.minutes is not None or args.steps is not None else DEFAULT_MINUTES
+    train_nano_mllm(args.out, minutes=minutes, steps=args.steps, seed=args.seed, random_init=args.random_init,
                     tiny=args.tiny)
     return 0
 

@@ -366,15 +366,28 @@ class World:
         return Scene(objects, self._background(rng), relation)
 
     # ---- rendering and captions
+    def _footprints(self, scene: Scene) -> Iterator[tuple[int, WorldObject, tuple[slice, slice], np.ndarray]]:
+        """(index, object, its box as array slices, its boolean stamp) of each object, in drawing order."""
+        for i, obj in enumerate(scene.objects):
+            e = int(obj.extent)
+            x0, y0 = int(round(obj.cx - e / 2)), int(round(obj.cy - e / 2))
+            yield i, obj, (slice(y0, y0 + e), slice(x0, x0 + e)), self._stamps[(obj.shape, e)]
+
     def render(self, scene: Scene) -> np.ndarray:
         res = self.config.resolution
         image = np.empty((res, res, 3), dtype=np.uint8)
         image[:] = BACKGROUNDS[scene.background]
-        for obj in scene.objects:
-            e = int(obj.extent)
-            x0, y0 = int(round(obj.cx - e / 2)), int(round(obj.cy - e / 2))
-            image[y0:y0 + e, x0:x0 + e][self._stamps[(obj.shape, e)]] = COLORS[obj.color]
+        for _, obj, box, stamp in self._footprints(scene):
+            image[box][stamp] = COLORS[obj.color]
         return image
+
+    def object_map(self, scene: Scene) -> np.ndarray:
+        """(R, R) index of the object drawn at each pixel, -1 for the background (what render() paints)."""
+        res = self.config.resolution
+        index = np.full((res, res), -1, dtype=np.int64)
+        for i, _, box, stamp in self._footprints(scene):
+            index[box][stamp] = i
+        return index
 
     def caption(self, scene: Scene, with_color: bool = True) -> str:
         """"a photo of" + groups of equal (colour, shape) with number words, joined by "and";
