@@ -1,7 +1,14 @@
 import torch
 
 from iomm.config import FlowConfig
-from iomm.generator.flow import euler_sample, guided, interpolate, sample_timesteps, velocity_target
+from iomm.generator.flow import (
+    euler_sample,
+    guided,
+    interpolate,
+    sample_timesteps,
+    velocity_from_sample,
+    velocity_target,
+)
 
 
 def test_interpolation_and_target():
@@ -61,3 +68,21 @@ def test_timestep_sampling_in_unit_interval():
     logit = sample_timesteps(FlowConfig(timestep_sampling="logit_normal"), 5000, g)
     uniform = sample_timesteps(FlowConfig(timestep_sampling="uniform"), 5000, g)
     assert ((logit - 0.5).abs() < 0.25).float().mean() > ((uniform - 0.5).abs() < 0.25).float().mean() + 0.1
+
+
+def test_sample_prediction_gives_the_true_velocity_and_the_sampler_recovers_the_point_mass():
+    x, z = torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8)
+    t = torch.tensor([0.1, 0.3, 0.7, 1.0])
+    # A perfect x-prediction implies exactly the velocity target.
+    assert torch.allclose(velocity_from_sample(interpolate(x, z, t), x, t, min_t=0.05), velocity_target(x, z),
+                          atol=1e-5)
+    # A model that always predicts x0 drives Euler sampling to x0 (exactly while t stays above min_t; the
+    # scheduler's last step starts at t = 0.001, where the 0.05 clamp leaves 0.98 of x_t - x0 = 0.001 (z - x0)).
+    x0 = x[:2]
+    out = euler_sample(lambda xt, tt: velocity_from_sample(xt, x0, tt, min_t=1e-4), z[:2], steps=7)
+    assert torch.allclose(out, x0, atol=1e-4)
+    out = euler_sample(lambda xt, tt: velocity_from_sample(xt, x0, tt, min_t=0.05), z[:2], steps=7)
+    assert (out - x0).abs().max() <= 0.001 * (z[:2] - x0).abs().max()
+    # t is clamped in the division: no blow-up at t = 0.
+    v = velocity_from_sample(x, torch.zeros_like(x), torch.zeros(4), min_t=0.05)
+    assert torch.allclose(v, x / 0.05)

@@ -22,7 +22,7 @@ import iomm
 from iomm.cli import main
 from iomm.config import save_config
 from iomm.training import checkpoint as ckpt
-from iomm.training.trainer import Trainer, TrainingStopped
+from iomm.training.trainer import Trainer, TrainingInterrupted, TrainingStopped
 
 
 def _losses(run_dir):
@@ -94,7 +94,8 @@ def test_sigterm_and_ctrl_c_save_a_checkpoint_before_exit(tiny_config, tmp_path,
         return outcome
 
     trainer.train_step = step_then_signal
-    trainer.fit()
+    with pytest.raises(TrainingInterrupted, match="rerun the same command"):  # a recipe must not go on
+        trainer.fit()
     assert ckpt.latest_checkpoint(tmp_path / "run").name == "step_00000003"
     assert signal.getsignal(sig) == before
 

@@ -59,3 +59,17 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous(tiny_config, tmp_p
     resumed = Trainer(tiny_config("train.steps=4"), tmp_path / "run", progress=False)
     resumed.resume()
     assert resumed.step == 2
+
+
+def test_ema_warm_up_forgets_the_initial_weights():
+    from iomm.training.ema import EMA
+
+    p = torch.nn.Parameter(torch.zeros(3))
+    ema = EMA({"p": p}, decay=0.995)
+    assert ema.decay_at(0) == pytest.approx(0.1) and ema.decay_at(10**6) == 0.995
+    with torch.no_grad():
+        p.fill_(1.0)
+    for step in range(500):
+        ema.update(step)
+    # Without warm-up 0.995**500 = 8% of the (zero) initial weights would remain.
+    assert torch.all(ema.shadow["p"] > 0.99)

@@ -34,12 +34,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"iomm: {err}", file=sys.stderr)
         return 2
     except RuntimeError as err:
-        from iomm.training.trainer import TrainingStopped
+        from iomm.training.trainer import TrainingInterrupted, TrainingStopped
 
         if not isinstance(err, TrainingStopped):
             raise
-        print(f"iomm: {err}", file=sys.stderr)  # stopped on purpose (bad data, non-finite steps), checkpoint saved
-        return 1
+        print(f"iomm: {err}", file=sys.stderr)  # stopped on purpose (signal, bad data, non-finite steps), saved
+        return 130 if isinstance(err, TrainingInterrupted) else 1
 
 
 if __name__ == "__main__":

@@ -85,6 +85,13 @@ class FlowConfig:
     logit_std: float = 1.0
     sample_steps: int = 25
     guidance_scale: float = 3.0
+    # What the generator outputs: the velocity z - x (SD3 / FLUX, the paper), or the clean sample x, from which
+    # the velocity (x_t - x) / t is derived (x-prediction, as in JiT: pixel-space models with few parameters
+    # learn the low-dimensional image far faster than the full-dimensional noise). Loss, guidance and sampler
+    # all work on the velocity either way.
+    prediction: Literal["velocity", "sample"] = "velocity"
+    # x-prediction divides by t: t is clamped to at least this in that division
+    min_t: float = 0.05
 
 
 @dataclass
@@ -273,6 +280,7 @@ def validate(cfg: Config, source: str = "<config>", *, check_paths: bool = True)
     _check(0.0 <= cfg.finetune.mix_ratio <= 1.0, source, "finetune.mix_ratio", "a value in [0, 1]", cfg.finetune.mix_ratio)
     _check(cfg.finetune.steps >= 1, source, "finetune.steps", ">= 1", cfg.finetune.steps)
     _check(0.0 <= t.cond_dropout < 1.0, source, "train.cond_dropout", "a value in [0, 1)", t.cond_dropout)
+    _check(0.0 < cfg.flow.min_t < 1.0, source, "flow.min_t", "a value in (0, 1)", cfg.flow.min_t)
     _check(0.0 <= t.ema_decay < 1.0, source, "train.ema_decay", "a value in [0, 1)", t.ema_decay)
     _check(len(t.betas) == 2 and all(0.0 <= b < 1.0 for b in t.betas), source, "train.betas", "two values in [0, 1)", t.betas)
     for name in ("steps", "batch_size", "grad_accum", "log_every", "checkpoint_every", "max_nonfinite_in_row"):

@@ -19,7 +19,13 @@ from iomm.conditioning.mllm import FrozenMLLM
 from iomm.conditioning.sequence import Segment, append, pack_left
 from iomm.config import Config
 from iomm.generator.codec import PixelCodec, VAECodec
-from iomm.generator.flow import TIMESTEP_SCALE, interpolate, sample_timesteps, velocity_target
+from iomm.generator.flow import (
+    TIMESTEP_SCALE,
+    interpolate,
+    sample_timesteps,
+    velocity_from_sample,
+    velocity_target,
+)
 from iomm.generator.transformer import build_generator
 
 TRAINABLE = ("adapter", "connector", "generator")
@@ -150,9 +156,12 @@ class IOMM(nn.Module):
 
     # ---- generator --------------------------------------------------------------------------
     def velocity(self, latents: torch.Tensor, t: torch.Tensor, cond: Condition) -> torch.Tensor:
-        return self.generator(hidden_states=latents, timestep=t * TIMESTEP_SCALE,
-                              encoder_hidden_states=cond.tokens, pooled_projections=cond.pooled,
-                              return_dict=False)[0]
+        out = self.generator(hidden_states=latents, timestep=t * TIMESTEP_SCALE,
+                             encoder_hidden_states=cond.tokens, pooled_projections=cond.pooled,
+                             return_dict=False)[0]
+        if self.cfg.flow.prediction == "sample":
+            return velocity_from_sample(latents, out, t, self.cfg.flow.min_t)
+        return out
 
     def forward(self, images: torch.Tensor, captions: list[str | None], generator: torch.Generator) -> torch.Tensor:
         return self.loss(images, captions, generator)

@@ -31,6 +31,12 @@ def velocity_target(x: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     return noise - x
 
 
+def velocity_from_sample(x_t: torch.Tensor, sample: torch.Tensor, t: torch.Tensor, min_t: float) -> torch.Tensor:
+    """The velocity z - x implied by a predicted clean sample x: x_t = (1 - t) x + t z gives (x_t - x) / t."""
+    t = t.clamp(min=min_t).view(-1, *([1] * (x_t.dim() - 1))).to(x_t.dtype)
+    return (x_t - sample) / t
+
+
 def guided(velocity_fn: Callable[[torch.Tensor, torch.Tensor, bool], torch.Tensor], scale: float) -> VelocityFn:
     """Classifier-free guidance: v_null + s (v_cond - v_null); s == 1 is the conditional prediction."""
 

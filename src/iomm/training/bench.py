@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from iomm.config import Config
 from iomm.data.sources import MixedBatches, build_sources
 from iomm.generator.flow import interpolate, sample_timesteps, velocity_target
-from iomm.model import IOMM
+from iomm.model import IOMM, Condition
 from iomm.training.ema import EMA
 from iomm.training.precision import autocast as precision_autocast
 from iomm.training.precision import resolve_precision
@@ -60,8 +60,7 @@ def bench_train_step(cfg: Config, steps: int = 10, warmup: int = 2) -> dict:
             tokens = cond.tokens.detach().requires_grad_(True)
             pooled = cond.pooled.detach().requires_grad_(True)
             with clock("generator_forward"), autocast:
-                pred = model.generator(hidden_states=interpolate(latents, noise, t), timestep=t * 1000,
-                                       encoder_hidden_states=tokens, pooled_projections=pooled, return_dict=False)[0]
+                pred = model.velocity(interpolate(latents, noise, t), t, Condition(tokens, pooled))
                 loss = F.mse_loss(pred.float(), velocity_target(latents, noise))
             with clock("generator_backward"):
                 loss.backward()
@@ -70,7 +69,7 @@ def bench_train_step(cfg: Config, steps: int = 10, warmup: int = 2) -> dict:
             with clock("optimizer_and_ema"):
                 torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.train.grad_clip or float("inf"))
                 optimizer.step()
-                ema.update()
+                ema.update(step)
     per_step = {k: v / steps for k, v in clock.totals.items()}
     return {
         "images_per_s": cfg.train.batch_size / per_step["step"],

@@ -17,11 +17,17 @@ class EMA:
         self.params = named
         self.shadow = {name: p.detach().clone().float() for name, p in named.items()}
 
+    def decay_at(self, step: int) -> float:
+        """The decay after `step` earlier updates: min(decay, (1 + step) / (10 + step)), diffusers' EMAModel
+        default. Without this warm-up the shadow keeps 0.999^s of the random initial weights, which ruins the
+        samples of short runs (8% after 500 steps at 0.995)."""
+        return min(self.decay, (1.0 + step) / (10.0 + step))
+
     @torch.no_grad()
-    def update(self) -> None:
+    def update(self, step: int) -> None:
         names = list(self.params)
         torch._foreach_lerp_([self.shadow[n] for n in names], [self.params[n].detach().float() for n in names],
-                             1.0 - self.decay)
+                             1.0 - self.decay_at(step))
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.shadow

@@ -38,6 +38,10 @@ class TrainingStopped(RuntimeError):
     """The run stopped on purpose (bad data, non-finite losses); a checkpoint was saved first."""
 
 
+class TrainingInterrupted(TrainingStopped):
+    """SIGTERM / Ctrl-C: a checkpoint was saved; callers (a recipe's next stage) must not go on."""
+
+
 @dataclass
 class Distributed:
     rank: int = 0
@@ -153,7 +157,7 @@ class Trainer:
         finite = math.isfinite(total) and math.isfinite(grad_norm)
         if finite:
             self.optimizer.step()
-            self.ema.update()
+            self.ema.update(self.step)
         self.scheduler.step()
         return StepOutcome(total, grad_norm, finite)
 
@@ -199,6 +203,9 @@ class Trainer:
             bar.close()
             self.log.close()
         self._finish()
+        if stop.requested:
+            raise TrainingInterrupted(f"{stop.requested}: checkpoint saved at step {self.step} in {self.run_dir}; "
+                                      "rerun the same command to resume")
         return self.run_dir
 
     def _after_step(self, outcome: StepOutcome, started: float, bar: tqdm) -> None:
