@@ -22,14 +22,16 @@ def test_shipped_configs_load():
         cfg = load_config(f"configs/{name}.yaml", check_paths=False)
         assert cfg.train.betas == [0.9, 0.95]
     b = load_config("configs/iomm-b.yaml", check_paths=False)
-    assert (b.masking.ratio, b.train.lr, b.train.ema_decay, b.train.grad_clip, b.adapter.num_queries) == (0.85, 1e-4, 0.999, 1.0, 256)
+    assert (b.masking.ratio, b.train.lr, b.train.ema_decay, b.train.grad_clip, b.adapter.num_queries) == (
+        0.85, 1e-4, 0.999, 1.0, 256)
 
 
 def test_unknown_key_suggests_the_close_one(tmp_path):
     path = _write(tmp_path, "masking:\n  ratoi: 0.5\n")
     with pytest.raises(ConfigError) as err:
         load_config(path)
-    assert str(path) in str(err.value) and "masking.ratoi" in str(err.value) and "did you mean 'ratio'" in str(err.value)
+    assert (str(path) in str(err.value) and "masking.ratoi" in str(err.value)
+            and "did you mean 'ratio'" in str(err.value))
 
 
 @pytest.mark.parametrize("overrides, field, expected, got", [
@@ -102,8 +104,8 @@ def test_finetune_config_takes_stage2_fields():
 @settings(max_examples=60, deadline=None)
 @given(st.dictionaries(st.sampled_from(["masking.ratio", "train.mix_ratio", "train.cond_dropout", "data.resolution",
                                         "train.steps", "train.lr", "adapter.num_queries", "generator.patch_size"]),
-                       st.one_of(st.integers(-5, 600), st.floats(-2, 2), st.just(float("nan")), st.just(float("inf")), st.text(max_size=5),
-                                 st.booleans(), st.none()), max_size=4))
+                       st.one_of(st.integers(-5, 600), st.floats(-2, 2), st.just(float("nan")), st.just(float("inf")),
+                                 st.text(max_size=5), st.booleans(), st.none()), max_size=4))
 def test_any_value_loads_or_fails_with_a_config_error(values):
     overrides = [f"{k}={json.dumps(v)}" for k, v in values.items()] + ["data.pairs=world:5"]
     try:

@@ -144,6 +144,24 @@ def test_frozen_gradients_reach_inputs_only(pair) -> None:
     assert all(torch.equal(a, b) for a, b in zip(before, mllm.parameters()))
 
 
+def test_forward_suffix_equals_full_forward(pair) -> None:
+    """Queries after a cached, no-grad prefix: same hidden states and query gradients as one full pass."""
+    mllm = pair[1]
+    embeds, mask = mllm.embed_text(TEXTS)  # left padded: the texts differ in length
+    positions = (mask.long().cumsum(1) - 1).clamp(min=0)
+    queries = torch.randn(2, 3, embeds.shape[2], requires_grad=True)
+    query_positions = positions.amax(1, keepdim=True) + 1 + torch.arange(3)
+    full_mask = torch.cat([mask, torch.ones(2, 3, dtype=torch.bool)], 1)
+    full = mllm.forward_embeds(torch.cat([embeds, queries], 1), full_mask,
+                               torch.cat([positions, query_positions], 1))[:, -3:]
+    (full_grad,) = torch.autograd.grad(full.pow(2).sum(), queries)
+    suffix = mllm.forward_suffix(embeds, mask, positions, queries, query_positions)
+    (suffix_grad,) = torch.autograd.grad(suffix.pow(2).sum(), queries)
+    torch.testing.assert_close(suffix, full, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(suffix_grad, full_grad, rtol=1e-4, atol=1e-5)
+    assert full_grad.abs().sum() > 0
+
+
 def test_train_keeps_eval_mode(pair) -> None:
     mllm = pair[1]
     wrapper = torch.nn.ModuleDict({"mllm": mllm, "head": torch.nn.Linear(2, 2)})

@@ -79,7 +79,7 @@ def test_labels_cover_answers_only() -> None:
     assert context not in supervised.tolist() and tokenizer.sep_token_id not in supervised.tolist()
     builder = SequenceBuilder(tokenizer, cfg.image_tokens)
     ids, labels = builder.build(builder.words("a photo of a red circle"), [("what color is the circle ?", "red")])
-    assert [t for t, l in zip(ids, labels) if l != -100] == tokenizer.convert_tokens_to_ids(["red", "</s>"])
+    assert [t for t, label in zip(ids, labels) if label != -100] == tokenizer.convert_tokens_to_ids(["red", "</s>"])
 
 
 def test_saved_dir_loads_like_a_checkpoint(trained: Path) -> None:

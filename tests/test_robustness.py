@@ -284,7 +284,8 @@ def test_a_stopped_run_reports_without_a_traceback(tiny_config, tmp_path, capsys
     for i in range(20):
         (folder / f"bad{i}.png").write_bytes(b"garbage")
     save_config(tiny_config("data.source=folder", f"data.path={folder}", "train.steps=40"), tmp_path / "c.yaml")
-    assert main(["pretrain", "--config", str(tmp_path / "c.yaml"), "--out", str(tmp_path / "run"), "--no-progress"]) == 1
+    assert main(["pretrain", "--config", str(tmp_path / "c.yaml"), "--out", str(tmp_path / "run"),
+                 "--no-progress"]) == 1
     err = capsys.readouterr().err
     assert "\niomm: " in err and "x unreadable image (UnidentifiedImageError)" in err and "Traceback" not in err
     assert (tmp_path / "run/checkpoints").is_dir()

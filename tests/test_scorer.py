@@ -171,7 +171,8 @@ def test_judge_mirrors_geneval_semantics():
     assert not ok and reason == "expected circle right of target, found left of target"
     # two_object only needs presence; extra objects are fine
     assert judge(image, {"tag": "two_object", "include": [{"class": "circle", "count": 1}]})[0]
-    counting = {"tag": "counting", "include": [{"class": "circle", "count": 1}], "exclude": [{"class": "circle", "count": 2}]}
+    counting = {"tag": "counting", "include": [{"class": "circle", "count": 1}],
+                "exclude": [{"class": "circle", "count": 2}]}
     assert judge(image, counting)[0]
     two_circles = _two_object_image(("circle", "red", 6.5, 16.5), ("circle", "red", 25.5, 16.5))
     ok, reason = judge(two_circles, counting)
@@ -240,14 +241,12 @@ def test_geneval_layout_reads_like_the_official_scorer(tmp_path):
         judge_directory(tmp_path / "g")
 
 
-def test_model_flag_without_inference_module_errors_clearly(tmp_path, monkeypatch):
-    import sys
-    monkeypatch.setitem(sys.modules, "iomm.inference.evaluate", None)  # import fails
-    parser = argparse.ArgumentParser()
-    eval_shapes.register(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["eval", "shapes", "--model", "run", "--out", str(tmp_path / "m.json")])
-    with pytest.raises(SystemExit, match="generate_for_prompts"):
-        args.func(args)
+def test_model_flag_with_a_missing_run_errors_clearly(tmp_path, capsys):
+    from iomm.cli import main
+
+    assert main(["eval", "shapes", "--model", str(tmp_path / "no-run"), "--out", str(tmp_path / "m.json")]) == 2
+    assert f"{tmp_path / 'no-run'}: no intact checkpoint found" in capsys.readouterr().err
+    assert not (tmp_path / "m.json").exists()
 
 
 def test_eval_shapes_with_a_real_model_writes_all_six_categories(tiny_config, tmp_path):

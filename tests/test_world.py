@@ -67,7 +67,8 @@ def test_objects_inside_image_without_overlap(resolution, background):
         counts.add(len(scene.objects))
         boxes = [o.bbox for o in scene.objects]
         for x0, y0, x1, y1 in boxes:
-            assert x0 >= world.edge and y0 >= world.edge and x1 <= resolution - world.edge and y1 <= resolution - world.edge
+            assert (x0 >= world.edge and y0 >= world.edge
+                    and x1 <= resolution - world.edge and y1 <= resolution - world.edge)
         for (ax0, ay0, ax1, ay1), (bx0, by0, bx1, by1) in itertools.combinations(boxes, 2):
             apart_x = ax1 + world.gap <= bx0 or bx1 + world.gap <= ax0
             apart_y = ay1 + world.gap <= by0 or by1 + world.gap <= ay0
@@ -164,7 +165,8 @@ def test_eval_prompts_follow_genevals_layout():
         tag, include = meta["tag"], meta["include"]
         if tag == "counting":
             (item,) = include
-            assert item["count"] in (2, 3, 4) and meta["exclude"] == [{"class": item["class"], "count": item["count"] + 1}]
+            assert (item["count"] in (2, 3, 4)
+                    and meta["exclude"] == [{"class": item["class"], "count": item["count"] + 1}])
             assert meta["prompt"] == f"a photo of {NUMBER_WORDS[item['count']]} {item['class']}s"
         else:
             assert "exclude" not in meta and all(item["count"] == 1 for item in include)

@@ -15,7 +15,8 @@ COMMAND_MODULES = ("train", "describe", "bench", "generate", "world", "eval_shap
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="iomm", description="Image-only pre-training for UMM visual generation (IOMM).")
+    parser = argparse.ArgumentParser(
+        prog="iomm", description="Image-only pre-training for UMM visual generation (IOMM).")
     subparsers = parser.add_subparsers(dest="command", required=True)
     for name in COMMAND_MODULES:
         importlib.import_module(f"iomm.commands.{name}").register(subparsers)

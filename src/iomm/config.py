@@ -33,6 +33,9 @@ class MLLMConfig:
     random_init: bool = False
     trust_remote_code: bool = False
     gradient_checkpointing: bool = False
+    # The condition cannot attend to the queries after it (causal LLM): run it once without autograd
+    # and differentiate the query positions only. Exact; off only to time the naive step.
+    prefix_cache: bool = True
 
 
 @dataclass
@@ -246,7 +249,8 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None, *, check_paths: bool = True) -> Config:
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, *,
+                check_paths: bool = True) -> Config:
     """Load a YAML config (or the defaults), apply `--set` overrides, and validate everything."""
     source = str(path) if path else "<defaults>"
     data: dict[str, Any] = {}
@@ -277,12 +281,14 @@ def validate(cfg: Config, source: str = "<config>", *, check_paths: bool = True)
     _check(0.0 <= m.ratio < 1.0, source, "masking.ratio", "a value in [0, 1)", m.ratio)
     _check(m.min_keep >= 0, source, "masking.min_keep", ">= 0", m.min_keep)
     _check(0.0 <= t.mix_ratio <= 1.0, source, "train.mix_ratio", "a value in [0, 1]", t.mix_ratio)
-    _check(0.0 <= cfg.finetune.mix_ratio <= 1.0, source, "finetune.mix_ratio", "a value in [0, 1]", cfg.finetune.mix_ratio)
+    _check(0.0 <= cfg.finetune.mix_ratio <= 1.0, source, "finetune.mix_ratio", "a value in [0, 1]",
+           cfg.finetune.mix_ratio)
     _check(cfg.finetune.steps >= 1, source, "finetune.steps", ">= 1", cfg.finetune.steps)
     _check(0.0 <= t.cond_dropout < 1.0, source, "train.cond_dropout", "a value in [0, 1)", t.cond_dropout)
     _check(0.0 < cfg.flow.min_t < 1.0, source, "flow.min_t", "a value in (0, 1)", cfg.flow.min_t)
     _check(0.0 <= t.ema_decay < 1.0, source, "train.ema_decay", "a value in [0, 1)", t.ema_decay)
-    _check(len(t.betas) == 2 and all(0.0 <= b < 1.0 for b in t.betas), source, "train.betas", "two values in [0, 1)", t.betas)
+    _check(len(t.betas) == 2 and all(0.0 <= b < 1.0 for b in t.betas), source, "train.betas", "two values in [0, 1)",
+           t.betas)
     for name in ("steps", "batch_size", "grad_accum", "log_every", "checkpoint_every", "max_nonfinite_in_row"):
         _check(getattr(t, name) >= 1, source, f"train.{name}", ">= 1", getattr(t, name))
     for name in ("warmup_steps", "sample_every", "keep_last", "keep_every", "threads"):

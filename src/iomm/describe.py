@@ -42,7 +42,8 @@ VAE_ARCHITECTURES = {"flux-vae": FLUX_VAE}
 def _mllm_config(cfg: Config) -> PretrainedConfig:
     if cfg.mllm.architecture is not None:
         if cfg.mllm.architecture not in MLLM_ARCHITECTURES:
-            raise ValueError(f"mllm.architecture: expected one of {sorted(MLLM_ARCHITECTURES)}, got {cfg.mllm.architecture!r}")
+            raise ValueError(f"mllm.architecture: expected one of {sorted(MLLM_ARCHITECTURES)}, "
+                             f"got {cfg.mllm.architecture!r}")
         return MLLM_ARCHITECTURES[cfg.mllm.architecture]()
     path = Path(cfg.mllm.nano_dir if cfg.mllm.path == "nano" else cfg.mllm.path)
     if cfg.mllm.path == "nano" and not (path / "config.json").is_file():

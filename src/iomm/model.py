@@ -16,7 +16,7 @@ from iomm.conditioning.adapter import build_adapter
 from iomm.conditioning.connector import Connector
 from iomm.conditioning.masking import random_keep_mask, zero_masked
 from iomm.conditioning.mllm import FrozenMLLM
-from iomm.conditioning.sequence import Segment, append, pack_left
+from iomm.conditioning.sequence import Segment, pack_left, positions_after
 from iomm.config import Config
 from iomm.generator.codec import PixelCodec, VAECodec
 from iomm.generator.flow import (
@@ -46,6 +46,7 @@ def load_mllm(cfg: Config) -> FrozenMLLM:
     mllm = FrozenMLLM.from_pretrained(path, trust_remote_code=cfg.mllm.trust_remote_code)
     if cfg.mllm.gradient_checkpointing:
         mllm.enable_gradient_checkpointing()
+    mllm.prefix_cache = cfg.mllm.prefix_cache
     return mllm
 
 
@@ -108,8 +109,8 @@ class IOMM(nn.Module):
             tokens, pooled = self.connector(hidden, packed.mask)
             return Condition(tokens * packed.mask.unsqueeze(-1).to(tokens.dtype), pooled)
         queries = self.adapter(packed.embeds, packed.mask)
-        full = append(packed, queries)
-        hidden = self.mllm.forward_embeds(full.embeds, full.mask, full.positions)[:, -queries.shape[1]:]
+        hidden = self.mllm.forward_suffix(packed.embeds, packed.mask, packed.positions,
+                                          queries, positions_after(packed, queries.shape[1]))
         mask = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
         return Condition(*self.connector(hidden, mask))
 

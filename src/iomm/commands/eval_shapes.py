@@ -37,6 +37,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     shapes.add_argument("--per-category", type=int, default=32)
     shapes.add_argument("--seed", type=int, default=0)
     shapes.add_argument("--samples", type=int, default=4, help="images per prompt with --model")
+    shapes.add_argument("--steps", type=int, default=None, help="Euler steps with --model (default: config)")
+    shapes.add_argument("--cfg", type=float, default=None, help="guidance scale with --model (default: config)")
     shapes.add_argument("--out", type=Path, required=True, help="metrics JSON file")
     shapes.add_argument("--results", type=Path, default=None, help="also write per-image results (JSONL)")
     shapes.set_defaults(func=run_shapes)
@@ -59,14 +61,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _generate(args: argparse.Namespace) -> Path:
-    try:
-        from iomm.inference.evaluate import generate_for_prompts
-    except ImportError as error:
-        raise SystemExit(f"--model needs iomm.inference.evaluate.generate_for_prompts, "
-                         f"which could not be imported: {error}") from None
+    from iomm.inference.evaluate import generate_for_prompts
+
     prompts = read_prompts(args.prompts) if args.prompts else eval_prompts(args.per_category, args.seed)
     images_dir = args.images or args.out.parent / f"{args.out.stem}_images"
-    generate_for_prompts(args.model, prompts, images_dir, n_samples=args.samples, seed=args.seed)
+    generate_for_prompts(args.model, prompts, images_dir, n_samples=args.samples, seed=args.seed,
+                         guidance_scale=args.cfg, steps=args.steps)
     return images_dir
 
 

@@ -303,6 +303,7 @@ class FrozenMLLM(nn.Module):
         self.model.requires_grad_(False)
         self._embed_scale: float | None = None
         self.gradient_checkpointing = False
+        self.prefix_cache = True
         if gradient_checkpointing:
             self.enable_gradient_checkpointing()
         self.train(False)
@@ -442,6 +443,42 @@ class FrozenMLLM(nn.Module):
         return out.last_hidden_state
 
     forward = forward_embeds
+
+    def forward_suffix(
+        self, prefix_embeds: Tensor, prefix_mask: Tensor, prefix_positions: Tensor,
+        suffix_embeds: Tensor, suffix_positions: Tensor,
+    ) -> Tensor:
+        """Last hidden states (B, S, D) of `suffix_embeds` appended after a left-padded prefix.
+
+        Equal to `forward_embeds` on the concatenation, cut to the suffix. Causal attention means the
+        prefix never sees the suffix, so its keys and values are computed once without autograd and
+        the backward pass runs over the suffix positions alone (no gradient reaches the prefix).
+        HF decoder layers drop the KV cache under gradient checkpointing: then (or with `prefix_cache`
+        off) the plain forward over the concatenation runs.
+        """
+        suffix_mask = torch.ones(suffix_embeds.shape[:2], dtype=prefix_mask.dtype, device=prefix_mask.device)
+        if not self.prefix_cache or self.gradient_checkpointing or prefix_embeds.shape[1] == 0:
+            embeds = torch.cat([prefix_embeds.detach(), suffix_embeds.to(prefix_embeds.dtype)], 1)
+            mask = torch.cat([prefix_mask, suffix_mask], 1)
+            positions = torch.cat([prefix_positions, suffix_positions], 1)
+            return self.forward_embeds(embeds, mask, positions)[:, prefix_embeds.shape[1]:]
+        with torch.no_grad():
+            cache = self.language_model(
+                inputs_embeds=prefix_embeds,
+                attention_mask=prefix_mask.long(),
+                position_ids=self.family.position_ids(prefix_positions),
+                use_cache=True,
+                return_dict=True,
+            ).past_key_values
+        out = self.language_model(
+            inputs_embeds=suffix_embeds.to(prefix_embeds.dtype),
+            attention_mask=torch.cat([prefix_mask, suffix_mask], 1).long(),
+            position_ids=self.family.position_ids(suffix_positions),
+            past_key_values=cache,
+            use_cache=True,
+            return_dict=True,
+        )
+        return out.last_hidden_state
 
     # ---------------------------------------------------------------- understanding
 

@@ -43,10 +43,15 @@ def pack_left(segments: list[Segment]) -> Packed:
     return Packed(embeds.gather(1, gather), valid.gather(1, order), positions.gather(1, order).clamp(min=0))
 
 
+def positions_after(packed: Packed, n: int) -> torch.Tensor:
+    """(B, n) positions of `n` tokens appended after the packed condition."""
+    return packed.next_position.unsqueeze(1) + torch.arange(n, device=packed.positions.device)
+
+
 def append(packed: Packed, embeds: torch.Tensor) -> Packed:
     """Append tokens valid for every sample (the adapter's queries) after the packed condition."""
     b, n = embeds.shape[:2]
-    pos = packed.next_position.unsqueeze(1) + torch.arange(n, device=embeds.device)
+    pos = positions_after(packed, n)
     mask = torch.ones(b, n, dtype=torch.bool, device=embeds.device)
     return Packed(torch.cat([packed.embeds, embeds.to(packed.embeds.dtype)], 1),
                   torch.cat([packed.mask, mask], 1), torch.cat([packed.positions, pos], 1))

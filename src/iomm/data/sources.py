@@ -74,7 +74,8 @@ class FileSamples:
 class MixedBatches(torch.utils.data.Dataset):
     """Each sample is image-only with probability `mix_ratio` (the paper's lambda), else a pair."""
 
-    def __init__(self, images: Source, pairs: Source | None, batch_size: int, mix_ratio: float, seed: int, rank: int = 0):
+    def __init__(self, images: Source, pairs: Source | None, batch_size: int, mix_ratio: float, seed: int,
+                 rank: int = 0):
         self.images, self.pairs = images, pairs
         self.batch_size, self.mix_ratio, self.seed, self.rank = batch_size, mix_ratio, seed, rank
 
@@ -106,7 +107,8 @@ def build_sources(cfg: Config, report: DataReport | None = None) -> tuple[Source
     return images, pairs
 
 
-def batch_loader(dataset: MixedBatches, start_step: int, end_step: int, num_workers: int) -> torch.utils.data.DataLoader:
+def batch_loader(dataset: MixedBatches, start_step: int, end_step: int,
+                 num_workers: int) -> torch.utils.data.DataLoader:
     return torch.utils.data.DataLoader(dataset, batch_size=None, sampler=range(start_step, end_step),
                                        num_workers=num_workers, collate_fn=lambda b: b,
                                        persistent_workers=False, prefetch_factor=4 if num_workers else None)

@@ -23,13 +23,15 @@ def held_out_images(cfg: Config, n: int = PANEL_SIZE) -> torch.Tensor:
     if cfg.data.source == "world":
         world = World(WorldConfig(resolution=cfg.data.resolution, max_objects=cfg.data.world_max_objects))
         stream = world.images(HELD_OUT_SEED)
-        return torch.stack([torch.from_numpy(next(stream)[0].astype(np.float32) / 255).permute(2, 0, 1) for _ in range(n)])
+        return torch.stack([torch.from_numpy(next(stream)[0].astype(np.float32) / 255).permute(2, 0, 1)
+                            for _ in range(n)])
     files = list_images(cfg.data.path)[-n:]
     return torch.stack([load_image(p, cfg.data.resolution) for p in files])
 
 
 @torch.no_grad()
-def reconstruction_panel(model: IOMM, cfg: Config, steps: int | None = None) -> tuple[list[torch.Tensor], dict[str, float]]:
+def reconstruction_panel(model: IOMM, cfg: Config,
+                         steps: int | None = None) -> tuple[list[torch.Tensor], dict[str, float]]:
     """Rows: originals, reconstructions from their masked conditions (fixed masks and noise)."""
     model.eval()
     device = next(model.generator.parameters()).device
@@ -44,7 +46,8 @@ def reconstruction_panel(model: IOMM, cfg: Config, steps: int | None = None) -> 
 
 
 PANEL_PROMPTS = (
-    "a photo of a red circle", "a photo of a blue square", "a photo of a green triangle", "a photo of two yellow circles",
+    "a photo of a red circle", "a photo of a blue square", "a photo of a green triangle",
+    "a photo of two yellow circles",
     "a photo of a purple square left of a cyan circle", "a photo of three triangles",
     "a photo of a red triangle and a green circle", "a photo of a blue circle above a yellow square",
 )

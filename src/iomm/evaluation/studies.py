@@ -78,7 +78,8 @@ def arm_commands(arm: Arm, config: str, common: list[str], seed: int, out: Path,
                      "--out", str(out / "pretrain"), "--no-progress"])
     if arm.finetune is not None:
         init = "none" if arm.skip_pretrain else str(out / "pretrain")
-        cmds.append([*iomm, "finetune", "--config", config, *sets, *[f"--set={s}" for s in (*arm.pretrain, *arm.finetune)],
+        cmds.append([*iomm, "finetune", "--config", config, *sets,
+                     *[f"--set={s}" for s in (*arm.pretrain, *arm.finetune)],
                      "--init", init, "--out", str(out / "finetune"), "--no-progress"])
         cmds.append([*iomm, "eval", "shapes", "--model", str(out / "finetune"), "--out", str(out / "metrics.json"),
                      "--per-category", str(per_category), "--seed", "0"])
@@ -113,8 +114,10 @@ def run_study(study: Study, config: str, seeds: int, out: Path, parallel: int, p
         results = []
         for future, (arm, seed) in futures.items():
             metrics = future.result()
-            print(f"[{study.name}] {arm.name} seed {seed}: overall {metrics.get('overall', float('nan')):.3f}", flush=True)
-            results.append({"arm": arm.name, "seed": seed, **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}})
+            print(f"[{study.name}] {arm.name} seed {seed}: "
+                  f"overall {metrics.get('overall', float('nan')):.3f}", flush=True)
+            results.append({"arm": arm.name, "seed": seed,
+                            **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}})
     summary = summarize(results)
     record = {"study": study.name, "description": study.description, "config": config, "common": common,
               "seeds": seeds, "wall_s": time.time() - start, "results": results, "summary": summary}

@@ -7,7 +7,8 @@ from diffusers import SD3Transformer2DModel
 from iomm.config import GeneratorConfig
 
 
-def build_generator(cfg: GeneratorConfig, *, in_channels: int, sample_size: int, cond_width: int) -> SD3Transformer2DModel:
+def build_generator(cfg: GeneratorConfig, *, in_channels: int, sample_size: int,
+                    cond_width: int) -> SD3Transformer2DModel:
     if cfg.pretrained is not None:
         return SD3Transformer2DModel.from_pretrained(cfg.pretrained).train()
     inner = cfg.num_attention_heads * cfg.attention_head_dim

@@ -64,7 +64,8 @@ class IOMMPipeline:
             instructions = [instruction] * len(images) if isinstance(instruction, str) else list(instruction)
             if len(instructions) != len(images):
                 raise ValueError(f"edit: {len(images)} images but {len(instructions)} instructions")
-            conds = [(instructions[i:i + batch_size], images[i:i + batch_size]) for i in range(0, len(images), batch_size)]
+            conds = [(instructions[i:i + batch_size], images[i:i + batch_size])
+                     for i in range(0, len(images), batch_size)]
         else:
             raise ValueError("give a prompt (text-to-image), or an image and an instruction (editing)")
         out: list[Image.Image] = []

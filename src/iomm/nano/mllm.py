@@ -107,7 +107,8 @@ def build_tokenizer(
     """
     special_tokens = dict(SPECIAL_TOKENS if special_tokens is None else special_tokens)
     specials = list(dict.fromkeys(special_tokens.values()))
-    vocab = {token: i for i, token in enumerate(specials + [w for w in (words or nano_vocabulary()) if w not in specials])}
+    vocab = {token: i for i, token in
+             enumerate(specials + [w for w in (words or nano_vocabulary()) if w not in specials])}
     backend = Tokenizer(models.WordLevel(vocab, unk_token=special_tokens["unk_token"]))
     backend.normalizer = normalizers.Lowercase()
     backend.pre_tokenizer = pre_tokenizers.Whitespace()

@@ -41,9 +41,11 @@ def load_trainable(model: IOMM, path: Path, *, use_ema: bool, ema: EMA | None = 
     generator = SD3Transformer2DModel.from_pretrained(path / GENERATOR_DIR)
     model.generator.load_state_dict(generator.state_dict())
     conditioner = load_tensors(path / CONDITIONER)
-    model.connector.load_state_dict({k[len("connector."):]: v for k, v in conditioner.items() if k.startswith("connector.")})
+    model.connector.load_state_dict({k[len("connector."):]: v for k, v in conditioner.items()
+                                     if k.startswith("connector.")})
     if model.adapter is not None:
-        model.adapter.load_state_dict({k[len("adapter."):]: v for k, v in conditioner.items() if k.startswith("adapter.")})
+        model.adapter.load_state_dict({k[len("adapter."):]: v for k, v in conditioner.items()
+                                       if k.startswith("adapter.")})
     if not (path / EMA_FILE).is_file():
         return
     shadow = load_tensors(path / EMA_FILE)

@@ -90,7 +90,8 @@ class Trainer:
         self.params = {f"{name}.{n}": p for name, m in self.model.trainable().items()
                        for n, p in m.named_parameters() if p.requires_grad}
         t = self.cfg.train
-        self.optimizer = torch.optim.AdamW(self.params.values(), lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
+        self.optimizer = torch.optim.AdamW(self.params.values(), lr=t.lr, betas=tuple(t.betas),
+                                           weight_decay=t.weight_decay)
         warmup = max(t.warmup_steps, 1)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / warmup))
         self.ema = EMA(self.params, t.ema_decay)
@@ -146,7 +147,8 @@ class Trainer:
         for k, batch in enumerate(micro_batches):
             generator = torch.Generator().manual_seed(step_seed(self.cfg.train.seed, self.step, k, self.dist.rank))
             images = batch.images.to(self.device, non_blocking=True)
-            no_sync = self.ddp.no_sync() if self.ddp is not None and k < len(micro_batches) - 1 else contextlib.nullcontext()
+            no_sync = (self.ddp.no_sync() if self.ddp is not None and k < len(micro_batches) - 1
+                       else contextlib.nullcontext())
             with no_sync, self._autocast():
                 loss = (self.ddp or self.model)(images, batch.captions, generator) / len(micro_batches)
             loss.backward()
@@ -220,7 +222,8 @@ class Trainer:
             if self.nonfinite_in_row >= t.max_nonfinite_in_row:
                 self.save()
                 raise TrainingStopped(f"{self.nonfinite_in_row} non-finite steps in a row at step {self.step}; "
-                                      f"checkpoint saved. Lower train.lr, check the data, or use mixed_precision: fp32.")
+                                      f"checkpoint saved. Lower train.lr, check the data, "
+                                      f"or use mixed_precision: fp32.")
         bar.update(1)
         bar.set_postfix(loss=f"{outcome.loss:.4f}", lr=f"{self.scheduler.get_last_lr()[0]:.1e}")
         if self.step % t.log_every == 0 or self.step == t.steps:
