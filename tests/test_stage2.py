@@ -61,3 +61,17 @@ def test_cfg_scale_one_skips_the_null_branch(tiny_config, tmp_path):
     calls.clear()
     pipe("a photo of a red circle", guidance_scale=2.0, num_inference_steps=2)
     assert len(calls) == 4
+
+
+def test_generate_cli_takes_repeated_prompts(tiny_config, tmp_path):
+    import json
+
+    from iomm.cli import main
+
+    Trainer(tiny_config("train.steps=1"), tmp_path / "run", progress=False).fit()
+    out = tmp_path / "gen"
+    assert main(["generate", "--model", str(tmp_path / "run"), "--prompt", "a photo of a red circle",
+                 "--prompt", "a photo of two squares", "--steps", "2", "--out", str(out)]) == 0
+    lines = [json.loads(line) for line in (out / "prompts.jsonl").read_text().splitlines()]
+    assert [r["prompt"] for r in lines] == ["a photo of a red circle", "a photo of two squares"]
+    assert all((out / r["file"]).is_file() for r in lines) and (out / "grid.png").is_file()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 from pathlib import Path
 
@@ -36,7 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _train_step(args: argparse.Namespace) -> int:
     from iomm.training.bench import bench_train_step
 
-    result = {"config": args.config, "overrides": args.overrides, "machine": platform.processor() or platform.machine()}
+    result = {"config": args.config, "overrides": args.overrides, "machine": machine()}
     result["run"] = bench_train_step(load_config(args.config, args.overrides), args.steps, args.warmup)
     _print("this config", result["run"])
     if args.compare_naive:
@@ -49,6 +50,18 @@ def _train_step(args: argparse.Namespace) -> int:
     out.write_text(json.dumps(result, indent=1), encoding="utf-8")
     print(f"wrote {out}")
     return 0
+
+
+def machine() -> str:
+    """CPU model and core count (Linux reports no processor name through `platform`)."""
+    name = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text(encoding="utf-8", errors="replace").splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    return f"{name}, {os.cpu_count()} cores"
 
 
 def _print(title: str, run: dict) -> None:

@@ -19,7 +19,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("generate", help="text-to-image: one image per prompt plus a grid")
     _sampling_args(p)
     group = p.add_mutually_exclusive_group(required=True)
-    group.add_argument("--prompt", help="one prompt")
+    group.add_argument("--prompt", action="append", help="a prompt (repeat for several)")
     group.add_argument("--prompts", help="a text file (one prompt a line) or JSONL with a 'prompt' field")
     p.add_argument("--out", required=True, help="output directory")
     p.set_defaults(func=_generate)
@@ -56,7 +56,7 @@ def _generate(args: argparse.Namespace) -> int:
     from iomm.inference.pipeline import IOMMPipeline
     from iomm.training.logging import image_grid
 
-    prompts = [args.prompt] if args.prompt else read_prompts(args.prompts)
+    prompts = args.prompt or read_prompts(args.prompts)
     pipe = IOMMPipeline.from_pretrained(args.model, use_ema=not args.no_ema)
     images = pipe(prompts, num_inference_steps=args.steps, guidance_scale=args.cfg, seed=args.seed)
     out = Path(args.out)

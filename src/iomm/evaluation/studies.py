@@ -68,32 +68,55 @@ def _run(argv: list[str], log: Path) -> None:
         subprocess.run(argv, check=True, env=env, stdout=f, stderr=subprocess.STDOUT)
 
 
-def arm_commands(arm: Arm, config: str, common: list[str], seed: int, out: Path, per_category: int) -> list[list[str]]:
-    """The iomm commands of one arm and seed, in order (each resumable)."""
-    iomm = [sys.executable, "-m", "iomm.cli"]
-    sets = [f"--set={s}" for s in [*common, f"train.seed={seed}", "train.threads=1"]]
+def _iomm() -> list[str]:
+    return [sys.executable, "-m", "iomm.cli"]
+
+
+def _sets(common: list[str], seed: int, extra: tuple[str, ...] = ()) -> list[str]:
+    return [f"--set={s}" for s in [*common, f"train.seed={seed}", "train.threads=1", *extra]]
+
+
+def pretrain_dir(study_out: Path, arm: Arm, seed: int) -> Path:
+    """Arms with the same stage-1 overrides share one pre-training run per seed (recipes: 2, not 6)."""
+    return study_out / "pretrain" / ("+".join(arm.pretrain) or "default") / f"seed{seed}"
+
+
+def pretrain_command(arm: Arm, config: str, common: list[str], seed: int, out: Path) -> list[str]:
+    return [*_iomm(), "pretrain", "--config", config, *_sets(common, seed, arm.pretrain),
+            "--out", str(out), "--no-progress"]
+
+
+def arm_commands(arm: Arm, config: str, common: list[str], seed: int, out: Path, pretrained: Path | None,
+                 per_category: int) -> list[list[str]]:
+    """The iomm commands of one arm and seed after its pre-training, in order (each resumable)."""
     cmds = []
-    if not arm.skip_pretrain:
-        cmds.append([*iomm, "pretrain", "--config", config, *sets, *[f"--set={s}" for s in arm.pretrain],
-                     "--out", str(out / "pretrain"), "--no-progress"])
     if arm.finetune is not None:
-        init = "none" if arm.skip_pretrain else str(out / "pretrain")
-        cmds.append([*iomm, "finetune", "--config", config, *sets,
-                     *[f"--set={s}" for s in (*arm.pretrain, *arm.finetune)],
+        init = "none" if pretrained is None else str(pretrained)
+        cmds.append([*_iomm(), "finetune", "--config", config, *_sets(common, seed, (*arm.pretrain, *arm.finetune)),
                      "--init", init, "--out", str(out / "finetune"), "--no-progress"])
-        cmds.append([*iomm, "eval", "shapes", "--model", str(out / "finetune"), "--out", str(out / "metrics.json"),
-                     "--per-category", str(per_category), "--seed", "0"])
+        cmds.append([*_iomm(), "eval", "shapes", "--model", str(out / "finetune"), "--out", str(out / "metrics.json"),
+                     "--per-category", str(per_category), "--samples", "1", "--seed", "0"])
     if arm.edit:
-        cmds.append([*iomm, "eval", "edits", "--model", str(out / "pretrain"), "--out", str(out / "metrics.json")])
+        cmds.append([*_iomm(), "eval", "edits", "--model", str(pretrained), "--out", str(out / "metrics.json")])
     return cmds
 
 
-def run_arm(arm: Arm, config: str, common: list[str], seed: int, out: Path, per_category: int) -> dict:
+def run_pretrain(arm: Arm, config: str, common: list[str], seed: int, out: Path) -> Path:
+    """Stage 1 of an arm; resumes an interrupted run and returns at once when it is complete."""
+    out.mkdir(parents=True, exist_ok=True)
+    if not (out / "done").is_file():
+        _run(pretrain_command(arm, config, common, seed, out), out / "log.txt")
+        (out / "done").write_text("", encoding="utf-8")
+    return out
+
+
+def run_arm(arm: Arm, config: str, common: list[str], seed: int, out: Path, pretrained: Path | None,
+            per_category: int) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     if (out / "metrics.json").is_file():
         return json.loads((out / "metrics.json").read_text(encoding="utf-8"))
     start = time.time()
-    for argv in arm_commands(arm, config, common, seed, out, per_category):
+    for argv in arm_commands(arm, config, common, seed, out, pretrained, per_category):
         _run(argv, out / "log.txt")
     metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
     metrics["wall_s"] = time.time() - start
@@ -103,14 +126,21 @@ def run_arm(arm: Arm, config: str, common: list[str], seed: int, out: Path, per_
 
 def run_study(study: Study, config: str, seeds: int, out: Path, parallel: int, per_category: int,
               common: list[str]) -> Path:
+    """Pre-training runs first (one per distinct stage-1 setting and seed), then every arm's stage 2."""
     from concurrent.futures import ThreadPoolExecutor
 
     out.mkdir(parents=True, exist_ok=True)
     jobs = [(arm, seed) for seed in range(seeds) for arm in study.arms]
     start = time.time()
     with ThreadPoolExecutor(max_workers=parallel) as pool:
+        stage1 = {pretrain_dir(out, arm, seed): (arm, seed) for arm, seed in jobs if not arm.skip_pretrain}
+        for future in [pool.submit(run_pretrain, arm, config, common, seed, path)
+                       for path, (arm, seed) in stage1.items()]:
+            future.result()
+        print(f"[{study.name}] {len(stage1)} pre-training runs done in {time.time() - start:.0f} s", flush=True)
         futures = {pool.submit(run_arm, arm, config, common, seed, out / arm.name.replace("/", "_") / f"seed{seed}",
-                               per_category): (arm, seed) for arm, seed in jobs}
+                               None if arm.skip_pretrain else pretrain_dir(out, arm, seed), per_category): (arm, seed)
+                   for arm, seed in jobs}
         results = []
         for future, (arm, seed) in futures.items():
             metrics = future.result()

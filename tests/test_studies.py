@@ -1,0 +1,37 @@
+"""Studies: arms share their pre-training where its settings are equal, and a tiny study runs end to end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from conftest import TINY_OVERRIDES
+
+from iomm.commands.recipe import packaged_config
+from iomm.evaluation.studies import Arm, Study, arm_commands, pretrain_dir, run_study, studies
+
+
+def test_recipes_pretrain_once_per_stage1_setting(tmp_path: Path) -> None:
+    arms = studies()["recipes"].arms
+    assert len(arms) == 6
+    dirs = {pretrain_dir(tmp_path, arm, 0) for arm in arms}
+    assert len(dirs) == 2  # image-only and pair pre-training
+    image_mix = next(a for a in arms if a.name == "image+mix")
+    finetune = arm_commands(image_mix, "c.yaml", [], 0, tmp_path / "arm", pretrain_dir(tmp_path, image_mix, 0), 8)[0]
+    assert finetune[finetune.index("--init") + 1] == str(pretrain_dir(tmp_path, image_mix, 0))
+    assert "--set=finetune.mix_ratio=0.5" in finetune and "--set=train.mix_ratio=1.0" in finetune
+    assert pretrain_dir(tmp_path, image_mix, 0) != pretrain_dir(tmp_path, image_mix, 1)
+
+
+def test_tiny_study_end_to_end(tiny_mllm_dir: Path, tmp_path: Path) -> None:
+    study = Study("tiny", [Arm("pair", (), ("finetune.mix_ratio=0.0",)), Arm("mix", (), ("finetune.mix_ratio=0.5",))],
+                  "two fine-tuning arms on one shared pre-training")
+    common = [f"mllm.path={tiny_mllm_dir}", *TINY_OVERRIDES, "data.pairs=world:16",
+              "train.steps=2", "finetune.steps=2"]
+    out = run_study(study, str(packaged_config("nano")), 1, tmp_path / "study", parallel=2, per_category=1,
+                    common=common)
+    record = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    assert [r["arm"] for r in record["results"]] == ["pair", "mix"]
+    assert all(0.0 <= r["overall"] <= 1.0 for r in record["results"])
+    assert len(list((out / "pretrain").glob("*/seed0/done"))) == 1
+    assert (out / "results.csv").is_file() and (out / "results.png").is_file()
