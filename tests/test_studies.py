@@ -8,7 +8,16 @@ from pathlib import Path
 from conftest import TINY_OVERRIDES
 
 from iomm.commands.recipe import packaged_config
-from iomm.evaluation.studies import Arm, Study, arm_commands, pretrain_dir, run_study, studies
+from iomm.evaluation.studies import (
+    Arm,
+    Study,
+    arm_commands,
+    mean_curve,
+    pretrain_dir,
+    reconstruction_curve,
+    run_study,
+    studies,
+)
 
 
 def test_recipes_pretrain_once_per_stage1_setting(tmp_path: Path) -> None:
@@ -25,8 +34,9 @@ def test_recipes_pretrain_once_per_stage1_setting(tmp_path: Path) -> None:
 
 def test_tiny_study_end_to_end(tiny_mllm_dir: Path, tmp_path: Path) -> None:
     study = Study("tiny", [Arm("pair", (), ("finetune.mix_ratio=0.0",)), Arm("mix", (), ("finetune.mix_ratio=0.5",))],
-                  "two fine-tuning arms on one shared pre-training")
-    common = [f"mllm.path={tiny_mllm_dir}", *TINY_OVERRIDES, "data.pairs=world:16",
+                  "two fine-tuning arms on one shared pre-training", common=["train.sample_every=1"], curves=True)
+    tiny = [o for o in TINY_OVERRIDES if not o.startswith("train.sample_every")]  # the study's own setting counts
+    common = [f"mllm.path={tiny_mllm_dir}", *tiny, "data.pairs=world:16",
               "train.steps=2", "finetune.steps=2"]
     out = run_study(study, str(packaged_config("nano")), 1, tmp_path / "study", parallel=2, per_category=1,
                     common=common)
@@ -34,4 +44,22 @@ def test_tiny_study_end_to_end(tiny_mllm_dir: Path, tmp_path: Path) -> None:
     assert [r["arm"] for r in record["results"]] == ["pair", "mix"]
     assert all(0.0 <= r["overall"] <= 1.0 for r in record["results"])
     assert len(list((out / "pretrain").glob("*/seed0/done"))) == 1
-    assert (out / "results.csv").is_file() and (out / "results.png").is_file()
+    assert (out / "results.csv").is_file() and (out / "results.png").is_file() and (out / "curves.png").is_file()
+    assert record["curves"]["mix"]["step"] == [1, 2] and len(record["curves"]["mix"]["recon_mse_own"]) == 2
+
+
+def test_reconstruction_curve_keeps_the_last_of_a_repeated_step_and_averages_seeds(tmp_path: Path) -> None:
+    rows = [{"step": 1, "loss": 1.0}, {"step": 100, "recon_mse_own": 0.5}, {"step": 200, "recon_mse_own": 0.4},
+            {"step": 200, "recon_mse_own": 0.3}]  # resumed after step 200's log line
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    curve = reconstruction_curve(tmp_path)
+    assert curve == {100: 0.5, 200: 0.3}
+    mean = mean_curve([curve, {100: 0.7, 200: 0.5, 300: 0.1}])
+    assert mean["step"] == [100, 200] and mean["recon_mse_own"] == [0.6, 0.4]
+    assert abs(mean["std"][0] - 0.1414) < 1e-3
+
+
+def test_adapter_study_records_convergence_curves() -> None:
+    adapter = studies()["adapter"]
+    assert adapter.curves and any(c.startswith("train.sample_every=") for c in adapter.common)
+    assert [a.name for a in adapter.arms] == ["raw", "free_queries", "rqa"]

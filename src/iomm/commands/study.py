@@ -27,8 +27,8 @@ def _study(args: argparse.Namespace) -> int:
     from iomm.evaluation.studies import run_study
 
     config = str(args.config or packaged_config("nano"))
-    load_config(config, args.overrides)  # fail before any compute
     study = studies()[args.name]
+    load_config(config, [*study.common, *args.overrides])  # fail before any compute
     out = run_study(study, config, args.seeds, Path(args.out), args.parallel, args.per_category, args.overrides)
     print(f"wrote {out}/results.json, results.csv, results.png")
     return 0

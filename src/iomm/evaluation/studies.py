@@ -34,7 +34,8 @@ class Study:
     name: str
     arms: list[Arm]
     description: str
-    common: list[str] = field(default_factory=list)
+    common: list[str] = field(default_factory=list)  # overrides for every arm, before the command line's
+    curves: bool = False  # also record stage-1 reconstruction error against training steps
 
 
 IMAGE, PAIR = "train.mix_ratio=1.0", "train.mix_ratio=0.0"
@@ -55,7 +56,8 @@ def studies() -> dict[str, Study]:
             "fraction of image-only samples in fine-tuning batches"),
         "adapter": Study("adapter", [
             Arm(kind, (f"adapter.kind={kind}",), FT["mix"]) for kind in ("raw", "free_queries", "rqa")],
-            "no adapter vs MetaQuery-style free queries vs the Residual Query Adapter"),
+            "no adapter vs MetaQuery-style free queries vs the Residual Query Adapter",
+            common=["train.sample_every=100"], curves=True),
         "editing": Study("editing", [
             Arm(f"{pre}-pretrain", (IMAGE if pre == "image" else PAIR,), None, edit=True) for pre in ("image", "pair")],
             "zero-shot editing success after image-only vs pair pre-training (no editing data)"),
@@ -130,6 +132,7 @@ def run_study(study: Study, config: str, seeds: int, out: Path, parallel: int, p
     from concurrent.futures import ThreadPoolExecutor
 
     out.mkdir(parents=True, exist_ok=True)
+    common = [*study.common, *common]
     jobs = [(arm, seed) for seed in range(seeds) for arm in study.arms]
     start = time.time()
     with ThreadPoolExecutor(max_workers=parallel) as pool:
@@ -151,6 +154,10 @@ def run_study(study: Study, config: str, seeds: int, out: Path, parallel: int, p
     summary = summarize(results)
     record = {"study": study.name, "description": study.description, "config": config, "common": common,
               "seeds": seeds, "wall_s": time.time() - start, "results": results, "summary": summary}
+    if study.curves:
+        record["curves"] = {arm.name: mean_curve([reconstruction_curve(pretrain_dir(out, arm, seed))
+                                                  for seed in range(seeds)]) for arm in study.arms}
+        plot_curves(record["curves"], out / "curves.png", study.name)
     (out / "results.json").write_text(json.dumps(record, indent=1), encoding="utf-8")
     with (out / "results.csv").open("w", newline="", encoding="utf-8") as f:
         keys = sorted({k for r in results for k in r})
@@ -159,6 +166,24 @@ def run_study(study: Study, config: str, seeds: int, out: Path, parallel: int, p
         writer.writerows(results)
     plot_summary(summary, out / "results.png", study.name)
     return out
+
+
+def reconstruction_curve(run_dir: Path) -> dict[int, float]:
+    """Step -> reconstruction MSE against the image's own original, as logged with each sample grid."""
+    curve = {}
+    for line in (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines():
+        row = json.loads(line)
+        if "recon_mse_own" in row:
+            curve[int(row["step"])] = float(row["recon_mse_own"])  # a resumed run logs a step again: keep the last
+    return curve
+
+
+def mean_curve(curves: list[dict[int, float]]) -> dict[str, list[float]]:
+    """Mean and spread over seeds at the steps every seed logged."""
+    steps = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
+    values = [[c[step] for c in curves] for step in steps]
+    return {"step": steps, "recon_mse_own": [statistics.fmean(v) for v in values],
+            "std": [statistics.stdev(v) if len(v) > 1 else 0.0 for v in values]}
 
 
 def summarize(results: list[dict]) -> dict[str, dict[str, list[float]]]:
@@ -190,6 +215,22 @@ def plot_summary(summary: dict, out: Path, title: str) -> None:
         ax.bar(np.arange(len(metrics)) + i * width, means, width, yerr=stds, label=arm, capsize=2)
     ax.set_xticks(np.arange(len(metrics)) + width * (len(arms) - 1) / 2, metrics, rotation=20)
     ax.set_ylim(0, 1), ax.set_title(title), ax.legend(fontsize=7), ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
+def plot_curves(curves: dict[str, dict[str, list[float]]], out: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    for arm, curve in curves.items():
+        ax.errorbar(curve["step"], curve["recon_mse_own"], yerr=curve["std"], label=arm, capsize=2)
+    ax.set_xlabel("stage-1 step"), ax.set_ylabel("reconstruction MSE (own image)")
+    ax.set_title(f"{title}: convergence"), ax.legend(fontsize=7), ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)
