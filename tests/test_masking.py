@@ -1,7 +1,7 @@
 import torch
 
 from iomm.conditioning.masking import random_keep_mask, zero_masked
-from iomm.conditioning.sequence import Segment, append, pack_left
+from iomm.conditioning.sequence import Segment, pack_left, positions_after
 
 
 def test_mask_ratio_in_expectation_and_per_sample():
@@ -43,9 +43,9 @@ def test_pack_left_keeps_positions_of_dropped_tokens():
     assert packed.positions[0].tolist() == [0, 1, 2, 5]  # image tokens 0 and 3 sit at positions 2 and 5
     assert packed.positions[1].tolist() == [0, 1, 2, 4]
     assert torch.equal(packed.embeds[0, 2], image_tokens[0, 0]) and torch.equal(packed.embeds[0, 3], image_tokens[0, 3])
-    full = append(packed, torch.zeros(2, 3, d))
-    assert full.positions[0, -3:].tolist() == [6, 7, 8]
-    assert full.positions[1, -3:].tolist() == [5, 6, 7]
+    queries = positions_after(packed, 3)
+    assert queries[0].tolist() == [6, 7, 8]
+    assert queries[1].tolist() == [5, 6, 7]
 
 
 def test_pack_left_pads_on_the_left():

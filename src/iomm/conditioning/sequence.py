@@ -46,12 +46,3 @@ def pack_left(segments: list[Segment]) -> Packed:
 def positions_after(packed: Packed, n: int) -> torch.Tensor:
     """(B, n) positions of `n` tokens appended after the packed condition."""
     return packed.next_position.unsqueeze(1) + torch.arange(n, device=packed.positions.device)
-
-
-def append(packed: Packed, embeds: torch.Tensor) -> Packed:
-    """Append tokens valid for every sample (the adapter's queries) after the packed condition."""
-    b, n = embeds.shape[:2]
-    pos = positions_after(packed, n)
-    mask = torch.ones(b, n, dtype=torch.bool, device=embeds.device)
-    return Packed(torch.cat([packed.embeds, embeds.to(packed.embeds.dtype)], 1),
-                  torch.cat([packed.mask, mask], 1), torch.cat([packed.positions, pos], 1))
