@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from iomm.config import load_config
 from iomm.data.world import World, captioned_grid
 from iomm.evaluation.shapes import detect_objects
+from iomm.generator.codec import PixelCodec
 from iomm.generator.flow import (
     euler_sample,
     interpolate,
@@ -32,6 +33,7 @@ from iomm.generator.flow import (
     velocity_target,
 )
 from iomm.generator.transformer import build_generator
+from iomm.nano.mllm import to_tensor
 
 
 def main() -> None:
@@ -46,7 +48,7 @@ def main() -> None:
     args = p.parse_args()
     cfg = load_config(args.config, args.overrides)
     torch.manual_seed(args.seed)
-    res = cfg.data.resolution
+    res, codec = cfg.data.resolution, PixelCodec()
     gen = build_generator(cfg.generator, in_channels=3, sample_size=res, cond_width=cfg.connector.width)
     flow = cfg.flow
     opt = torch.optim.AdamW(gen.parameters(), lr=cfg.train.lr, betas=(0.9, 0.95), weight_decay=0.0)
@@ -62,13 +64,12 @@ def main() -> None:
     for step in range(args.steps):
         for group in opt.param_groups:
             group["lr"] = cfg.train.lr * min(1.0, (step + 1) / cfg.train.warmup_steps)
-        x = torch.from_numpy(np.stack([next(stream)[0] for _ in range(cfg.train.batch_size)]))
-        x = x.permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        x = codec.encode(to_tensor([next(stream)[0] for _ in range(cfg.train.batch_size)]))
         z, t = torch.randn(x.shape, generator=g), sample_timesteps(flow, cfg.train.batch_size, g)
         loss = F.mse_loss(velocity(interpolate(x, z, t), t), velocity_target(x, z))
         opt.zero_grad()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(gen.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(gen.parameters(), cfg.train.grad_clip)
         opt.step()
         done = step == args.steps - 1 or (args.seconds is not None and time.time() - start >= args.seconds)
         if step % 100 == 0 or done:
@@ -78,7 +79,7 @@ def main() -> None:
     train_s = time.time() - start
     gen.eval()
     noise = torch.randn(32, 3, res, res, generator=torch.Generator().manual_seed(args.seed + 1))
-    images = ((euler_sample(velocity, noise, cfg.flow.sample_steps).clamp(-1, 1) + 1) * 127.5).round()
+    images = codec.decode(euler_sample(velocity, noise, cfg.flow.sample_steps)).mul(255).round()
     images = images.byte().permute(0, 2, 3, 1).numpy()
     counts = [len(detect_objects(im)) for im in images]
     out = Path(args.out)
