@@ -24,7 +24,6 @@ import torch.nn.functional as F
 from iomm.config import load_config
 from iomm.data.world import World, captioned_grid
 from iomm.evaluation.shapes import detect_objects
-from iomm.generator.codec import PixelCodec
 from iomm.generator.flow import (
     euler_sample,
     interpolate,
@@ -33,6 +32,7 @@ from iomm.generator.flow import (
     velocity_target,
 )
 from iomm.generator.transformer import build_generator
+from iomm.model import build_codec
 from iomm.nano.mllm import to_tensor
 
 
@@ -48,8 +48,9 @@ def main() -> None:
     args = p.parse_args()
     cfg = load_config(args.config, args.overrides)
     torch.manual_seed(args.seed)
-    res, codec = cfg.data.resolution, PixelCodec()
-    gen = build_generator(cfg.generator, in_channels=3, sample_size=res, cond_width=cfg.connector.width)
+    codec = build_codec(cfg)
+    side = cfg.data.resolution // codec.factor
+    gen = build_generator(cfg.generator, in_channels=codec.channels, sample_size=side, cond_width=cfg.connector.width)
     flow = cfg.flow
     opt = torch.optim.AdamW(gen.parameters(), lr=cfg.train.lr, betas=(0.9, 0.95), weight_decay=0.0)
     cond, pooled = torch.zeros(1, 4, cfg.connector.width), torch.zeros(1, cfg.connector.width)
@@ -78,7 +79,7 @@ def main() -> None:
             break
     train_s = time.time() - start
     gen.eval()
-    noise = torch.randn(32, 3, res, res, generator=torch.Generator().manual_seed(args.seed + 1))
+    noise = torch.randn(32, codec.channels, side, side, generator=torch.Generator().manual_seed(args.seed + 1))
     images = codec.decode(euler_sample(velocity, noise, cfg.flow.sample_steps)).mul(255).round()
     images = images.byte().permute(0, 2, 3, 1).numpy()
     counts = [len(detect_objects(im)) for im in images]

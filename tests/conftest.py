@@ -29,7 +29,7 @@ TINY_OVERRIDES = [
     "adapter.num_queries=4", "adapter.num_heads=2",
     "connector.width=32", "connector.num_heads=2", "connector.num_layers=1",
     "generator.num_layers=1", "generator.attention_head_dim=8", "generator.num_attention_heads=2",
-    "generator.patch_size=4", "masking.prompt='a photo of'", "flow.sample_steps=3",
+    "codec.kind=pixel", "generator.patch_size=4", "masking.prompt='a photo of'", "flow.sample_steps=3",
     "train.batch_size=4", "train.log_every=1", "train.sample_every=0", "train.checkpoint_every=2",
     "train.mixed_precision=fp32", "train.keep_last=10",
 ]

@@ -56,3 +56,17 @@ def test_baseline_adapters_build_and_run(tiny_config):
         loss.backward()
         assert torch.isfinite(loss)
         assert model.connector.proj_in.weight.grad is not None
+
+
+def test_samples_per_condition_reuses_each_condition_for_several_draws(tiny_config):
+    cfg = tiny_config("flow.samples_per_condition=3", "train.cond_dropout=0.0")
+    model = IOMM.from_config(cfg)
+    seen = []
+    model.generator.register_forward_hook(lambda m, args, kwargs, out: seen.append(kwargs), with_kwargs=True)
+    batch = _batch(cfg)
+    model.loss(batch.images, batch.captions, torch.Generator().manual_seed(0)).backward()
+    latents, tokens = seen[0]["hidden_states"], seen[0]["encoder_hidden_states"]
+    assert latents.shape[0] == tokens.shape[0] == 3 * batch.images.shape[0]
+    assert not torch.equal(latents[0], latents[1])  # one image, two (noise, t) draws
+    assert torch.equal(tokens[0], tokens[2]) and not torch.equal(tokens[2], tokens[3])
+    assert model.adapter.queries.grad.abs().sum() > 0

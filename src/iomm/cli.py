@@ -11,7 +11,7 @@ from iomm.config import ConfigError
 from iomm.training.checkpoint import CheckpointError
 
 # Modules under iomm.commands each add their sub-commands with `register(subparsers)`.
-COMMAND_MODULES = ("train", "describe", "bench", "generate", "world", "eval_shapes", "mllm", "recipe", "study")
+COMMAND_MODULES = ("train", "describe", "bench", "generate", "world", "eval_shapes", "mllm", "vae", "recipe", "study")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import math
 import types
 import typing
@@ -76,8 +77,10 @@ class GeneratorConfig:
 @dataclass
 class CodecConfig:
     kind: Literal["pixel", "vae"] = "pixel"
-    # For kind=vae: a local diffusers AutoencoderKL directory, or a built-in architecture for describe.
+    # For kind=vae: a local diffusers AutoencoderKL directory, or "nano" for the built-in nano VAE
+    # (trained on the world on first use and cached in `nano_dir`); or a built-in architecture for describe.
     path: str | None = None
+    nano_dir: str = ".cache/nano-vae"
     architecture: str | None = None
 
 
@@ -95,6 +98,9 @@ class FlowConfig:
     prediction: Literal["velocity", "sample"] = "velocity"
     # x-prediction divides by t: t is clamped to at least this in that division
     min_t: float = 0.05
+    # Training draws this many (noise, t) per image and condition. The frozen-MLLM pass is shared, so where
+    # conditioning is a large part of the step the generator sees more samples per second.
+    samples_per_condition: int = 1
 
 
 @dataclass
@@ -298,6 +304,8 @@ def validate(cfg: Config, source: str = "<config>", *, check_paths: bool = True)
            t.weight_decay)
     _check(d.num_workers >= 0, source, "data.num_workers", ">= 0", d.num_workers)
     _check(cfg.flow.sample_steps >= 1, source, "flow.sample_steps", ">= 1", cfg.flow.sample_steps)
+    _check(cfg.flow.samples_per_condition >= 1, source, "flow.samples_per_condition", ">= 1",
+           cfg.flow.samples_per_condition)
     _check(math.isfinite(cfg.flow.logit_std) and cfg.flow.logit_std > 0, source, "flow.logit_std",
            "a finite number > 0", cfg.flow.logit_std)
     for section, name in (("adapter", "num_heads"), ("connector", "num_layers"), ("connector", "num_heads"),
@@ -315,7 +323,7 @@ def validate(cfg: Config, source: str = "<config>", *, check_paths: bool = True)
     if d.source == "world":
         _check(d.resolution >= 16, source, "data.resolution", ">= 16 for the built-in world", d.resolution)
     _check(cfg.generator.patch_size >= 1, source, "generator.patch_size", ">= 1", cfg.generator.patch_size)
-    factor = (8 if cfg.codec.kind == "vae" else 1) * cfg.generator.patch_size
+    factor = codec_factor(cfg.codec) * cfg.generator.patch_size
     _check(d.resolution % factor == 0, source, "data.resolution",
            f"divisible by the codec factor x patch size = {factor}", d.resolution)
     _check(t.mix_ratio == 1.0 or d.pairs is not None, source, "data.pairs",
@@ -327,6 +335,20 @@ def validate(cfg: Config, source: str = "<config>", *, check_paths: bool = True)
         _check(d.path is not None, source, "data.path", "an image folder for data.source=folder", d.path)
     if check_paths:
         _check_paths(cfg, source)
+
+
+def codec_factor(codec: CodecConfig) -> int:
+    """How many pixels one latent cell spans: 1 for pixels, 2^(blocks - 1) for an AutoencoderKL."""
+    if codec.kind == "pixel":
+        return 1
+    config_file = Path(codec.nano_dir if codec.path == "nano" else codec.path or "") / "config.json"
+    if _exists(str(config_file), "file"):
+        return 2 ** (len(json.loads(config_file.read_text(encoding="utf-8"))["block_out_channels"]) - 1)
+    if codec.path == "nano":  # not built yet: the architecture it will be built with
+        from iomm.nano.codec import NanoVAEConfig
+
+        return 2 ** (len(NanoVAEConfig().block_out_channels) - 1)
+    return 8  # SD / SD3 / FLUX VAEs; a missing path is reported by the path checks
 
 
 def _exists(path: str, kind: str) -> bool:
@@ -343,8 +365,8 @@ def _check_paths(cfg: Config, source: str) -> None:
                cfg.mllm.path)
         _check_remote_code(Path(cfg.mllm.path), cfg.mllm.trust_remote_code, source)
     if cfg.codec.kind == "vae":
-        _check(cfg.codec.path is not None and _exists(cfg.codec.path, "dir"), source, "codec.path",
-               "an existing AutoencoderKL directory for codec.kind=vae", cfg.codec.path)
+        _check(cfg.codec.path is not None and (cfg.codec.path == "nano" or _exists(cfg.codec.path, "dir")), source,
+               "codec.path", "'nano' or an existing AutoencoderKL directory for codec.kind=vae", cfg.codec.path)
     if cfg.generator.pretrained is not None:
         _check(_exists(cfg.generator.pretrained, "dir"), source, "generator.pretrained", "an existing directory",
                cfg.generator.pretrained)

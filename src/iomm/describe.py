@@ -53,6 +53,15 @@ def _mllm_config(cfg: Config) -> PretrainedConfig:
     return AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=cfg.mllm.trust_remote_code)
 
 
+def _vae_config(cfg: Config) -> dict:
+    path = Path(cfg.codec.nano_dir if cfg.codec.path == "nano" else cfg.codec.path)
+    if cfg.codec.path == "nano" and not (path / "config.json").is_file():
+        from iomm.nano.codec import NanoVAEConfig, build_nano_vae
+
+        return dict(build_nano_vae(NanoVAEConfig(resolution=cfg.data.resolution)).config)
+    return dict(AutoencoderKL.load_config(path, local_files_only=True))
+
+
 def _count(module: nn.Module | None) -> int:
     return sum(p.numel() for p in module.parameters()) if module is not None else 0
 
@@ -65,8 +74,7 @@ def describe(cfg: Config) -> dict[str, int]:
         adapter = build_adapter(cfg.adapter, hidden, embed_scale=1.0)
         connector = Connector(cfg.connector, hidden)
         if cfg.codec.kind == "vae":
-            vae_config = VAE_ARCHITECTURES.get(cfg.codec.architecture or "") or dict(
-                AutoencoderKL.load_config(cfg.codec.path, local_files_only=True))
+            vae_config = VAE_ARCHITECTURES.get(cfg.codec.architecture or "") or _vae_config(cfg)
             vae = AutoencoderKL.from_config(vae_config)
             factor, channels = 2 ** (len(vae.config.block_out_channels) - 1), vae.config.latent_channels
         else:

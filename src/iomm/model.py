@@ -53,7 +53,12 @@ def load_mllm(cfg: Config) -> FrozenMLLM:
 def build_codec(cfg: Config) -> nn.Module:
     if cfg.codec.kind == "pixel":
         return PixelCodec()
-    return VAECodec.from_pretrained(cfg.codec.path)
+    path = cfg.codec.path
+    if path == "nano":
+        from iomm.nano.codec import ensure_nano_vae
+
+        path = ensure_nano_vae(Path(cfg.codec.nano_dir), resolution=cfg.data.resolution)
+    return VAECodec.from_pretrained(path)
 
 
 class IOMM(nn.Module):
@@ -170,7 +175,14 @@ class IOMM(nn.Module):
     def loss(self, images: torch.Tensor, captions: list[str | None], generator: torch.Generator) -> torch.Tensor:
         """Flow-matching loss of one (mixed) batch; all randomness comes from `generator`."""
         cond = self.condition_batch(images, captions, generator, self.cfg.train.cond_dropout)
-        latents = self.codec.encode(images, generator)
+        return self.flow_loss(self.codec.encode(images, generator), cond, generator)
+
+    def flow_loss(self, latents: torch.Tensor, cond: Condition, generator: torch.Generator) -> torch.Tensor:
+        """Flow-matching loss of latents under their conditions, `flow.samples_per_condition` draws each."""
+        repeats = self.cfg.flow.samples_per_condition
+        if repeats > 1:  # one conditioning pass, several (noise, t) draws: more generator samples per second
+            latents = latents.repeat_interleave(repeats, dim=0)
+            cond = Condition(*(x.repeat_interleave(repeats, dim=0) for x in (cond.tokens, cond.pooled)))
         noise = torch.randn(latents.shape, generator=generator).to(latents)
         t = sample_timesteps(self.cfg.flow, latents.shape[0], generator).to(latents.device)
         prediction = self.velocity(interpolate(latents, noise, t), t, cond)

@@ -26,22 +26,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _recipe(args: argparse.Namespace) -> int:
     from iomm.config import finetune_config, load_config
-    from iomm.model import load_mllm
+    from iomm.model import build_codec, load_mllm
     from iomm.training.trainer import train
 
     cfg = load_config(args.config or packaged_config(args.name), args.overrides)
     out, times = Path(args.out), {}
     start = time.time()
-    print(f"== 1/4 nano MLLM ({cfg.mllm.nano_dir})", flush=True)
+    print(f"== 1/5 nano MLLM ({cfg.mllm.nano_dir})", flush=True)
     load_mllm(cfg)
     times["mllm_s"] = time.time() - start
-    print("== 2/4 stage 1: image-only pre-training", flush=True)
+    print(f"== 2/5 codec ({cfg.codec.kind}" + (f", {cfg.codec.nano_dir})" if cfg.codec.path == "nano" else ")"),
+          flush=True)
+    build_codec(cfg)
+    times["codec_s"] = time.time() - start - sum(times.values())
+    print("== 3/5 stage 1: image-only pre-training", flush=True)
     train(cfg, out / "pretrain", progress=not args.no_progress)
     times["pretrain_s"] = time.time() - start - sum(times.values())
-    print("== 3/4 stage 2: mixed fine-tuning", flush=True)
+    print("== 4/5 stage 2: mixed fine-tuning", flush=True)
     train(finetune_config(cfg), out / "finetune", init=out / "pretrain", progress=not args.no_progress)
     times["finetune_s"] = time.time() - start - sum(times.values())
-    print("== 4/4 evaluation on held-out prompts (GenEval-shapes)", flush=True)
+    print("== 5/5 evaluation on held-out prompts (GenEval-shapes)", flush=True)
     metrics = evaluate_run(out / "finetune", out / "eval", args.per_category)
     times["eval_s"] = time.time() - start - sum(times.values())
     times["total_s"] = time.time() - start

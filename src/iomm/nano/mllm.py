@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -51,6 +50,7 @@ from iomm.data.world import (
     WorldConfig,
     relative_position,
 )
+from iomm.training.logging import Progress
 from iomm.training.precision import autocast
 
 # ------------------------------------------------------------------------------ tokenizer
@@ -550,27 +550,6 @@ def batch_loss(model: InternVLForConditionalGeneration, batch: Batch, cfg: NanoM
     return out.loss.float()
 
 
-class Progress:
-    """Step / loss / speed / ETA lines, at most every `every` seconds."""
-
-    def __init__(self, enabled: bool, every: float = 10.0) -> None:
-        self.enabled, self.every = enabled, every
-        self.start = self.last = time.monotonic()
-
-    def elapsed(self) -> float:
-        return time.monotonic() - self.start
-
-    def __call__(self, step: int, loss: float, progress: float, force: bool = False) -> None:
-        now = time.monotonic()
-        if not self.enabled or (now - self.last < self.every and not force):
-            return
-        self.last = now
-        elapsed = now - self.start
-        eta = elapsed * (1 - progress) / max(progress, 1e-9)
-        print(f"[nano-mllm] step {step} loss {loss:.4f} {step / max(elapsed, 1e-9):.2f} it/s "
-              f"elapsed {elapsed:.0f}s ETA {eta:.0f}s", flush=True)
-
-
 def train_loop(
     model: InternVLForConditionalGeneration, sampler: TaskSampler, cfg: NanoMLLMConfig,
     *, steps: int | None, minutes: float | None, progress: bool,
@@ -582,7 +561,7 @@ def train_loop(
     params = list(model.parameters()) + (list(dense.parameters()) if dense is not None else [])
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     model.train()
-    log, step, frac, loss = Progress(progress), 0, 0.0, float("nan")
+    log, step, frac, loss = Progress(progress, tag="nano-mllm"), 0, 0.0, float("nan")
     while frac < 1.0:
         for group in opt.param_groups:
             group["lr"] = cfg.lr * lr_factor(frac, cfg, step)

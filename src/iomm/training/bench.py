@@ -7,11 +7,9 @@ import time
 from collections import defaultdict
 
 import torch
-import torch.nn.functional as F
 
 from iomm.config import Config
 from iomm.data.sources import MixedBatches, build_sources
-from iomm.generator.flow import interpolate, sample_timesteps, velocity_target
 from iomm.model import IOMM, Condition
 from iomm.training.ema import EMA
 from iomm.training.precision import autocast as precision_autocast
@@ -55,13 +53,10 @@ def bench_train_step(cfg: Config, steps: int = 10, warmup: int = 2) -> dict:
                 cond = model.condition_batch(batch.images, batch.captions, g, cfg.train.cond_dropout)
             with clock("codec_encode"):
                 latents = model.codec.encode(batch.images, g)
-            noise = torch.randn(latents.shape, generator=g)
-            t = sample_timesteps(cfg.flow, latents.shape[0], g)
             tokens = cond.tokens.detach().requires_grad_(True)
             pooled = cond.pooled.detach().requires_grad_(True)
             with clock("generator_forward"), autocast:
-                pred = model.velocity(interpolate(latents, noise, t), t, Condition(tokens, pooled))
-                loss = F.mse_loss(pred.float(), velocity_target(latents, noise))
+                loss = model.flow_loss(latents, Condition(tokens, pooled), g)
             with clock("generator_backward"):
                 loss.backward()
             with clock("conditioning_backward"):

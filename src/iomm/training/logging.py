@@ -11,6 +11,27 @@ import torch
 from PIL import Image
 
 
+class Progress:
+    """Step / loss / speed / ETA lines, at most every `every` seconds."""
+
+    def __init__(self, enabled: bool, tag: str, every: float = 10.0) -> None:
+        self.enabled, self.tag, self.every = enabled, tag, every
+        self.start = self.last = time.monotonic()
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.start
+
+    def __call__(self, step: int, loss: float, progress: float, force: bool = False) -> None:
+        now = time.monotonic()
+        if not self.enabled or (now - self.last < self.every and not force):
+            return
+        self.last = now
+        elapsed = now - self.start
+        eta = elapsed * (1 - progress) / max(progress, 1e-9)
+        print(f"[{self.tag}] step {step} loss {loss:.4f} {step / max(elapsed, 1e-9):.2f} it/s "
+              f"elapsed {elapsed:.0f}s ETA {eta:.0f}s", flush=True)
+
+
 class RunLog:
     def __init__(self, run_dir: Path, enabled: bool = True):
         self.run_dir, self.enabled = Path(run_dir), enabled
