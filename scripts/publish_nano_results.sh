@@ -19,3 +19,28 @@ for stage in pretrain finetune; do
   grep '"recon_mse_own"' "$run/$stage/metrics.jsonl" > "$out/${stage}_reconstruction.jsonl" || true
 done
 echo "wrote $(ls "$out" | wc -l) files to $out"
+# The README's figure: the stage-1 and stage-2 sample grids stacked, 2x, each with its title.
+.venv/bin/python - "$out" docs/images/nano_reconstructions.png <<'PY'
+import sys
+from pathlib import Path
+from PIL import Image, ImageDraw
+src = Path(sys.argv[1])
+grids = sorted(src.glob("pretrain_step_*.png")) + sorted(src.glob("finetune_step_*.png"))[-1:]
+panels = []
+for path in grids:
+    stage, step = ("stage 1", path.stem.split("_")[-1]) if path.name.startswith("pretrain") else ("stage 2", path.stem.split("_")[-1])
+    grid = Image.open(path).convert("RGB")
+    grid = grid.resize((grid.width * 2, grid.height * 2), Image.NEAREST)
+    title = f"{stage}, step {int(step)}" + (" (3rd row: fixed text prompts)" if stage == "stage 2" else "")
+    panel = Image.new("RGB", (grid.width, grid.height + 24), "white")
+    ImageDraw.Draw(panel).text((4, 4), title, fill="black")
+    panel.paste(grid, (0, 24))
+    panels.append(panel)
+figure = Image.new("RGB", (max(p.width for p in panels), sum(p.height for p in panels)), "white")
+y = 0
+for panel in panels:
+    figure.paste(panel, (0, y))
+    y += panel.height
+figure.save(sys.argv[2])
+print(f"wrote {sys.argv[2]}")
+PY

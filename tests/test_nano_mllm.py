@@ -106,6 +106,8 @@ def test_understanding_json(trained: Path) -> None:
     assert set(results["accuracy"]) == set(QUESTION_TYPES)
     assert set(results["text_accuracy"]) == set(TEXT_WEIGHTS)
     assert all(0.0 <= v <= 1.0 for v in results["accuracy"].values())
+    by_objects = results["accuracy_by_objects"]["color"]
+    assert set(by_objects) <= {"1", "2", "3", "4"} and all(0.0 <= v <= 1.0 for v in by_objects.values())
     again = evaluate_understanding(trained, n=4, seed=3)
     assert set(again) >= {"accuracy", "text_accuracy", "retrieval_top1", "embed_scale", "image_tokens"}
 

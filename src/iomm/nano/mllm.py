@@ -653,10 +653,11 @@ class EvalSet:
     questions: list[str]
     answers: list[str]
     contexts: list[str] = field(default_factory=list)  # captions, for the text path
+    objects: list[int] = field(default_factory=list)  # objects in each question's scene
 
 
 def eval_set(world: World, kind: str, n: int, rng: np.random.Generator, text: bool) -> EvalSet:
-    images, questions, answers, contexts = [], [], [], []
+    images, questions, answers, contexts, objects = [], [], [], [], []
     while len(questions) < n:
         scene = world.sample_scene(rng)
         qa = ask(world, scene, kind, rng)
@@ -666,11 +667,21 @@ def eval_set(world: World, kind: str, n: int, rng: np.random.Generator, text: bo
         questions.append(qa[0])
         answers.append(qa[1])
         contexts.append(world.caption(scene) if text else "")
-    return EvalSet(to_tensor(images), questions, answers, contexts)
+        objects.append(len(scene.objects))
+    return EvalSet(to_tensor(images), questions, answers, contexts, objects)
 
 
 def _accuracy(predictions: list[str], answers: list[str]) -> float:
     return round(sum(p == a for p, a in zip(predictions, answers)) / len(answers), 4)
+
+
+def _accuracy_by_objects(predictions: list[str], data: EvalSet) -> dict[str, float]:
+    """Accuracy per number of objects in the scene: binding errors show up as chance on crowded scenes."""
+    groups: dict[int, list[int]] = {}
+    for i, count in enumerate(data.objects):
+        groups.setdefault(count, []).append(i)
+    return {str(count): _accuracy([predictions[i] for i in idx], [data.answers[i] for i in idx])
+            for count, idx in sorted(groups.items())}
 
 
 def answer_all(mllm: FrozenMLLM, images: Tensor | None, questions: list[str], batch_size: int) -> list[str]:
@@ -709,18 +720,23 @@ def evaluate_understanding(path: str | Path, n: int = 200, seed: int = 1234, bat
     cfg = json.loads(meta_path.read_text())["config"] if meta_path.is_file() else asdict(NanoMLLMConfig())
     world = World(WorldConfig(resolution=cfg["resolution"], background=cfg["background"]))
     rng = np.random.default_rng([seed, 7919])
-    accuracy, text_accuracy = {}, {}
+    accuracy, text_accuracy, by_objects, text_by_objects = {}, {}, {}, {}
     for kind in QUESTION_TYPES:
         data = eval_set(world, kind, n, rng, text=kind in TEXT_WEIGHTS)
-        accuracy[kind] = _accuracy(answer_all(mllm, data.images, data.questions, batch_size), data.answers)
+        predictions = answer_all(mllm, data.images, data.questions, batch_size)
+        accuracy[kind], by_objects[kind] = _accuracy(predictions, data.answers), _accuracy_by_objects(predictions, data)
         if kind in TEXT_WEIGHTS:
             prompts = [f"{c} {q}" for c, q in zip(data.contexts, data.questions)]
-            text_accuracy[kind] = _accuracy(answer_all(mllm, None, prompts, batch_size), data.answers)
+            predictions = answer_all(mllm, None, prompts, batch_size)
+            text_accuracy[kind] = _accuracy(predictions, data.answers)
+            text_by_objects[kind] = _accuracy_by_objects(predictions, data)
     return {
         "n_per_type": n,
         "seed": seed,
         "accuracy": accuracy,
         "text_accuracy": text_accuracy,
+        "accuracy_by_objects": by_objects,
+        "text_accuracy_by_objects": text_by_objects,
         "retrieval_top1": retrieval_top1(mllm, world, 64, rng),
         "embed_scale": round(mllm.embed_scale, 5),
         "image_token_rms": round(float(mllm.embed_images(eval_set(world, "count", 16, rng, False).images)
