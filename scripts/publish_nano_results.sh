@@ -13,6 +13,7 @@ cp "$mllm/understanding.json" "$out/nano_mllm_understanding.json"
 cp "$mllm/nano_mllm.json" "$out/nano_mllm_training.json"
 vae=$(.venv/bin/python -c "import json,sys; c=json.load(open(sys.argv[1]))['config']['codec']; print(c['nano_dir'] if c['path'] == 'nano' else '')" "$run/recipe.json")
 if [ -n "$vae" ]; then cp "$vae/nano_vae.json" "$out/nano_vae.json"; fi
+rm -f "$out"/*_step_*.png  # grids of an earlier run (other step numbers) would otherwise stay behind
 for stage in pretrain finetune; do
   cp "$run/$stage/loss.png" "$out/${stage}_loss.png"
   for f in "$run/$stage"/samples/*.png; do cp "$f" "$out/${stage}_$(basename "$f")"; done
