@@ -367,6 +367,12 @@ def _check_paths(cfg: Config, source: str) -> None:
     if cfg.codec.kind == "vae":
         _check(cfg.codec.path is not None and (cfg.codec.path == "nano" or _exists(cfg.codec.path, "dir")), source,
                "codec.path", "'nano' or an existing AutoencoderKL directory for codec.kind=vae", cfg.codec.path)
+        nano_config = Path(cfg.codec.nano_dir) / "config.json"
+        if cfg.codec.path == "nano" and _exists(str(nano_config), "file"):
+            built = json.loads(nano_config.read_text(encoding="utf-8")).get("sample_size")
+            _check(built == cfg.data.resolution, source, "codec.nano_dir",
+                   f"a nano VAE built for data.resolution={cfg.data.resolution} px (or a new directory)",
+                   f"{cfg.codec.nano_dir} (built for {built} px)")
     if cfg.generator.pretrained is not None:
         _check(_exists(cfg.generator.pretrained, "dir"), source, "generator.pretrained", "an existing directory",
                cfg.generator.pretrained)
