@@ -8,6 +8,7 @@ import json
 import math
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
@@ -337,17 +338,22 @@ def validate(cfg: Config, source: str = "<config>", *, check_paths: bool = True)
         _check_paths(cfg, source)
 
 
+def vae_factor(block_out_channels: Sequence[int]) -> int:
+    """Spatial downsampling of an AutoencoderKL: one 2x step between consecutive blocks."""
+    return 2 ** (len(block_out_channels) - 1)
+
+
 def codec_factor(codec: CodecConfig) -> int:
     """How many pixels one latent cell spans: 1 for pixels, 2^(blocks - 1) for an AutoencoderKL."""
     if codec.kind == "pixel":
         return 1
     config_file = Path(codec.nano_dir if codec.path == "nano" else codec.path or "") / "config.json"
     if _exists(str(config_file), "file"):
-        return 2 ** (len(json.loads(config_file.read_text(encoding="utf-8"))["block_out_channels"]) - 1)
+        return vae_factor(json.loads(config_file.read_text(encoding="utf-8"))["block_out_channels"])
     if codec.path == "nano":  # not built yet: the architecture it will be built with
         from iomm.nano.codec import NanoVAEConfig
 
-        return 2 ** (len(NanoVAEConfig().block_out_channels) - 1)
+        return vae_factor(NanoVAEConfig().block_out_channels)
     return 8  # SD / SD3 / FLUX VAEs; a missing path is reported by the path checks
 
 

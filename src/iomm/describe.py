@@ -11,7 +11,7 @@ from transformers import AutoConfig, AutoModelForImageTextToText, PretrainedConf
 
 from iomm.conditioning.adapter import build_adapter
 from iomm.conditioning.connector import Connector
-from iomm.config import Config
+from iomm.config import Config, vae_factor
 from iomm.generator.transformer import build_generator
 
 
@@ -76,7 +76,7 @@ def describe(cfg: Config) -> dict[str, int]:
         if cfg.codec.kind == "vae":
             vae_config = VAE_ARCHITECTURES.get(cfg.codec.architecture or "") or _vae_config(cfg)
             vae = AutoencoderKL.from_config(vae_config)
-            factor, channels = 2 ** (len(vae.config.block_out_channels) - 1), vae.config.latent_channels
+            factor, channels = vae_factor(vae.config.block_out_channels), vae.config.latent_channels
         else:
             vae, factor, channels = None, 1, 3
         generator = build_generator(cfg.generator, in_channels=channels, sample_size=cfg.data.resolution // factor,

@@ -8,6 +8,8 @@ import torch
 from diffusers import AutoencoderKL
 from torch import nn
 
+from iomm.config import vae_factor
+
 
 class PixelCodec(nn.Module):
     """Identity codec: images in [0, 1] <-> "latents" in [-1, 1]."""
@@ -28,7 +30,7 @@ class VAECodec(nn.Module):
     def __init__(self, vae: AutoencoderKL):
         super().__init__()
         self.vae = vae.eval().requires_grad_(False)
-        self.factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.factor = vae_factor(vae.config.block_out_channels)
         self.channels = vae.config.latent_channels
         self.scale = vae.config.scaling_factor
         self.shift = vae.config.shift_factor or 0.0

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
 
+from iomm.config import vae_factor
 from iomm.data.world import World, WorldConfig
 from iomm.evaluation.shapes import detect_objects
 from iomm.nano.mllm import to_tensor
@@ -76,9 +77,9 @@ def train_nano_vae(out_dir: str | Path, *, steps: int = DEFAULT_STEPS, seed: int
     vae = build_nano_vae(cfg)
     n_params = sum(p.numel() for p in vae.parameters())
     if progress:
+        side = cfg.resolution // vae_factor(cfg.block_out_channels)
         print(f"[nano-vae] training nano AutoencoderKL: {n_params / 1e6:.2f}M params, "
-              f"{cfg.resolution} px -> {vae.config.latent_channels}x{cfg.resolution // _factor(vae)}^2 latents, "
-              f"{steps} steps -> {out_dir}", flush=True)
+              f"{cfg.resolution} px -> {cfg.latent_channels}x{side}^2 latents, {steps} steps -> {out_dir}", flush=True)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
     stream, noise = _world_images(cfg.resolution, seed), torch.Generator().manual_seed(seed)
     log, loss = Progress(progress, tag="nano-vae"), float("nan")
@@ -105,10 +106,6 @@ def train_nano_vae(out_dir: str | Path, *, steps: int = DEFAULT_STEPS, seed: int
     if progress:
         print(f"[nano-vae] saved {out_dir}; reconstruction: {json.dumps(stats)}", flush=True)
     return out_dir
-
-
-def _factor(vae: AutoencoderKL) -> int:
-    return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
 @torch.no_grad()
