@@ -120,6 +120,7 @@ def test_any_value_loads_or_fails_with_a_config_error(values):
     ("train.max_nonfinite_in_row=0", "train.max_nonfinite_in_row"),
     ("train.keep_last=-1", "train.keep_last"),
     ("train.warmup_steps=-1", "train.warmup_steps"),
+    ("train.decay_fraction=1.5", "train.decay_fraction"),
     ("train.threads=-2", "train.threads"),
     ("train.lr=.inf", "train.lr"),
     ("train.weight_decay=-1", "train.weight_decay"),

@@ -73,3 +73,14 @@ def test_ema_warm_up_forgets_the_initial_weights():
         ema.update(step)
     # Without warm-up 0.995**500 = 8% of the (zero) initial weights would remain.
     assert torch.all(ema.shadow["p"] > 0.99)
+
+
+def test_lr_schedule_warms_up_holds_then_decays_to_zero():
+    from iomm.training.trainer import lr_factor
+
+    factors = [lr_factor(s, steps=100, warmup=10, decay_fraction=0.2) for s in range(100)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == 1.0
+    assert factors[10:80] == [1.0] * 70
+    assert all(a > b for a, b in zip(factors[80:], factors[81:]))
+    assert factors[99] == pytest.approx(1 / 20)
+    assert [lr_factor(s, steps=100, warmup=10, decay_fraction=0.0) for s in range(10, 100)] == [1.0] * 90

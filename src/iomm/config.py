@@ -126,6 +126,8 @@ class TrainConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     warmup_steps: int = 0
+    # Warmup-stable-decay: the LR falls linearly to 0 over this final fraction of `steps` (0: constant).
+    decay_fraction: float = 0.0
     ema_decay: float = 0.999
     # auto: bf16 autocast where the hardware runs bf16 natively, else fp32
     mixed_precision: Literal["fp32", "bf16", "auto"] = "fp32"
@@ -300,6 +302,7 @@ def validate(cfg: Config, source: str = "<config>", *, check_paths: bool = True)
         _check(getattr(t, name) >= 1, source, f"train.{name}", ">= 1", getattr(t, name))
     for name in ("warmup_steps", "sample_every", "keep_last", "keep_every", "threads"):
         _check(getattr(t, name) >= 0, source, f"train.{name}", ">= 0", getattr(t, name))
+    _check(0.0 <= t.decay_fraction <= 1.0, source, "train.decay_fraction", "a value in [0, 1]", t.decay_fraction)
     _check(math.isfinite(t.lr) and t.lr > 0, source, "train.lr", "a finite number > 0", t.lr)
     _check(math.isfinite(t.weight_decay) and t.weight_decay >= 0, source, "train.weight_decay", "a finite number >= 0",
            t.weight_decay)

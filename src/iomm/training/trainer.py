@@ -14,6 +14,7 @@ import os
 import signal
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,14 @@ from iomm.training.precision import autocast
 from iomm.training.state import load_trainable, step_seed, trainable_state
 
 MIN_SAMPLES_FOR_BAD_CHECK = 64
+
+
+def lr_factor(step: int, *, steps: int, warmup: int, decay_fraction: float) -> float:
+    """Warmup-stable-decay: linear warm-up, constant, then a linear fall to 0 over the final `decay_fraction`."""
+    factor = min(1.0, (step + 1) / max(warmup, 1))
+    if decay_fraction > 0:
+        factor = min(factor, max(steps - step, 0) / max(decay_fraction * steps, 1.0))
+    return factor
 
 
 class TrainingStopped(RuntimeError):
@@ -92,8 +101,8 @@ class Trainer:
         t = self.cfg.train
         self.optimizer = torch.optim.AdamW(self.params.values(), lr=t.lr, betas=tuple(t.betas),
                                            weight_decay=t.weight_decay)
-        warmup = max(t.warmup_steps, 1)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / warmup))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, partial(lr_factor, steps=t.steps, warmup=t.warmup_steps, decay_fraction=t.decay_fraction))
         self.ema = EMA(self.params, t.ema_decay)
         self.report = DataReport()
         images, pairs = build_sources(self.cfg, self.report)
