@@ -73,7 +73,8 @@ def main() -> None:
                   pooled_projections=cond.mean(1), return_dict=False)[0]
         return velocity_from_sample(x, out, t, flow.min_t) if flow.prediction == "sample" else out
 
-    world, stream = World(), World().images(args.seed)
+    world = World()
+    stream = world.images(args.seed)
     g, start = torch.Generator().manual_seed(args.seed), time.time()
     for step in range(args.steps):
         for group in opt.param_groups:
