@@ -29,7 +29,7 @@ src = Path(sys.argv[1])
 grids = sorted(src.glob("pretrain_step_*.png")) + sorted(src.glob("finetune_step_*.png"))[-1:]
 panels = []
 for path in grids:
-    stage, step = ("stage 1", path.stem.split("_")[-1]) if path.name.startswith("pretrain") else ("stage 2", path.stem.split("_")[-1])
+    stage, step = "stage 1" if path.name.startswith("pretrain") else "stage 2", path.stem.split("_")[-1]
     grid = Image.open(path).convert("RGB")
     grid = grid.resize((grid.width * 2, grid.height * 2), Image.NEAREST)
     title = f"{stage}, step {int(step)}" + (" (3rd row: fixed text prompts)" if stage == "stage 2" else "")
