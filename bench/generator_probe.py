@@ -1,4 +1,4 @@
-"""Generator-only probe: how fast does the nano MM-DiT learn the world's images, per flow setting?
+"""Generator-only probe: how fast does the nano generator learn the world's images, per flow setting?
 
 `--condition none`: trains the generator of configs/nano.yaml unconditionally (a constant null
 condition, no MLLM) on the world's image stream, then samples 32 images and counts the objects the
@@ -31,13 +31,14 @@ from iomm.config import load_config
 from iomm.data.world import World, captioned_grid, eval_prompts
 from iomm.evaluation.shapes import detect_objects, judge, score
 from iomm.generator.flow import (
+    TIMESTEP_SCALE,
     euler_sample,
     interpolate,
     sample_timesteps,
     velocity_from_sample,
     velocity_target,
 )
-from iomm.generator.transformer import build_generator
+from iomm.generator.network import build_generator, run_generator
 from iomm.model import build_codec
 from iomm.nano.mllm import to_tensor
 from iomm.training.trainer import lr_factor
@@ -69,8 +70,7 @@ def main() -> None:
 
     def velocity(x: torch.Tensor, t: torch.Tensor, texts: list[str] | None = None) -> torch.Tensor:
         cond = encoder(texts) if encoder else null.expand(x.shape[0], -1, -1)
-        out = gen(hidden_states=x, timestep=t * 1000, encoder_hidden_states=cond,
-                  pooled_projections=cond.mean(1), return_dict=False)[0]
+        out = run_generator(gen, x, t * TIMESTEP_SCALE, cond, cond.mean(1))
         return velocity_from_sample(x, out, t, flow.min_t) if flow.prediction == "sample" else out
 
     world = World()

@@ -33,6 +33,17 @@ def test_saved_nano_vae_loads_through_the_checkpoint_path_with_measured_statisti
     assert codec.decode(latents).shape == images.shape
 
 
+def test_codec_can_train_on_the_posterior_mean(tiny_vae_dir):
+    codec = VAECodec.from_pretrained(tiny_vae_dir, sample_posterior=False)
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    latents = codec.encode(images, torch.Generator().manual_seed(1))
+    assert torch.equal(latents, codec.encode(images, torch.Generator().manual_seed(2)))
+    mean = codec.vae.encode(images * 2 - 1).latent_dist.mean
+    assert torch.allclose(latents, (mean - codec.shift) * codec.scale)
+    sampled = VAECodec.from_pretrained(tiny_vae_dir).encode(images, torch.Generator().manual_seed(1))
+    assert not torch.allclose(latents, sampled)
+
+
 def test_ensure_reuses_a_built_vae_and_refuses_another_resolution(tiny_vae_dir):
     assert ensure_nano_vae(tiny_vae_dir, resolution=32) == tiny_vae_dir
     with pytest.raises(ValueError, match="trained at 32 px, but data.resolution is 64"):

@@ -142,6 +142,18 @@ def test_values_that_would_crash_a_run_fail_before_any_compute(override, field):
     assert err.value.field_path == field and err.value.expected
 
 
+@pytest.mark.parametrize("override, field", [
+    ("generator.block_out_channels=[48]", "generator.block_out_channels"),  # GroupNorm needs multiples of 32
+    ("generator.block_out_channels=[]", "generator.block_out_channels"),
+    ("generator.layers_per_block=0", "generator.layers_per_block"),
+    ("data.resolution=33", "data.resolution"),  # two levels halve the side once
+])
+def test_unet_generator_settings_are_checked_before_any_compute(override, field):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["generator.kind=unet", "generator.block_out_channels=[32,64]", "codec.kind=pixel", override])
+    assert err.value.field_path == field and err.value.expected
+
+
 def _leaves(cls: type, prefix: str = "") -> list[str]:
     hints = typing.get_type_hints(cls)
     return [leaf for f in dataclasses.fields(cls) for leaf in (

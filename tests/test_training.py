@@ -31,8 +31,13 @@ def test_resume_gives_the_same_losses_as_an_uninterrupted_run(tiny_config, tmp_p
     assert a[3] != a[4]
 
 
-def test_save_then_load_gives_identical_outputs(tiny_config, tmp_path):
-    trainer = Trainer(tiny_config("train.steps=2", "train.ema_decay=0.5"), tmp_path / "run", progress=False)
+@pytest.mark.parametrize("generator, output_layer", [
+    (("generator.kind=sd3",), "proj_out"),
+    (("generator.kind=unet", "generator.block_out_channels=[32,32]", "generator.attention_head_dim=16"), "conv_out"),
+])
+def test_save_then_load_gives_identical_outputs(tiny_config, tmp_path, generator, output_layer):
+    trainer = Trainer(tiny_config("train.steps=2", "train.ema_decay=0.5", *generator), tmp_path / "run",
+                      progress=False)
     trainer.fit()
     loaded = load_model(tmp_path / "run", use_ema=True)
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
@@ -43,8 +48,10 @@ def test_save_then_load_gives_identical_outputs(tiny_config, tmp_path):
     with torch.no_grad():
         got = loaded.velocity(x, t, loaded.condition_texts(["a photo of a red circle"] * 2))
     assert torch.equal(expected, got)
+    assert type(loaded.generator) is type(trainer.model.generator)
     raw = load_model(tmp_path / "run", use_ema=False)
-    assert not torch.equal(raw.generator.proj_out.weight, loaded.generator.proj_out.weight)
+    weight = f"{output_layer}.weight"
+    assert not torch.equal(raw.generator.get_parameter(weight), loaded.generator.get_parameter(weight))
 
 
 def test_damaged_newest_checkpoint_falls_back_to_the_previous(tiny_config, tmp_path, capsys):

@@ -63,16 +63,25 @@ class ConnectorConfig:
     width: int = 1536
 
 
+UNET_NORM_GROUPS = 32  # group norm groups in the U-Net generator: its channel counts are multiples of this
+
+
 @dataclass
 class GeneratorConfig:
-    kind: Literal["sd3"] = "sd3"
+    # sd3: diffusers SD3Transformer2DModel (the paper's MM-DiT); unet: diffusers UNet2DConditionModel with
+    # cross-attention to the condition tokens at every level
+    kind: Literal["sd3", "unet"] = "sd3"
     pretrained: str | None = None
+    attention_head_dim: int = 32  # both kinds
+    # kind=sd3
     num_layers: int = 4
-    attention_head_dim: int = 32
     num_attention_heads: int = 4
     patch_size: int = 2
     dual_attention_layers: list[int] = field(default_factory=list)
     qk_norm: Literal["rms_norm", "layer_norm", None] = "rms_norm"
+    # kind=unet: channels per resolution level (each level after the first halves the latent side)
+    block_out_channels: list[int] = field(default_factory=lambda: [64, 128])
+    layers_per_block: int = 1
 
 
 @dataclass
@@ -83,6 +92,9 @@ class CodecConfig:
     path: str | None = None
     nano_dir: str = ".cache/nano-vae"
     architecture: str | None = None
+    # Train on posterior samples (diffusers' training scripts) or on the posterior mean. The nano VAE's
+    # posterior std is half its latent scale, noise the generator would otherwise have to learn to draw.
+    sample_posterior: bool = True
 
 
 @dataclass
@@ -326,10 +338,7 @@ def validate(cfg: Config, source: str = "<config>", *, check_paths: bool = True)
     _check(d.resolution >= 8, source, "data.resolution", ">= 8", d.resolution)
     if d.source == "world":
         _check(d.resolution >= 16, source, "data.resolution", ">= 16 for the built-in world", d.resolution)
-    _check(cfg.generator.patch_size >= 1, source, "generator.patch_size", ">= 1", cfg.generator.patch_size)
-    factor = codec_factor(cfg.codec) * cfg.generator.patch_size
-    _check(d.resolution % factor == 0, source, "data.resolution",
-           f"divisible by the codec factor x patch size = {factor}", d.resolution)
+    _check_generator(cfg.generator, codec_factor(cfg.codec), d.resolution, source)
     _check(t.mix_ratio == 1.0 or d.pairs is not None, source, "data.pairs",
            "a pair source (JSONL path or world:N) when train.mix_ratio < 1", d.pairs)
     if d.pairs is not None and d.pairs.startswith("world:"):
@@ -339,6 +348,23 @@ def validate(cfg: Config, source: str = "<config>", *, check_paths: bool = True)
         _check(d.path is not None, source, "data.path", "an image folder for data.source=folder", d.path)
     if check_paths:
         _check_paths(cfg, source)
+
+
+def _check_generator(g: GeneratorConfig, codec_factor: int, resolution: int, source: str) -> None:
+    if g.kind == "sd3":
+        _check(g.patch_size >= 1, source, "generator.patch_size", ">= 1", g.patch_size)
+        factor, why = codec_factor * g.patch_size, "the codec factor x patch size"
+    else:
+        channels = g.block_out_channels
+        _check(len(channels) >= 1 and all(isinstance(c, int) and c >= 1 for c in channels), source,
+               "generator.block_out_channels", "a non-empty list of positive integers", channels)
+        for c in channels:
+            _check(c % UNET_NORM_GROUPS == 0 and c % g.attention_head_dim == 0, source,
+                   "generator.block_out_channels", f"multiples of {UNET_NORM_GROUPS} and of "
+                   f"generator.attention_head_dim={g.attention_head_dim}", channels)
+        _check(g.layers_per_block >= 1, source, "generator.layers_per_block", ">= 1", g.layers_per_block)
+        factor, why = codec_factor * 2 ** (len(channels) - 1), "the codec factor x the U-Net's downsampling"
+    _check(resolution % factor == 0, source, "data.resolution", f"divisible by {why} = {factor}", resolution)
 
 
 def vae_factor(block_out_channels: Sequence[int]) -> int:

@@ -12,7 +12,7 @@ from transformers import AutoConfig, AutoModelForImageTextToText, PretrainedConf
 from iomm.conditioning.adapter import build_adapter
 from iomm.conditioning.connector import Connector
 from iomm.config import Config, vae_factor
-from iomm.generator.transformer import build_generator
+from iomm.generator.network import build_generator
 
 
 def internvl3_2b() -> PretrainedConfig:

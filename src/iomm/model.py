@@ -26,7 +26,7 @@ from iomm.generator.flow import (
     velocity_from_sample,
     velocity_target,
 )
-from iomm.generator.transformer import build_generator
+from iomm.generator.network import build_generator, run_generator
 
 TRAINABLE = ("adapter", "connector", "generator")
 
@@ -58,7 +58,7 @@ def build_codec(cfg: Config) -> nn.Module:
         from iomm.nano.codec import ensure_nano_vae
 
         path = ensure_nano_vae(Path(cfg.codec.nano_dir), resolution=cfg.data.resolution)
-    return VAECodec.from_pretrained(path)
+    return VAECodec.from_pretrained(path, sample_posterior=cfg.codec.sample_posterior)
 
 
 class IOMM(nn.Module):
@@ -162,9 +162,7 @@ class IOMM(nn.Module):
 
     # ---- generator --------------------------------------------------------------------------
     def velocity(self, latents: torch.Tensor, t: torch.Tensor, cond: Condition) -> torch.Tensor:
-        out = self.generator(hidden_states=latents, timestep=t * TIMESTEP_SCALE,
-                             encoder_hidden_states=cond.tokens, pooled_projections=cond.pooled,
-                             return_dict=False)[0]
+        out = run_generator(self.generator, latents, t * TIMESTEP_SCALE, cond.tokens, cond.pooled)
         if self.cfg.flow.prediction == "sample":
             return velocity_from_sample(latents, out, t, self.cfg.flow.min_t)
         return out

@@ -27,24 +27,26 @@ class PixelCodec(nn.Module):
 class VAECodec(nn.Module):
     """A frozen AutoencoderKL (SD3 / FLUX style: latents = (mean - shift) * scale)."""
 
-    def __init__(self, vae: AutoencoderKL):
+    def __init__(self, vae: AutoencoderKL, *, sample_posterior: bool = True):
         super().__init__()
         self.vae = vae.eval().requires_grad_(False)
+        self.sample_posterior = sample_posterior
         self.factor = vae_factor(vae.config.block_out_channels)
         self.channels = vae.config.latent_channels
         self.scale = vae.config.scaling_factor
         self.shift = vae.config.shift_factor or 0.0
 
     @classmethod
-    def from_pretrained(cls, path: str | Path) -> "VAECodec":
-        return cls(AutoencoderKL.from_pretrained(path, local_files_only=True))
+    def from_pretrained(cls, path: str | Path, *, sample_posterior: bool = True) -> "VAECodec":
+        return cls(AutoencoderKL.from_pretrained(path, local_files_only=True), sample_posterior=sample_posterior)
 
     def train(self, mode: bool = True) -> "VAECodec":
         return super().train(False)
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        latents = self.vae.encode(images * 2.0 - 1.0).latent_dist.sample(generator)
+        posterior = self.vae.encode(images * 2.0 - 1.0).latent_dist
+        latents = posterior.sample(generator) if self.sample_posterior else posterior.mode()
         return (latents - self.shift) * self.scale
 
     @torch.no_grad()

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import SD3Transformer2DModel
 
 from iomm.model import IOMM
 from iomm.training.checkpoint import load_tensors, save_tensors
@@ -38,7 +37,7 @@ def trainable_state(model: IOMM, ema: EMA | None, out: Path) -> None:
 
 def load_trainable(model: IOMM, path: Path, *, use_ema: bool, ema: EMA | None = None) -> None:
     """Load trainable weights from a checkpoint dir; `use_ema` puts the EMA weights into the model."""
-    generator = SD3Transformer2DModel.from_pretrained(path / GENERATOR_DIR)
+    generator = type(model.generator).from_pretrained(path / GENERATOR_DIR)
     model.generator.load_state_dict(generator.state_dict())
     conditioner = load_tensors(path / CONDITIONER)
     model.connector.load_state_dict({k[len("connector."):]: v for k, v in conditioner.items()
