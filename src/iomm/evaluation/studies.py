@@ -147,8 +147,9 @@ def run_study(study: Study, config: str, seeds: int, out: Path, parallel: int, p
         results = []
         for future, (arm, seed) in futures.items():
             metrics = future.result()
+            headline = "edit_overall" if arm.edit else "overall"
             print(f"[{study.name}] {arm.name} seed {seed}: "
-                  f"overall {metrics.get('overall', float('nan')):.3f}", flush=True)
+                  f"{headline} {metrics.get(headline, float('nan')):.3f}", flush=True)
             results.append({"arm": arm.name, "seed": seed,
                             **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}})
     summary = summarize(results)
