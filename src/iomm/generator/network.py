@@ -2,7 +2,8 @@
 
 Both read the condition tokens the same way (attention to `encoder_hidden_states`); the MM-DiT also takes
 the pooled condition. The U-Net's convolutions give small models on small latents a locality prior that
-the MM-DiT has to learn, which is what a CPU-sized budget cannot afford (bench/README.md, "Text oracle").
+the MM-DiT has to learn, which is what a CPU-sized budget cannot afford (bench/README.md, "A U-Net on
+posterior means").
 """
 
 from __future__ import annotations
