@@ -34,8 +34,8 @@ from iomm.generator.flow import (
     TIMESTEP_SCALE,
     euler_sample,
     interpolate,
+    output_to_velocity,
     sample_timesteps,
-    velocity_from_sample,
     velocity_target,
 )
 from iomm.generator.network import build_generator, run_generator
@@ -71,7 +71,7 @@ def main() -> None:
     def velocity(x: torch.Tensor, t: torch.Tensor, texts: list[str] | None = None) -> torch.Tensor:
         cond = encoder(texts) if encoder else null.expand(x.shape[0], -1, -1)
         out = run_generator(gen, x, t * TIMESTEP_SCALE, cond, cond.mean(1))
-        return velocity_from_sample(x, out, t, flow.min_t) if flow.prediction == "sample" else out
+        return output_to_velocity(flow, x, out, t)
 
     world = World()
     stream = world.images(args.seed)

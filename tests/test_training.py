@@ -7,7 +7,7 @@ import torch
 
 from iomm.inference.pipeline import load_model
 from iomm.training.checkpoint import latest_checkpoint
-from iomm.training.trainer import Trainer
+from iomm.training.trainer import Trainer, lr_factor
 
 
 def _losses(run_dir):
@@ -83,8 +83,6 @@ def test_ema_warm_up_forgets_the_initial_weights():
 
 
 def test_lr_schedule_warms_up_holds_then_decays_to_zero():
-    from iomm.training.trainer import lr_factor
-
     factors = [lr_factor(s, steps=100, warmup=10, decay_fraction=0.2) for s in range(100)]
     assert factors[0] == pytest.approx(0.1) and factors[9] == 1.0
     assert factors[10:80] == [1.0] * 70

@@ -22,8 +22,8 @@ from iomm.generator.codec import PixelCodec, VAECodec
 from iomm.generator.flow import (
     TIMESTEP_SCALE,
     interpolate,
+    output_to_velocity,
     sample_timesteps,
-    velocity_from_sample,
     velocity_target,
 )
 from iomm.generator.network import build_generator, run_generator
@@ -163,9 +163,7 @@ class IOMM(nn.Module):
     # ---- generator --------------------------------------------------------------------------
     def velocity(self, latents: torch.Tensor, t: torch.Tensor, cond: Condition) -> torch.Tensor:
         out = run_generator(self.generator, latents, t * TIMESTEP_SCALE, cond.tokens, cond.pooled)
-        if self.cfg.flow.prediction == "sample":
-            return velocity_from_sample(latents, out, t, self.cfg.flow.min_t)
-        return out
+        return output_to_velocity(self.cfg.flow, latents, out, t)
 
     def forward(self, images: torch.Tensor, captions: list[str | None], generator: torch.Generator) -> torch.Tensor:
         return self.loss(images, captions, generator)

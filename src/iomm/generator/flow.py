@@ -37,6 +37,13 @@ def velocity_from_sample(x_t: torch.Tensor, sample: torch.Tensor, t: torch.Tenso
     return (x_t - sample) / t
 
 
+def output_to_velocity(cfg: FlowConfig, x_t: torch.Tensor, output: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The velocity from the generator's raw output: the output itself, or implied by it (`flow.prediction`)."""
+    if cfg.prediction == "sample":
+        return velocity_from_sample(x_t, output, t, cfg.min_t)
+    return output
+
+
 def guided(velocity_fn: Callable[[torch.Tensor, torch.Tensor, bool], torch.Tensor], scale: float) -> VelocityFn:
     """Classifier-free guidance: v_null + s (v_cond - v_null); s == 1 is the conditional prediction."""
 

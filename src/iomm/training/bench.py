@@ -60,9 +60,10 @@ def bench_train_step(cfg: Config, steps: int = 10, warmup: int = 2) -> dict:
             with clock("generator_backward"):
                 loss.backward()
             with clock("conditioning_backward"):
-                used = [(out, inp.grad) for out, inp in ((cond.tokens, tokens), (cond.pooled, pooled))
-                        if inp.grad is not None]  # a U-Net generator ignores the pooled condition
-                torch.autograd.backward(*map(list, zip(*used)))
+                # a U-Net generator ignores the pooled condition, which then has no gradient
+                outputs, grads = zip(*[(out, inp.grad) for out, inp in ((cond.tokens, tokens), (cond.pooled, pooled))
+                                       if inp.grad is not None])
+                torch.autograd.backward(list(outputs), list(grads))
             with clock("optimizer_and_ema"):
                 torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.train.grad_clip or float("inf"))
                 optimizer.step()
