@@ -46,6 +46,11 @@ def test_tiny_study_end_to_end(tiny_mllm_dir: Path, tmp_path: Path) -> None:
     assert len(list((out / "pretrain").glob("*/seed0/done"))) == 1
     assert (out / "results.csv").is_file() and (out / "results.png").is_file() and (out / "curves.png").is_file()
     assert record["curves"]["mix"]["step"] == [1, 2] and len(record["curves"]["mix"]["recon_mse_own"]) == 2
+    table = (out / "results.md").read_text(encoding="utf-8").splitlines()
+    mix = next(line for line in table if line.startswith("| mix |"))
+    assert f"{record['summary']['mix']['overall'][0]:.3f} ± 0.000 |" in mix and not record["resumed"]
+    rerun = run_study(study, str(packaged_config("nano")), 1, out, parallel=2, per_category=1, common=common)
+    assert json.loads((rerun / "results.json").read_text(encoding="utf-8"))["resumed"]
 
 
 def test_reconstruction_curve_keeps_the_last_of_a_repeated_step_and_averages_seeds(tmp_path: Path) -> None:

@@ -134,6 +134,7 @@ def run_study(study: Study, config: str, seeds: int, out: Path, parallel: int, p
     out.mkdir(parents=True, exist_ok=True)
     common = [*study.common, *common]
     jobs = [(arm, seed) for seed in range(seeds) for arm in study.arms]
+    resumed = (out / "pretrain").is_dir() or any((out / arm.name.replace("/", "_")).is_dir() for arm in study.arms)
     start = time.time()
     with ThreadPoolExecutor(max_workers=parallel) as pool:
         stage1 = {pretrain_dir(out, arm, seed): (arm, seed) for arm, seed in jobs if not arm.skip_pretrain}
@@ -154,7 +155,8 @@ def run_study(study: Study, config: str, seeds: int, out: Path, parallel: int, p
                             **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}})
     summary = summarize(results)
     record = {"study": study.name, "description": study.description, "config": config, "common": common,
-              "seeds": seeds, "wall_s": time.time() - start, "results": results, "summary": summary}
+              "seeds": seeds, "wall_s": time.time() - start, "resumed": resumed, "results": results,
+              "summary": summary}
     if study.curves:
         record["curves"] = {arm.name: mean_curve([reconstruction_curve(pretrain_dir(out, arm, seed))
                                                   for seed in range(seeds)]) for arm in study.arms}
@@ -166,6 +168,7 @@ def run_study(study: Study, config: str, seeds: int, out: Path, parallel: int, p
         writer.writeheader()
         writer.writerows(results)
     plot_summary(summary, out / "results.png", study.name)
+    (out / "results.md").write_text(markdown_summary(record), encoding="utf-8")
     return out
 
 
@@ -198,6 +201,27 @@ def summarize(results: list[dict]) -> dict[str, dict[str, list[float]]]:
     return arms
 
 
+def headline_metrics(summary: dict) -> list[str]:
+    """The GenEval categories when every arm has them (edit metrics otherwise), never the wall time."""
+    arms = list(summary)
+    return [m for m in CATEGORIES if all(m in summary[a] for a in arms)] or \
+        sorted({m for a in arms for m in summary[a] if m != "wall_s"})
+
+
+def markdown_summary(record: dict) -> str:
+    """results.md: the study's mean +- standard deviation table, as the docs quote it."""
+    summary, metrics = record["summary"], headline_metrics(record["summary"])
+    wall = f"{record['wall_s'] / 60:.1f} min" + (" (this invocation; it resumed earlier work)" if record.get("resumed")
+                                                  else "")
+    lines = [f"# Study `{record['study']}`: {record['description']}", "",
+             f"{record['seeds']} seeds, mean ± standard deviation over seeds. Wall time: {wall}.",
+             f"Config: `{record['config']}`, overrides: `{' '.join(record['common']) or 'none'}`.", "",
+             "| arm | " + " | ".join(metrics) + " |", "|---|" + "---|" * len(metrics)]
+    lines += [f"| {arm} | " + " | ".join(f"{values[m][0]:.3f} ± {values[m][1]:.3f}" for m in metrics) + " |"
+              for arm, values in summary.items()]
+    return "\n".join(lines) + "\n"
+
+
 def plot_summary(summary: dict, out: Path, title: str) -> None:
     import matplotlib
 
@@ -205,9 +229,7 @@ def plot_summary(summary: dict, out: Path, title: str) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    arms = list(summary)
-    metrics = [m for m in CATEGORIES if all(m in summary[a] for a in arms)] or \
-        sorted({m for a in arms for m in summary[a] if m != "wall_s"})
+    arms, metrics = list(summary), headline_metrics(summary)
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(metrics) * len(arms) / 3), 3.8))
     width = 0.8 / max(len(arms), 1)
     for i, arm in enumerate(arms):
