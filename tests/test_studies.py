@@ -49,22 +49,26 @@ def test_tiny_study_end_to_end(tiny_mllm_dir: Path, tmp_path: Path) -> None:
     table = (out / "results.md").read_text(encoding="utf-8").splitlines()
     mix = next(line for line in table if line.startswith("| mix |"))
     assert f"{record['summary']['mix']['overall'][0]:.3f} ± 0.000 |" in mix and not record["resumed"]
+    assert any(line.startswith("| mix | 2 |") for line in table)  # the regeneration table, at the last step
     rerun = run_study(study, str(packaged_config("nano")), 1, out, parallel=2, per_category=1, common=common)
     assert json.loads((rerun / "results.json").read_text(encoding="utf-8"))["resumed"]
 
 
 def test_reconstruction_curve_keeps_the_last_of_a_repeated_step_and_averages_seeds(tmp_path: Path) -> None:
-    rows = [{"step": 1, "loss": 1.0}, {"step": 100, "recon_mse_own": 0.5}, {"step": 200, "recon_mse_own": 0.4},
-            {"step": 200, "recon_mse_own": 0.3}]  # resumed after step 200's log line
+    rows = [{"step": 1, "loss": 1.0}, {"step": 100, "recon_mse_own": 0.5, "recon_mse_other": 0.6},
+            {"step": 200, "recon_mse_own": 0.4, "recon_mse_other": 0.6},
+            {"step": 200, "recon_mse_own": 0.3, "recon_mse_other": 0.5}]  # resumed after step 200's log line
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     curve = reconstruction_curve(tmp_path)
-    assert curve == {100: 0.5, 200: 0.3}
-    mean = mean_curve([curve, {100: 0.7, 200: 0.5, 300: 0.1}])
-    assert mean["step"] == [100, 200] and mean["recon_mse_own"] == [0.6, 0.4]
-    assert abs(mean["std"][0] - 0.1414) < 1e-3
+    assert curve == {100: (0.5, 0.6), 200: (0.3, 0.5)}
+    mean = mean_curve([curve, {100: (0.7, 0.8), 200: (0.5, 0.5), 300: (0.1, 0.1)}])
+    assert mean["step"] == [100, 200] and mean["recon_mse_own"] == [0.6, 0.4] and mean["recon_mse_other"] == [0.7, 0.5]
+    assert abs(mean["recon_mse_own_std"][0] - 0.1414) < 1e-3 and mean["recon_mse_other_std"][1] == 0.0
 
 
-def test_adapter_study_records_convergence_curves() -> None:
+def test_adapter_and_mask_ratio_studies_record_regeneration_curves() -> None:
+    for name in ("adapter", "mask-ratio"):
+        study = studies()[name]
+        assert study.curves and any(c.startswith("train.sample_every=") for c in study.common)
     adapter = studies()["adapter"]
-    assert adapter.curves and any(c.startswith("train.sample_every=") for c in adapter.common)
     assert [a.name for a in adapter.arms] == ["raw", "free_queries", "rqa"]

@@ -35,7 +35,7 @@ class Study:
     arms: list[Arm]
     description: str
     common: list[str] = field(default_factory=list)  # overrides for every arm, before the command line's
-    curves: bool = False  # also record stage-1 reconstruction error against training steps
+    curves: bool = False  # also record stage-1 regeneration error against training steps
 
 
 IMAGE, PAIR = "train.mix_ratio=1.0", "train.mix_ratio=0.0"
@@ -50,7 +50,8 @@ def studies() -> dict[str, Study]:
             "pre-train on images or pairs x fine-tune on images, pairs or the mix (lambda = 0.5)"),
         "mask-ratio": Study("mask-ratio", [
             Arm(f"r={r}", (f"masking.ratio={r}",), FT["mix"]) for r in (0.0, 0.25, 0.45, 0.65, 0.85, 0.95)],
-            "stage-1 mask ratio r, then the same mix fine-tuning"),
+            "stage-1 mask ratio r, then the same mix fine-tuning",
+            common=["train.sample_every=100"], curves=True),
         "mix-ratio": Study("mix-ratio", [
             Arm(f"lambda={lam}", (), (f"finetune.mix_ratio={lam}",)) for lam in (0.0, 0.25, 0.5, 0.75, 1.0)],
             "fraction of image-only samples in fine-tuning batches"),
@@ -172,22 +173,29 @@ def run_study(study: Study, config: str, seeds: int, out: Path, parallel: int, p
     return out
 
 
-def reconstruction_curve(run_dir: Path) -> dict[int, float]:
-    """Step -> reconstruction MSE against the image's own original, as logged with each sample grid."""
+CURVE_KEYS = ("recon_mse_own", "recon_mse_other")
+
+
+def reconstruction_curve(run_dir: Path) -> dict[int, tuple[float, float]]:
+    """Step -> MSE of the stage-1 regenerations against their own originals and against other images,
+    as logged with each sample grid: the gap between the two is how much the condition is followed."""
     curve = {}
     for line in (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines():
         row = json.loads(line)
-        if "recon_mse_own" in row:
-            curve[int(row["step"])] = float(row["recon_mse_own"])  # a resumed run logs a step again: keep the last
+        if all(k in row for k in CURVE_KEYS):  # a resumed run logs a step again: keep the last
+            curve[int(row["step"])] = tuple(float(row[k]) for k in CURVE_KEYS)
     return curve
 
 
-def mean_curve(curves: list[dict[int, float]]) -> dict[str, list[float]]:
+def mean_curve(curves: list[dict[int, tuple[float, float]]]) -> dict[str, list[float]]:
     """Mean and spread over seeds at the steps every seed logged."""
     steps = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
-    values = [[c[step] for c in curves] for step in steps]
-    return {"step": steps, "recon_mse_own": [statistics.fmean(v) for v in values],
-            "std": [statistics.stdev(v) if len(v) > 1 else 0.0 for v in values]}
+    out: dict[str, list[float]] = {"step": steps}
+    for i, key in enumerate(CURVE_KEYS):
+        values = [[c[step][i] for c in curves] for step in steps]
+        out[key] = [statistics.fmean(v) for v in values]
+        out[f"{key}_std"] = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in values]
+    return out
 
 
 def summarize(results: list[dict]) -> dict[str, dict[str, list[float]]]:
@@ -219,6 +227,14 @@ def markdown_summary(record: dict) -> str:
              "| arm | " + " | ".join(metrics) + " |", "|---|" + "---|" * len(metrics)]
     lines += [f"| {arm} | " + " | ".join(f"{values[m][0]:.3f} ± {values[m][1]:.3f}" for m in metrics) + " |"
               for arm, values in summary.items()]
+    if record.get("curves"):
+        lines += ["", "Stage-1 regenerations: MSE against their own originals and against other images "
+                  "(the gap is how much they follow their condition), by stage-1 step.", "",
+                  "| arm | step | own | other | other - own |", "|---|---|---|---|---|"]
+        lines += [f"| {arm} | {step} | {own:.4f} ± {own_std:.4f} | {other:.4f} ± {other_std:.4f} | {other - own:+.4f} |"
+                  for arm, c in record["curves"].items()
+                  for step, own, own_std, other, other_std in zip(c["step"], c["recon_mse_own"], c["recon_mse_own_std"],
+                                                                  c["recon_mse_other"], c["recon_mse_other_std"])]
     return "\n".join(lines) + "\n"
 
 
@@ -251,8 +267,10 @@ def plot_curves(curves: dict[str, dict[str, list[float]]], out: Path, title: str
 
     fig, ax = plt.subplots(figsize=(6, 3.8))
     for arm, curve in curves.items():
-        ax.errorbar(curve["step"], curve["recon_mse_own"], yerr=curve["std"], label=arm, capsize=2)
-    ax.set_xlabel("stage-1 step"), ax.set_ylabel("reconstruction MSE (own image)")
+        line = ax.errorbar(curve["step"], curve["recon_mse_own"], yerr=curve["recon_mse_own_std"], label=arm,
+                           capsize=2)
+        ax.plot(curve["step"], curve["recon_mse_other"], linestyle="--", color=line[0].get_color(), alpha=0.6)
+    ax.set_xlabel("stage-1 step"), ax.set_ylabel("regeneration MSE: own image (solid), other (dashed)")
     ax.set_title(f"{title}: convergence"), ax.legend(fontsize=7), ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out, dpi=100)
