@@ -270,8 +270,9 @@ def plot_curves(curves: dict[str, dict[str, list[float]]], out: Path, title: str
         line = ax.errorbar(curve["step"], curve["recon_mse_own"], yerr=curve["recon_mse_own_std"], label=arm,
                            capsize=2)
         ax.plot(curve["step"], curve["recon_mse_other"], linestyle="--", color=line[0].get_color(), alpha=0.6)
-    ax.set_xlabel("stage-1 step"), ax.set_ylabel("regeneration MSE: own image (solid), other (dashed)")
-    ax.set_title(f"{title}: convergence"), ax.legend(fontsize=7), ax.grid(alpha=0.3)
+    ax.set_xlabel("stage-1 step"), ax.set_ylabel("regeneration MSE")
+    ax.set_title(f"{title}: against the own image (solid) and another (dashed)", fontsize=10)
+    ax.legend(fontsize=7), ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)
