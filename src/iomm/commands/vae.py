@@ -11,7 +11,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     commands = vae.add_subparsers(dest="vae_command", required=True)
     train = commands.add_parser("train", help="train the nano VAE; writes the AutoencoderKL dir and nano_vae.json")
     train.add_argument("--out", type=Path, required=True, help="output directory (use as codec.path)")
-    train.add_argument("--steps", type=int, default=None, help="optimizer steps (default: 600, about 4 min)")
+    train.add_argument("--steps", type=int, default=None, help="optimizer steps (default: 600, about 3.5 min)")
     train.add_argument("--resolution", type=int, default=32)
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--tiny", action="store_true", help="a seconds-long toy version (tests, smoke runs)")

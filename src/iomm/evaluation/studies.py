@@ -84,6 +84,10 @@ def pretrain_dir(study_out: Path, arm: Arm, seed: int) -> Path:
     return study_out / "pretrain" / ("+".join(arm.pretrain) or "default") / f"seed{seed}"
 
 
+def arm_dir(study_out: Path, arm: Arm) -> Path:
+    return study_out / arm.name.replace("/", "_")
+
+
 def pretrain_command(arm: Arm, config: str, common: list[str], seed: int, out: Path) -> list[str]:
     return [*_iomm(), "pretrain", "--config", config, *_sets(common, seed, arm.pretrain),
             "--out", str(out), "--no-progress"]
@@ -135,7 +139,7 @@ def run_study(study: Study, config: str, seeds: int, out: Path, parallel: int, p
     out.mkdir(parents=True, exist_ok=True)
     common = [*study.common, *common]
     jobs = [(arm, seed) for seed in range(seeds) for arm in study.arms]
-    resumed = (out / "pretrain").is_dir() or any((out / arm.name.replace("/", "_")).is_dir() for arm in study.arms)
+    resumed = (out / "pretrain").is_dir() or any(arm_dir(out, arm).is_dir() for arm in study.arms)
     start = time.time()
     with ThreadPoolExecutor(max_workers=parallel) as pool:
         stage1 = {pretrain_dir(out, arm, seed): (arm, seed) for arm, seed in jobs if not arm.skip_pretrain}
@@ -143,7 +147,7 @@ def run_study(study: Study, config: str, seeds: int, out: Path, parallel: int, p
                        for path, (arm, seed) in stage1.items()]:
             future.result()
         print(f"[{study.name}] {len(stage1)} pre-training runs done in {time.time() - start:.0f} s", flush=True)
-        futures = {pool.submit(run_arm, arm, config, common, seed, out / arm.name.replace("/", "_") / f"seed{seed}",
+        futures = {pool.submit(run_arm, arm, config, common, seed, arm_dir(out, arm) / f"seed{seed}",
                                None if arm.skip_pretrain else pretrain_dir(out, arm, seed), per_category): (arm, seed)
                    for arm, seed in jobs}
         results = []
