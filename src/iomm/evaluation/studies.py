@@ -177,6 +177,11 @@ def run_study(study: Study, config: str, seeds: int, out: Path, parallel: int, p
     return out
 
 
+def spread(values: list[float]) -> float:
+    """Standard deviation over seeds; 0 for a single seed."""
+    return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
 CURVE_KEYS = ("recon_mse_own", "recon_mse_other")
 
 
@@ -198,7 +203,7 @@ def mean_curve(curves: list[dict[int, tuple[float, float]]]) -> dict[str, list[f
     for i, key in enumerate(CURVE_KEYS):
         values = [[c[step][i] for c in curves] for step in steps]
         out[key] = [statistics.fmean(v) for v in values]
-        out[f"{key}_std"] = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in values]
+        out[f"{key}_std"] = [spread(v) for v in values]
     return out
 
 
@@ -209,7 +214,7 @@ def summarize(results: list[dict]) -> dict[str, dict[str, list[float]]]:
         rows = [r for r in results if r["arm"] == arm]
         metrics = [k for k in rows[0] if k not in ("arm", "seed") and all(k in r for r in rows)]
         arms[arm] = {k: [statistics.fmean(r[k] for r in rows),
-                         statistics.stdev(r[k] for r in rows) if len(rows) > 1 else 0.0] for k in metrics}
+                         spread([r[k] for r in rows])] for k in metrics}
     return arms
 
 
