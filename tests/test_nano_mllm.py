@@ -145,3 +145,18 @@ def test_dense_head_is_not_part_of_the_saved_model(trained: Path) -> None:
 
     with safe_open(str(trained / "model.safetensors"), "pt") as f:
         assert not any("proj.weight" == key or key.startswith("dense") for key in f.keys())
+
+
+def test_cli_train_overrides_the_architecture(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from iomm.cli import main
+
+    out = tmp_path / "mllm"
+    assert main(["mllm", "train", "--tiny", "--steps", "1", "--out", str(out),
+                 "--set", "text_heads=1", "--set", "text_kv_heads=1"]) == 0
+    assert json.loads((out / "nano_mllm.json").read_text())["config"]["text_heads"] == 1
+    assert json.loads((out / "config.json").read_text())["text_config"]["num_attention_heads"] == 1
+    capsys.readouterr()
+    assert main(["mllm", "train", "--tiny", "--steps", "1", "--out", str(tmp_path / "bad"),
+                 "--set", "text_head=2"]) == 2
+    assert "did you mean 'text_heads'" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()

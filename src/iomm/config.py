@@ -228,11 +228,12 @@ def _coerce(value: Any, tp: Any, source: str, path: str) -> Any:
             raise ConfigError(source, path, "a string", value)
         return value
     if dataclasses.is_dataclass(tp):
-        return _build(tp, value, source, path)
+        return build_dataclass(tp, value, source, path)
     raise TypeError(f"unsupported config type {tp} at {path}")
 
 
-def _build(cls: type, data: Any, source: str, path: str = "") -> Any:
+def build_dataclass(cls: type, data: Any, source: str, path: str = "") -> Any:
+    """`cls(**data)` with every field type-checked; unknown keys get a did-you-mean error."""
     if not isinstance(data, dict):
         raise ConfigError(source, path or "<root>", "a mapping", data)
     hints = typing.get_type_hints(cls)
@@ -286,7 +287,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     data = apply_overrides(data, list(overrides or []))
     if overrides:  # the bad value may come from the command line rather than the file
         source += " with --set " + " ".join(overrides)
-    config = _build(Config, data, source)
+    config = build_dataclass(Config, data, source)
     validate(config, source, check_paths=check_paths)
     return config
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -25,6 +26,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="save the same architecture randomly initialised, untrained (ablation)")
     train.add_argument("--tiny", action="store_true", help="a seconds-long toy version (tests, smoke runs)")
     train.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a NanoMLLMConfig field, e.g. --set text_heads=4 (repeatable)")
     train.set_defaults(func=run_train)
 
     evaluate = commands.add_parser("eval", help="held-out understanding accuracy of a nano MLLM dir (JSON)")
@@ -45,13 +48,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from iomm.nano.mllm import DEFAULT_MINUTES, train_nano_mllm
+    from iomm.config import apply_overrides, build_dataclass
+    from iomm.nano.mllm import DEFAULT_MINUTES, NanoMLLMConfig, tiny_config, train_nano_mllm
 
+    base = tiny_config() if args.tiny else NanoMLLMConfig()
+    config = build_dataclass(NanoMLLMConfig, apply_overrides(dataclasses.asdict(base), args.set), "--set")
     if args.threads:
         torch.set_num_threads(args.threads)
     minutes = args.minutes if args.minutes is not None or args.steps is not None else DEFAULT_MINUTES
     train_nano_mllm(args.out, minutes=minutes, steps=args.steps, seed=args.seed, random_init=args.random_init,
-                    tiny=args.tiny)
+                    config=config)
     return 0
 
 

@@ -136,8 +136,10 @@ class NanoMLLMConfig:
     vision_heads: int = 4
     text_width: int = 192
     text_layers: int = 4
-    text_heads: int = 4
-    text_kv_heads: int = 2
+    # 8 heads of width 24 rather than 4 of 48: in the same 1,100 steps "what shape is the red object ?"
+    # went from 0.79 to 1.0 (more heads, more chances that one learns to select by colour)
+    text_heads: int = 8
+    text_kv_heads: int = 4
     text_mlp_ratio: float = 2.0  # gated (SwiGLU) MLP: 3 matrices, so 2.0 costs like a 3x plain MLP
     vision_mlp_ratio: float = 4.0
     max_positions: int = 512
