@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -9,12 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from iomm.conditioning.mllm import FrozenMLLM
+from iomm.conditioning.mllm import FrozenMLLM, family_for
 from iomm.data.world import COLORS, SHAPES, Scene, World, WorldConfig, WorldObject
 from iomm.nano.mllm import (
     AUX_PROMPT,
     QUESTION_TYPES,
     TEXT_WEIGHTS,
+    SelectionLoss,
     SequenceBuilder,
     TaskSampler,
     ask,
@@ -24,6 +26,8 @@ from iomm.nano.mllm import (
     evaluate_understanding,
     nano_config,
     patch_labels,
+    preprocessing_config,
+    selected_patches,
     tiny_config,
     train_nano_mllm,
 )
@@ -151,12 +155,53 @@ def test_cli_train_overrides_the_architecture(tmp_path: Path, capsys: pytest.Cap
     from iomm.cli import main
 
     out = tmp_path / "mllm"
-    assert main(["mllm", "train", "--tiny", "--steps", "1", "--out", str(out),
-                 "--set", "text_heads=1", "--set", "text_kv_heads=1"]) == 0
+    assert main(["mllm", "train", "--tiny", "--steps", "2", "--out", str(out), "--set", "text_heads=1",
+                 "--set", "text_kv_heads=1", "--set", "patch_size=4", "--set", "selection_weight=1.0"]) == 0
     assert json.loads((out / "nano_mllm.json").read_text())["config"]["text_heads"] == 1
     assert json.loads((out / "config.json").read_text())["text_config"]["num_attention_heads"] == 1
     capsys.readouterr()
     assert main(["mllm", "train", "--tiny", "--steps", "1", "--out", str(tmp_path / "bad"),
                  "--set", "text_head=2"]) == 2
     assert "did you mean 'text_heads'" in capsys.readouterr().err
+    assert main(["mllm", "train", "--tiny", "--steps", "1", "--out", str(tmp_path / "bad"),
+                 "--set", "selection_layer=1"]) == 2
+    assert "field 'selection_layer': expected a layer index in 0..0, got 1" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
+
+def test_selected_patches_are_the_asked_objects() -> None:
+    world, rng, checked = World(WorldConfig()), np.random.default_rng(3), 0
+    for _ in range(60):
+        scene = world.sample_scene(rng)
+        labels = patch_labels(world, scene, patch=4)
+        for kind, answer_column in (("color", 1), ("shape", 0)):
+            qa = ask(world, scene, kind, rng)
+            if qa is None:
+                continue
+            mask = selected_patches(qa[0], labels)
+            answers = COLORS if kind == "color" else SHAPES
+            assert mask.any() and (labels[mask, answer_column] == list(answers).index(qa[1]) + 1).all()
+            checked += 1
+    assert checked > 60
+    assert selected_patches("how many circles are there ?", labels) is None
+    assert selected_patches("what color is the background ?", labels) is None
+
+
+def test_selection_loss_is_the_models_own_attention() -> None:
+    cfg = dataclasses.replace(tiny_config(), patch_size=4, batch_size=8, selection_layer=0, selection_weight=1.0)
+    model, tokenizer = build_nano_mllm(cfg, seed=0)
+    model.set_attn_implementation("eager")
+    sampler, selection = TaskSampler(cfg, tokenizer, seed=0), SelectionLoss(model, 0)
+    batch = next(b for b in iter(sampler.image_batch, None) if b.selections is not None)
+    inputs = family_for(model.config, preprocessing_config(cfg)).model_inputs(batch.images, batch.input_ids)
+    with torch.no_grad():
+        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_attentions=True, **inputs)
+        loss = selection.loss(batch)
+    rows, positions = batch.selections.unbind(1)
+    attention = out.attentions[0][rows, 0, positions]  # head 0 at each answer position
+    on_object = torch.zeros_like(attention, dtype=torch.bool)
+    on_object[batch.input_ids[rows] == model.config.image_token_id] = \
+        selection.token_targets(batch.selected_patches).flatten()
+    expected = -(attention * on_object).sum(-1).clamp(min=1e-6).log().mean()
+    assert torch.allclose(loss, expected, atol=1e-5)
+    assert on_object.sum(-1).min() > 0 and (on_object.sum(-1) < cfg.image_tokens).all()
