@@ -28,8 +28,6 @@ import torch
 import torch.nn.functional as F
 
 from iomm.config import load_config
-from iomm.data.world import World, captioned_grid, eval_prompts
-from iomm.evaluation.shapes import detect_objects, judge, score
 from iomm.generator.flow import (
     TIMESTEP_SCALE,
     euler_sample,
@@ -39,8 +37,11 @@ from iomm.generator.flow import (
     velocity_target,
 )
 from iomm.generator.network import build_generator, run_generator
+from iomm.image_tensors import to_tensor
 from iomm.model import build_codec
-from iomm.nano.mllm import to_tensor
+from iomm.nano.prompts import eval_prompts
+from iomm.nano.scorer import detect_objects, judge, score
+from iomm.nano.world import World, captioned_grid
 from iomm.training.trainer import lr_factor
 
 

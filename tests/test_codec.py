@@ -9,8 +9,8 @@ from diffusers import AutoencoderKL
 from iomm.config import ConfigError, codec_factor, load_config
 from iomm.generator.codec import VAECodec
 from iomm.inference.pipeline import IOMMPipeline, load_model
-from iomm.nano.codec import NanoVAEConfig, ensure_nano_vae, train_nano_vae
-from iomm.nano.codec import tiny_config as tiny_vae_config
+from iomm.nano.vae import NanoVAEConfig, ensure_nano_vae, train_nano_vae
+from iomm.nano.vae import tiny_config as tiny_vae_config
 from iomm.training.trainer import Trainer
 
 

@@ -9,9 +9,10 @@ import pytest
 from PIL import Image
 
 from iomm.commands import eval_shapes
-from iomm.data.world import World, eval_prompts
 from iomm.evaluation.geneval_export import load_prompts, write_geneval_layout, write_one_per_prompt
-from iomm.evaluation.shapes import score_directory
+from iomm.nano.prompts import eval_prompts
+from iomm.nano.scorer import score_directory
+from iomm.nano.world import World
 
 REPO = Path(__file__).resolve().parents[1]
 CANDIDATES = [REPO / "shared", REPO.parent / "shared"]

@@ -17,7 +17,7 @@ from transformers import (
 )
 
 from iomm.conditioning.mllm import FrozenMLLM
-from iomm.nano.mllm import SPECIAL_TOKENS, build_tokenizer, nano_vocabulary
+from iomm.nano.tokenizer import SPECIAL_TOKENS, build_tokenizer, nano_vocabulary
 
 QWEN_SPECIALS = {
     **{k: v for k, v in SPECIAL_TOKENS.items() if k.endswith(("pad_token", "unk_token", "bos_token", "eos_token"))},

@@ -2,7 +2,7 @@
 
 import torch
 
-from iomm.data.sources import MixedBatches, build_sources
+from iomm.data.mixed_batches import MixedBatches, build_sources
 from iomm.model import IOMM
 
 

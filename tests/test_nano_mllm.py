@@ -10,27 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from iomm.conditioning.mllm import FrozenMLLM, family_for
-from iomm.data.world import COLORS, SHAPES, Scene, World, WorldConfig, WorldObject
-from iomm.nano.mllm import (
-    AUX_PROMPT,
-    QUESTION_TYPES,
-    TEXT_WEIGHTS,
-    SelectionLoss,
-    SequenceBuilder,
-    TaskSampler,
-    ask,
-    build_nano_mllm,
-    build_tokenizer,
-    ensure_nano_mllm,
-    evaluate_understanding,
-    nano_config,
-    patch_labels,
-    preprocessing_config,
-    selected_patches,
-    tiny_config,
-    train_nano_mllm,
-)
+from iomm.conditioning.mllm import FrozenMLLM
+from iomm.conditioning.mllm_families import family_for
+from iomm.nano.mllm import build_nano_mllm, nano_config, preprocessing_config, tiny_config
+from iomm.nano.mllm_training import SelectionLoss, TaskSampler, ensure_nano_mllm, train_nano_mllm
+from iomm.nano.questions import QUESTION_TYPES, TEXT_WEIGHTS, SequenceBuilder, ask, patch_labels, selected_patches
+from iomm.nano.tokenizer import AUX_PROMPT, build_tokenizer
+from iomm.nano.understanding import evaluate_understanding
+from iomm.nano.world import COLORS, SHAPES, Scene, World, WorldConfig, WorldObject
 
 
 @pytest.fixture(scope="module")

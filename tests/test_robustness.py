@@ -19,9 +19,9 @@ from PIL import Image
 from safetensors import SafetensorError
 
 import iomm
+from iomm.checkpointing import checkpoint as ckpt
 from iomm.cli import main
 from iomm.config import save_config
-from iomm.training import checkpoint as ckpt
 from iomm.training.trainer import Trainer, TrainingInterrupted, TrainingStopped
 
 

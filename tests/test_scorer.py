@@ -7,18 +7,19 @@ import pytest
 from PIL import Image
 
 from iomm.commands import eval_shapes
-from iomm.data.world import COLORS, SHAPES, World, WorldConfig, eval_prompts
-from iomm.evaluation.shapes import (
+from iomm.evaluation.prompt_images import save_prompt_images
+from iomm.nano.prompts import eval_prompts
+from iomm.nano.scorer import (
     detect_objects,
     judge,
     judge_detections,
     judge_directory,
     label_components,
     read_prompts,
-    save_prompt_images,
     score,
     score_directory,
 )
+from iomm.nano.world import COLORS, SHAPES, World, WorldConfig
 
 PROMPTS = eval_prompts(per_category=24, seed=0)
 FLIPPED = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
@@ -156,7 +157,7 @@ def test_label_components_matches_a_flood_fill():
 
 def _two_object_image(a, b, background="white"):
     world = World(WorldConfig(background=background))
-    from iomm.data.world import Scene, WorldObject
+    from iomm.nano.world import Scene, WorldObject
     objects = tuple(WorldObject(shape, color, "small", cx, cy, 9.0) for shape, color, cx, cy in (a, b))
     return world.render(Scene(objects, background))
 
@@ -250,7 +251,7 @@ def test_model_flag_with_a_missing_run_errors_clearly(tmp_path, capsys):
 
 
 def test_eval_shapes_with_a_real_model_writes_all_six_categories(tiny_config, tmp_path):
-    from iomm.data.world import GENEVAL_TAGS
+    from iomm.nano.world import GENEVAL_TAGS
     from iomm.training.trainer import Trainer
 
     Trainer(tiny_config("train.steps=1"), tmp_path / "run", progress=False).fit()

@@ -4,7 +4,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from iomm.data.sources import MixedBatches, build_sources
+from iomm.data.mixed_batches import MixedBatches, build_sources
 from iomm.inference.pipeline import IOMMPipeline
 from iomm.model import IOMM
 from iomm.training.trainer import Trainer

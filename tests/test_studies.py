@@ -8,7 +8,7 @@ from pathlib import Path
 from conftest import TINY_OVERRIDES
 
 from iomm.commands.recipe import packaged_config
-from iomm.evaluation.studies import (
+from iomm.nano.studies import (
     Arm,
     Study,
     arm_commands,

@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
+from iomm.checkpointing.checkpoint import latest_checkpoint
 from iomm.inference.pipeline import load_model
-from iomm.training.checkpoint import latest_checkpoint
 from iomm.training.trainer import Trainer, lr_factor
 
 

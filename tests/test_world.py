@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from iomm.commands import world as world_command
-from iomm.data.world import (
+from iomm.nano.prompts import eval_prompts
+from iomm.nano.world import (
     CLEAR_POSITION_THRESHOLD,
     COLORS,
     GENEVAL_TAGS,
@@ -21,7 +22,6 @@ from iomm.data.world import (
     WorldConfig,
     WorldObject,
     captioned_grid,
-    eval_prompts,
     is_held_out,
     relative_position,
     scene_from_dict,

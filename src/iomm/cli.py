@@ -7,8 +7,8 @@ import importlib
 import os
 import sys
 
+from iomm.checkpointing.checkpoint import CheckpointError
 from iomm.config import ConfigError
-from iomm.training.checkpoint import CheckpointError
 
 # Modules under iomm.commands each add their sub-commands with `register(subparsers)`.
 COMMAND_MODULES = ("train", "describe", "bench", "generate", "world", "eval_shapes", "mllm", "vae", "recipe", "study")

@@ -56,7 +56,7 @@ def _mllm_config(cfg: Config) -> PretrainedConfig:
 def _vae_config(cfg: Config) -> dict:
     path = Path(cfg.codec.nano_dir if cfg.codec.path == "nano" else cfg.codec.path)
     if cfg.codec.path == "nano" and not (path / "config.json").is_file():
-        from iomm.nano.codec import NanoVAEConfig, build_nano_vae
+        from iomm.nano.vae import NanoVAEConfig, build_nano_vae
 
         return dict(build_nano_vae(NanoVAEConfig(resolution=cfg.data.resolution)).config)
     return dict(AutoencoderKL.load_config(path, local_files_only=True))

@@ -40,7 +40,7 @@ class Condition:
 def load_mllm(cfg: Config) -> FrozenMLLM:
     path = cfg.mllm.path
     if path == "nano":
-        from iomm.nano.mllm import ensure_nano_mllm
+        from iomm.nano.mllm_training import ensure_nano_mllm
 
         path = ensure_nano_mllm(Path(cfg.mllm.nano_dir), random_init=cfg.mllm.random_init)
     mllm = FrozenMLLM.from_pretrained(path, trust_remote_code=cfg.mllm.trust_remote_code)
@@ -55,7 +55,7 @@ def build_codec(cfg: Config) -> nn.Module:
         return PixelCodec()
     path = cfg.codec.path
     if path == "nano":
-        from iomm.nano.codec import ensure_nano_vae
+        from iomm.nano.vae import ensure_nano_vae
 
         path = ensure_nano_vae(Path(cfg.codec.nano_dir), resolution=cfg.data.resolution)
     return VAECodec.from_pretrained(path, sample_posterior=cfg.codec.sample_posterior)

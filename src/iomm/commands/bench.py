@@ -76,7 +76,7 @@ def _world(args: argparse.Namespace) -> int:
 
     import numpy as np
 
-    from iomm.data.world import World, WorldConfig
+    from iomm.nano.world import World, WorldConfig
 
     world, rng = World(WorldConfig(resolution=args.resolution)), np.random.default_rng(0)
     start = time.perf_counter()

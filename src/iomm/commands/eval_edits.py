@@ -17,8 +17,8 @@ def register_under(commands: argparse._SubParsersAction) -> None:
 
 
 def _edits(args: argparse.Namespace) -> int:
-    from iomm.evaluation.edits import evaluate_edits
     from iomm.inference.pipeline import IOMMPipeline
+    from iomm.nano.edits import evaluate_edits
 
     pipeline = IOMMPipeline.from_pretrained(args.model)
     metrics = evaluate_edits(pipeline, args.out.parent / f"{args.out.stem}_edits", args.per_kind, args.seed)

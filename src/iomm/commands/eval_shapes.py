@@ -11,7 +11,6 @@ from typing import Any
 from PIL import Image
 
 from iomm.commands.eval_edits import register_under as register_edits
-from iomm.data.world import eval_prompts
 from iomm.evaluation.geneval_export import (
     DEFAULT_SAMPLES,
     GenerateFn,
@@ -19,7 +18,8 @@ from iomm.evaluation.geneval_export import (
     write_geneval_layout,
     write_one_per_prompt,
 )
-from iomm.evaluation.shapes import judge_directory, read_prompts, score
+from iomm.nano.prompts import eval_prompts
+from iomm.nano.scorer import judge_directory, read_prompts, score
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -61,7 +61,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _generate(args: argparse.Namespace) -> Path:
-    from iomm.inference.evaluate import generate_for_prompts
+    from iomm.evaluation.prompt_images import generate_for_prompts
 
     prompts = read_prompts(args.prompts) if args.prompts else eval_prompts(args.per_category, args.seed)
     images_dir = args.images or args.out.parent / f"{args.out.stem}_images"

@@ -54,7 +54,7 @@ def _generate(args: argparse.Namespace) -> int:
     import torch
 
     from iomm.inference.pipeline import IOMMPipeline
-    from iomm.training.logging import image_grid
+    from iomm.training.run_log import image_grid
 
     prompts = args.prompt or read_prompts(args.prompts)
     pipe = IOMMPipeline.from_pretrained(args.model, use_ema=not args.no_ema)

@@ -48,8 +48,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from iomm.config import apply_overrides, build_dataclass
-    from iomm.nano.mllm import DEFAULT_MINUTES, NanoMLLMConfig, tiny_config, train_nano_mllm
+    from iomm.nano.mllm import DEFAULT_MINUTES, NanoMLLMConfig, tiny_config
+    from iomm.nano.mllm_training import train_nano_mllm
+    from iomm.typed_config import apply_overrides, build_dataclass
 
     base = tiny_config() if args.tiny else NanoMLLMConfig()
     config = build_dataclass(NanoMLLMConfig, apply_overrides(dataclasses.asdict(base), args.set), "--set")
@@ -62,7 +63,7 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from iomm.nano.mllm import evaluate_understanding
+    from iomm.nano.understanding import evaluate_understanding
 
     results = evaluate_understanding(args.mllm, n=args.n, seed=args.seed)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -59,9 +59,9 @@ def _recipe(args: argparse.Namespace) -> int:
 
 
 def evaluate_run(model_path: Path, out_dir: Path, per_category: int, seed: int = 0) -> dict:
-    from iomm.data.world import eval_prompts
-    from iomm.evaluation.shapes import score_directory
-    from iomm.inference.evaluate import generate_for_prompts
+    from iomm.evaluation.prompt_images import generate_for_prompts
+    from iomm.nano.prompts import eval_prompts
+    from iomm.nano.scorer import score_directory
 
     prompts = eval_prompts(per_category=per_category, seed=seed)
     generate_for_prompts(model_path, prompts, out_dir, seed=seed)

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from iomm.commands.recipe import packaged_config
-from iomm.evaluation.studies import studies
+from iomm.nano.studies import studies
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -24,7 +24,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _study(args: argparse.Namespace) -> int:
     from iomm.config import load_config
-    from iomm.evaluation.studies import run_study
+    from iomm.nano.studies import run_study
 
     config = str(args.config or packaged_config("nano"))
     study = studies()[args.name]

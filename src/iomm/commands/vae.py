@@ -19,7 +19,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from iomm.nano.codec import DEFAULT_STEPS, NanoVAEConfig, tiny_config, train_nano_vae
+    from iomm.nano.vae import DEFAULT_STEPS, NanoVAEConfig, tiny_config, train_nano_vae
 
     config = tiny_config() if args.tiny else NanoVAEConfig()
     config.resolution = args.resolution

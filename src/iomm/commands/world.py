@@ -11,16 +11,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from iomm.data.world import (
-    BACKGROUNDS,
-    World,
-    WorldConfig,
-    captioned_grid,
-    eval_prompts,
-    is_held_out,
-    scene_to_dict,
-)
-from iomm.evaluation.shapes import save_prompt_images
+from iomm.evaluation.prompt_images import save_prompt_images
+from iomm.nano.prompts import eval_prompts
+from iomm.nano.world import BACKGROUNDS, World, WorldConfig, captioned_grid, is_held_out, scene_to_dict
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -22,7 +22,7 @@ from typing import Any, Literal
 import numpy as np
 from PIL import Image
 
-from iomm.evaluation.shapes import read_jsonl
+from iomm.evaluation.prompt_images import read_jsonl
 
 GenerateFn = Callable[[list[str], int], list[Image.Image]]
 # Images per prompt by default: GenEval's protocol (4), DPG-Bench's --pic-num 4 grid, WISE one image.

@@ -11,9 +11,9 @@ import torch
 
 from iomm.config import Config
 from iomm.data.images import list_images, load_image
-from iomm.data.world import World, WorldConfig
 from iomm.inference.sampling import sample_images
 from iomm.model import IOMM
+from iomm.nano.world import World, WorldConfig
 
 HELD_OUT_SEED = 10**6
 PANEL_SIZE = 8

@@ -8,11 +8,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+from iomm.checkpointing.checkpoint import resolve_checkpoint
+from iomm.checkpointing.weights import load_trainable
 from iomm.config import load_config
 from iomm.inference.sampling import sample_images
 from iomm.model import IOMM
-from iomm.training.checkpoint import resolve_checkpoint
-from iomm.training.state import load_trainable
 
 
 def load_model(path: str | Path, *, use_ema: bool = True, device: str | torch.device = "cpu") -> IOMM:

@@ -8,13 +8,13 @@ from collections import defaultdict
 
 import torch
 
+from iomm.checkpointing.weights import step_seed
 from iomm.config import Config
-from iomm.data.sources import MixedBatches, build_sources
+from iomm.data.mixed_batches import MixedBatches, build_sources
 from iomm.model import IOMM, Condition
 from iomm.training.ema import EMA
 from iomm.training.precision import autocast as precision_autocast
 from iomm.training.precision import resolve_precision
-from iomm.training.state import step_seed
 
 
 class _Clock:

@@ -22,15 +22,15 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from iomm.checkpointing import checkpoint as ckpt
+from iomm.checkpointing.weights import load_trainable, step_seed, trainable_state
 from iomm.config import Config, save_config
 from iomm.data.images import DataReport, TooMuchBadData
-from iomm.data.sources import Batch, MixedBatches, batch_loader, build_sources
+from iomm.data.mixed_batches import Batch, MixedBatches, batch_loader, build_sources
 from iomm.model import IOMM
-from iomm.training import checkpoint as ckpt
 from iomm.training.ema import EMA
-from iomm.training.logging import RunLog, image_grid, plot_loss_curve
 from iomm.training.precision import autocast
-from iomm.training.state import load_trainable, step_seed, trainable_state
+from iomm.training.run_log import RunLog, image_grid, plot_loss_curve
 
 MIN_SAMPLES_FOR_BAD_CHECK = 64
 

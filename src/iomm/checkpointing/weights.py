@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from iomm.checkpointing.checkpoint import load_tensors, save_tensors
 from iomm.model import IOMM
-from iomm.training.checkpoint import load_tensors, save_tensors
 from iomm.training.ema import EMA
 
 CONDITIONER = "conditioner.safetensors"

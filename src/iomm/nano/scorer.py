@@ -16,7 +16,6 @@ tags present (GenEval's `summary_scores.py`).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +24,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from iomm.data.world import COLORS, GENEVAL_TAGS, relative_position, validate_prompt
+from iomm.evaluation.prompt_images import image_entries, read_jsonl
+from iomm.nano.world import COLORS, GENEVAL_TAGS, relative_position, validate_prompt
 
 PALETTE = np.array(list(COLORS.values()), dtype=np.float32)
 COLOR_NAMES = list(COLORS)
@@ -244,25 +244,6 @@ def score(results: Iterable[tuple[Mapping[str, Any], bool]]) -> dict[str, Any]:
     return metrics
 
 
-def read_jsonl(path: str | Path) -> list[tuple[str, dict[str, Any]]]:
-    """("<file>:<line>", object) for each non-blank line; errors name the file and the line."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such metadata file")
-    lines = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if line.strip():
-            source = f"{path}:{number}"
-            try:
-                value = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{source}: invalid JSON ({error})") from None
-            if not isinstance(value, dict):
-                raise ValueError(f"{source}: expected a JSON object, got {value!r:.80}")
-            lines.append((source, value))
-    return lines
-
-
 def read_prompts(path: str | Path) -> list[dict[str, Any]]:
     """Prompt dicts from a JSONL file, each validated (errors name the file and line)."""
     prompts = []
@@ -272,37 +253,10 @@ def read_prompts(path: str | Path) -> list[dict[str, Any]]:
     return prompts
 
 
-def _image_entries(images_dir: Path) -> list[tuple[str, dict[str, Any], list[Path]]]:
-    """(source, prompt dict, image paths) from `metadata.jsonl` with "images" lists, or from the
-    GenEval layout (<00000>/metadata.jsonl + <00000>/samples/*.png)."""
-    flat = images_dir / "metadata.jsonl"
-    if flat.is_file():
-        entries = []
-        for source, meta in read_jsonl(flat):
-            images = meta.get("images")
-            if not isinstance(images, list) or not images:
-                raise ValueError(f"{source}: field 'images': expected a non-empty list of paths, got {images!r}")
-            entries.append((source, meta, [images_dir / p for p in images]))
-        return entries
-    folders = sorted(p for p in images_dir.iterdir() if p.is_dir() and p.name.isdigit()) if images_dir.is_dir() else []
-    if not folders:
-        raise FileNotFoundError(f"{images_dir}: expected metadata.jsonl or GenEval folders <00000>/metadata.jsonl")
-    entries = []
-    for folder in folders:
-        metadata = folder / "metadata.jsonl"
-        lines = read_jsonl(metadata)
-        if len(lines) != 1:
-            raise ValueError(f"{metadata}: expected one prompt line (GenEval layout), got {len(lines)}")
-        (source, meta), = lines
-        samples = sorted(p for p in (folder / "samples").glob("*.png") if p.stem.isdigit())  # as GenEval reads them
-        entries.append((source, meta, samples))
-    return entries
-
-
 def judge_directory(images_dir: str | Path) -> list[dict[str, Any]]:
     """One record per image: filename, tag, prompt, correct, reason, metadata."""
     records = []
-    for source, meta, paths in _image_entries(Path(images_dir)):
+    for source, meta, paths in image_entries(Path(images_dir)):
         validate_prompt(meta, source)
         for path in paths:
             if not path.is_file():
@@ -313,29 +267,6 @@ def judge_directory(images_dir: str | Path) -> list[dict[str, Any]]:
                             "correct": correct, "reason": reason,
                             "metadata": {k: v for k, v in meta.items() if k != "images"}})
     return records
-
-
-def save_prompt_images(out_dir: str | Path, prompts: list[Mapping[str, Any]],
-                       images: list[list[Any]]) -> Path:
-    """Write the layout `score_directory` reads: images/<prompt>_<sample>.png and metadata.jsonl
-    (each prompt dict plus its "images" list). `images[i]` holds prompt i's samples (arrays or PIL).
-    Returns the metadata path."""
-    if len(prompts) != len(images):
-        raise ValueError(f"save_prompt_images: expected one image list per prompt, "
-                         f"got {len(prompts)} prompts and {len(images)} lists")
-    out_dir = Path(out_dir)
-    (out_dir / "images").mkdir(parents=True, exist_ok=True)
-    lines = []
-    for i, (meta, samples) in enumerate(zip(prompts, images)):
-        names = []
-        for k, image in enumerate(samples):
-            name = f"images/{i:05d}_{k:02d}.png"
-            (image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image))).save(out_dir / name)
-            names.append(name)
-        lines.append(json.dumps({**meta, "images": names}))
-    metadata = out_dir / "metadata.jsonl"
-    metadata.write_text("\n".join(lines) + "\n")
-    return metadata
 
 
 def score_directory(images_dir: str | Path) -> dict[str, Any]:

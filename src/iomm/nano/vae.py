@@ -22,10 +22,10 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL
 
 from iomm.config import vae_factor
-from iomm.data.world import World, WorldConfig
-from iomm.evaluation.shapes import detect_objects
-from iomm.nano.mllm import to_tensor
-from iomm.training.logging import Progress
+from iomm.image_tensors import to_tensor
+from iomm.nano.scorer import detect_objects
+from iomm.nano.world import World, WorldConfig
+from iomm.training.run_log import Progress
 
 DEFAULT_STEPS = 600  # 300 left 17% of reconstructions with a wrong object (scorer_exact 0.83 vs 1.0)
 

@@ -1,4 +1,4 @@
-"""The nano testbed world: coloured shapes on a plain background, with captions and GenEval-style prompts.
+"""The nano testbed world: coloured shapes on a plain background, with captions and structured metadata.
 
 Everything is deterministic from a seed and uses numpy only, so training is never data bound
 (rendering pastes precomputed boolean stamps; thousands of images per second on one core).
@@ -14,7 +14,6 @@ Conventions
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -180,86 +179,9 @@ def validate_prompt(meta: Any, source: str = "prompt") -> None:
                     fail(f"{where}.position", f"[relation in {list(RELATIONS)}, index of an earlier include]", pos)
 
 
-def _phrase(count: int, color: str | None, shape: str) -> str:
+def phrase(count: int, color: str | None, shape: str) -> str:
     words = [NUMBER_WORDS[count]] + ([color] if color else []) + [shape if count == 1 else PLURALS[shape]]
     return " ".join(words)
-
-
-def _prompt(tag: str, include: list[dict], text: str, exclude: list[dict] | None = None) -> dict[str, Any]:
-    meta: dict[str, Any] = {"tag": tag, "include": include}
-    if exclude:
-        meta["exclude"] = exclude
-    meta["prompt"] = text
-    meta["held_out"] = any(is_held_out(item.get("color"), item["class"]) for item in include)
-    return meta
-
-
-def _cycle(rng: np.random.Generator, options: list) -> Iterator:
-    """Cycle through `options` in a fresh random order per pass (balanced and deterministic)."""
-    while True:
-        for index in rng.permutation(len(options)):
-            yield options[index]
-
-
-def _color_shape_combos(held_out: bool) -> list[tuple[str, str]]:
-    return [(c, s) for c in COLORS for s in SHAPES if is_held_out(c, s) == held_out]
-
-
-def _prompts_for(tag: str, n: int, rng: np.random.Generator) -> list[dict[str, Any]]:
-    distinct_pairs = list(itertools.permutations(SHAPES, 2))
-    if tag == "single_object":
-        shapes = _cycle(rng, list(SHAPES))
-        return [_prompt(tag, [{"class": s, "count": 1}], f"a photo of {_phrase(1, None, s)}")
-                for s in itertools.islice(shapes, n)]
-    if tag == "two_object":
-        pairs = _cycle(rng, distinct_pairs)
-        return [_prompt(tag, [{"class": a, "count": 1}, {"class": b, "count": 1}],
-                        f"a photo of {_phrase(1, None, a)} and {_phrase(1, None, b)}")
-                for a, b in itertools.islice(pairs, n)]
-    if tag == "counting":
-        combos = _cycle(rng, [(s, k) for s in SHAPES for k in (2, 3, 4)])
-        return [_prompt(tag, [{"class": s, "count": k}], f"a photo of {_phrase(k, None, s)}",
-                        exclude=[{"class": s, "count": k + 1}])
-                for s, k in itertools.islice(combos, n)]
-    if tag == "colors":
-        held, seen = _cycle(rng, _color_shape_combos(True)), _cycle(rng, _color_shape_combos(False))
-        combos = [next(held if i % 2 == 0 else seen) for i in range(n)]
-        return [_prompt(tag, [{"class": s, "count": 1, "color": c}], f"a photo of {_phrase(1, c, s)}")
-                for c, s in combos]
-    if tag == "position":
-        combos = _cycle(rng, [(a, b, r) for a, b in distinct_pairs for r in RELATIONS])
-        return [_prompt(tag, [{"class": b, "count": 1}, {"class": a, "count": 1, "position": [r, 0]}],
-                        f"a photo of {_phrase(1, None, a)} {r} {_phrase(1, None, b)}")
-                for a, b, r in itertools.islice(combos, n)]
-    if tag == "color_attr":
-        return [_color_attr_prompt(rng, held_out=i % 2 == 0) for i in range(n)]
-    raise ValueError(f"unknown GenEval tag {tag!r}; expected one of {list(GENEVAL_TAGS)}")
-
-
-def _color_attr_prompt(rng: np.random.Generator, held_out: bool) -> dict[str, Any]:
-    while True:
-        shape_a, shape_b = rng.permutation(SHAPES)[:2].tolist()
-        color_a, color_b = rng.permutation(list(COLORS))[:2].tolist()
-        if any(is_held_out(c, s) for c, s in ((color_a, shape_a), (color_b, shape_b))) == held_out:
-            break
-    include = [{"class": shape_a, "count": 1, "color": color_a}, {"class": shape_b, "count": 1, "color": color_b}]
-    return _prompt("color_attr", include,
-                   f"a photo of {_phrase(1, color_a, shape_a)} and {_phrase(1, color_b, shape_b)}")
-
-
-def eval_prompts(per_category: int = 32, seed: int = 0, resolution: int = 32) -> list[dict[str, Any]]:
-    """GenEval-style prompt metadata, `per_category` prompts for each of GenEval's six tags.
-
-    Half of the colour-bearing prompts (colors, color_attr) use a held-out combination; every dict
-    records "held_out". `resolution` is accepted for API symmetry: prompts do not depend on it
-    (every prompt, counting four included, is placeable at 32 px and above).
-    """
-    if per_category < 1:
-        raise ValueError(f"eval_prompts: per_category: expected >= 1, got {per_category}")
-    if resolution < 16:
-        raise ValueError(f"eval_prompts: resolution: expected >= 16, got {resolution}")
-    rng = np.random.default_rng([seed, 2])
-    return [meta for tag in GENEVAL_TAGS for meta in _prompts_for(tag, per_category, rng)]
 
 
 # ---------------------------------------------------------------- rendering
@@ -396,7 +318,7 @@ class World:
         for obj in scene.objects:  # dicts keep first-appearance order
             key = (obj.color if with_color else None, obj.shape)
             counts[key] = counts.get(key, 0) + 1
-        phrases = [_phrase(count, color, shape) for (color, shape), count in counts.items()]
+        phrases = [phrase(count, color, shape) for (color, shape), count in counts.items()]
         if scene.relation is not None and len(scene.objects) == 2 and len(phrases) == 2:
             return f"a photo of {phrases[0]} {scene.relation} {phrases[1]}"
         return "a photo of " + " and ".join(phrases)

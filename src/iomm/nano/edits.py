@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from iomm.data.world import COLORS, SHAPES, Scene, World, WorldConfig
-from iomm.evaluation.shapes import detect_objects
+from iomm.nano.scorer import detect_objects
+from iomm.nano.world import COLORS, SHAPES, Scene, World, WorldConfig
 
 EDIT_KINDS = ("color", "add", "remove")
 

@@ -16,7 +16,7 @@ import torch
 from iomm.config import Config
 from iomm.data.images import BadSample, DataReport, TooMuchBadData, list_images, load_image
 from iomm.data.pairs import read_pairs
-from iomm.data.world import World, WorldConfig
+from iomm.nano.world import World, WorldConfig
 
 MAX_RETRIES = 16
 
