@@ -37,7 +37,7 @@ from iomm.generator.flow import (
     velocity_target,
 )
 from iomm.generator.network import build_generator, run_generator
-from iomm.image_tensors import to_tensor
+from iomm.image_tensors import to_tensor, to_uint8
 from iomm.model import build_codec
 from iomm.nano.prompts import eval_prompts
 from iomm.nano.scorer import detect_objects, judge, score
@@ -110,8 +110,7 @@ def main() -> None:
         print(json.dumps({k: v for k, v in result["geneval_shapes"].items() if isinstance(v, float)}))
         return
     noise = torch.randn(32, codec.channels, side, side, generator=torch.Generator().manual_seed(args.seed + 1))
-    images = codec.decode(euler_sample(velocity, noise, cfg.flow.sample_steps)).mul(255).round()
-    images = images.byte().permute(0, 2, 3, 1).numpy()
+    images = to_uint8(codec.decode(euler_sample(velocity, noise, cfg.flow.sample_steps)))
     counts = [len(detect_objects(im)) for im in images]
     captioned_grid(list(images[:16]), [f"{c} found" for c in counts[:16]], scale=3, columns=8).save(out / "samples.png")
     result = {"args": vars(args), "steps_done": step + 1, "train_s": round(train_s, 1), "final_loss": loss.item(),
@@ -152,7 +151,7 @@ def oracle_eval(velocity, codec, side: int, cfg, args: argparse.Namespace, out: 
         texts = [meta["prompt"] for meta in batch]
         noise = torch.randn(len(batch), codec.channels, side, side, generator=g)
         decoded = codec.decode(euler_sample(lambda x, t: velocity(x, t, texts), noise, cfg.flow.sample_steps))
-        batch_images = decoded.mul(255).round().byte().permute(0, 2, 3, 1).numpy()
+        batch_images = to_uint8(decoded)
         images += list(batch_images)
         results += [(meta, judge(image, meta)[0]) for meta, image in zip(batch, batch_images)]
     captioned_grid(images[:32], [meta["prompt"].removeprefix("a photo of ") for meta in prompts[:32]],

@@ -52,9 +52,9 @@ def test_ensure_reuses_a_built_vae_and_refuses_another_resolution(tiny_vae_dir):
 
 def test_codec_factor_comes_from_the_vae_config(tiny_vae_dir, tmp_path):
     nano_default = 2 ** (len(NanoVAEConfig().block_out_channels) - 1)
-    assert codec_factor(load_config(None, ["codec.kind=vae", "codec.path=nano", f"codec.nano_dir={tmp_path}"]).codec) \
+    assert codec_factor(load_config(None, ["codec.kind=vae", "codec.path=nano", f"codec.nano_dir={tmp_path}"])) \
         == nano_default
-    assert codec_factor(load_config(None, ["codec.kind=vae", f"codec.path={tiny_vae_dir}"]).codec) == 2
+    assert codec_factor(load_config(None, ["codec.kind=vae", f"codec.path={tiny_vae_dir}"])) == 2
     with pytest.raises(ConfigError, match="divisible by the codec factor x patch size = 8"):
         load_config(None, ["codec.kind=vae", f"codec.path={tiny_vae_dir}", "generator.patch_size=4",
                            "data.resolution=36"])

@@ -12,13 +12,14 @@ from typing import Any, Literal
 
 import yaml
 
+from iomm.builtins import builtin_data, builtin_mllm, builtin_vae, registry, split_pairs_spec
 from iomm.typed_config import ConfigError, apply_overrides, build_dataclass
 
 
 @dataclass
 class MLLMConfig:
-    # A local directory holding a Hugging Face VLM checkpoint, or "nano" for the built-in nano MLLM
-    # (trained on first use and cached in `nano_dir`).
+    # A local directory holding a Hugging Face VLM checkpoint, or the name of a built-in model (iomm.builtins;
+    # "nano": the testbed's nano MLLM, trained on first use and cached in `nano_dir`).
     path: str = "nano"
     nano_dir: str = ".cache/nano-mllm"
     # A built-in architecture name (see iomm.describe) used by `iomm describe` when no weights are at hand.
@@ -78,8 +79,8 @@ class GeneratorConfig:
 @dataclass
 class CodecConfig:
     kind: Literal["pixel", "vae"] = "pixel"
-    # For kind=vae: a local diffusers AutoencoderKL directory, or "nano" for the built-in nano VAE
-    # (trained on the world on first use and cached in `nano_dir`); or a built-in architecture for describe.
+    # For kind=vae: a local diffusers AutoencoderKL directory, or the name of a built-in model (iomm.builtins;
+    # "nano": the testbed's nano VAE, trained on first use and cached in `nano_dir`).
     path: str | None = None
     nano_dir: str = ".cache/nano-vae"
     architecture: str | None = None
@@ -109,12 +110,13 @@ class FlowConfig:
 
 @dataclass
 class DataConfig:
-    source: Literal["world", "folder"] = "world"
+    # "folder" (an image folder at `path`) or a built-in source (iomm.builtins; "world": the nano testbed)
+    source: str = "world"
     path: str | None = None
     resolution: int = 32
     world_max_objects: int = 4
     num_workers: int = 0
-    # Stage 2: text-image pairs, a JSONL file of {"image", "caption"} or "world:N" for N testbed pairs.
+    # Stage 2: text-image pairs, a JSONL file of {"image", "caption"} or "NAME:N", N pairs of a built-in source.
     pairs: str | None = None
     max_bad_fraction: float = 0.01
 
@@ -234,19 +236,23 @@ def validate(cfg: Config, source: str = "<config>", *, check_paths: bool = True)
         _check(value >= 1, source, f"{section}.{name}", ">= 1", value)
     _check(t.grad_clip >= 0, source, "train.grad_clip", ">= 0 (0 disables clipping)", t.grad_clip)
     _check(0.0 <= d.max_bad_fraction <= 1.0, source, "data.max_bad_fraction", "a value in [0, 1]", d.max_bad_fraction)
-    _check(1 <= d.world_max_objects <= 4, source, "data.world_max_objects", "1..4", d.world_max_objects)
     _check(cfg.adapter.num_queries >= 1, source, "adapter.num_queries", ">= 1", cfg.adapter.num_queries)
     _check(cfg.connector.width % cfg.connector.num_heads == 0, source, "connector.width",
            f"a multiple of connector.num_heads={cfg.connector.num_heads}", cfg.connector.width)
     _check(d.resolution >= 8, source, "data.resolution", ">= 8", d.resolution)
-    if d.source == "world":
-        _check(d.resolution >= 16, source, "data.resolution", ">= 16 for the built-in world", d.resolution)
-    _check_generator(cfg.generator, codec_factor(cfg.codec), d.resolution, source)
+    builtin_names = ", ".join(repr(name) for name in registry().data)
+    source_data = builtin_data(d.source)
+    _check(d.source == "folder" or source_data is not None, source, "data.source",
+           f"'folder' or a built-in source ({builtin_names})", d.source)
+    _check_generator(cfg.generator, codec_factor(cfg, source), d.resolution, source)
     _check(t.mix_ratio == 1.0 or d.pairs is not None, source, "data.pairs",
-           "a pair source (JSONL path or world:N) when train.mix_ratio < 1", d.pairs)
-    if d.pairs is not None and d.pairs.startswith("world:"):
-        count = d.pairs.split(":", 1)[1]
-        _check(count.isdecimal() and int(count) > 0, source, "data.pairs", "world:N with N a positive integer", d.pairs)
+           "a pair source (JSONL path or NAME:N) when train.mix_ratio < 1", d.pairs)
+    builtin_pairs = split_pairs_spec(d.pairs) if d.pairs is not None else None
+    if builtin_pairs is not None:
+        count = builtin_pairs[1]
+        _check(count.isdecimal() and int(count) > 0, source, "data.pairs", "NAME:N with N a positive integer", d.pairs)
+    for data in {source_data, builtin_pairs[0] if builtin_pairs else None} - {None}:
+        data.validate(cfg, source)
     if d.source == "folder":
         _check(d.path is not None, source, "data.path", "an image folder for data.source=folder", d.path)
     if check_paths:
@@ -275,18 +281,23 @@ def vae_factor(block_out_channels: Sequence[int]) -> int:
     return 2 ** (len(block_out_channels) - 1)
 
 
-def codec_factor(codec: CodecConfig) -> int:
+def codec_factor(cfg: Config, source: str = "<config>") -> int:
     """How many pixels one latent cell spans: 1 for pixels, 2^(blocks - 1) for an AutoencoderKL."""
+    codec = cfg.codec
     if codec.kind == "pixel":
         return 1
-    config_file = Path(codec.nano_dir if codec.path == "nano" else codec.path or "") / "config.json"
-    if _exists(str(config_file), "file"):
-        return vae_factor(json.loads(config_file.read_text(encoding="utf-8"))["block_out_channels"])
-    if codec.path == "nano":  # not built yet: the architecture it will be built with
-        from iomm.nano.vae import NanoVAEConfig
-
-        return vae_factor(NanoVAEConfig().block_out_channels)
-    return 8  # SD / SD3 / FLUX VAEs; a missing path is reported by the path checks
+    builtin = builtin_vae(codec.path)
+    if builtin is not None:  # built or not, the architecture it has or will be built with
+        return vae_factor(builtin.architecture(cfg)["block_out_channels"])
+    config_file = Path(codec.path or "") / "config.json"
+    if not _exists(str(config_file), "file"):
+        return 8  # SD / SD3 / FLUX VAEs; a missing path is reported by the path checks
+    try:
+        blocks = json.loads(config_file.read_text(encoding="utf-8"))["block_out_channels"]
+    except (ValueError, KeyError, TypeError):
+        raise ConfigError(source, "codec.path", "a diffusers AutoencoderKL directory (config.json with "
+                          "block_out_channels)", str(config_file)) from None
+    return vae_factor(blocks)
 
 
 def _exists(path: str, kind: str) -> bool:
@@ -298,27 +309,29 @@ def _exists(path: str, kind: str) -> bool:
 
 
 def _check_paths(cfg: Config, source: str) -> None:
-    if cfg.mllm.path != "nano":
-        _check(_exists(cfg.mllm.path, "dir"), source, "mllm.path", "'nano' or an existing local model directory",
+    models = registry()
+    if builtin_mllm(cfg.mllm.path) is None:
+        _check(_exists(cfg.mllm.path, "dir"), source, "mllm.path",
+               f"an existing local model directory or a built-in model ({', '.join(map(repr, models.mllms))})",
                cfg.mllm.path)
         _check_remote_code(Path(cfg.mllm.path), cfg.mllm.trust_remote_code, source)
     if cfg.codec.kind == "vae":
-        _check(cfg.codec.path is not None and (cfg.codec.path == "nano" or _exists(cfg.codec.path, "dir")), source,
-               "codec.path", "'nano' or an existing AutoencoderKL directory for codec.kind=vae", cfg.codec.path)
-        nano_config = Path(cfg.codec.nano_dir) / "config.json"
-        if cfg.codec.path == "nano" and _exists(str(nano_config), "file"):
-            built = json.loads(nano_config.read_text(encoding="utf-8")).get("sample_size")
-            _check(built == cfg.data.resolution, source, "codec.nano_dir",
-                   f"a nano VAE built for data.resolution={cfg.data.resolution} px (or a new directory)",
-                   f"{cfg.codec.nano_dir} (built for {built} px)")
+        builtin = builtin_vae(cfg.codec.path)
+        _check(builtin is not None or (cfg.codec.path is not None and _exists(cfg.codec.path, "dir")), source,
+               "codec.path", f"an existing AutoencoderKL directory or a built-in model "
+               f"({', '.join(map(repr, models.vaes))}) for codec.kind=vae", cfg.codec.path)
+        built = builtin.architecture(cfg).get("sample_size") if builtin is not None else None
+        _check(builtin is None or built == cfg.data.resolution, source, "codec.nano_dir",
+               f"a built-in VAE built for data.resolution={cfg.data.resolution} px (or a new directory)",
+               f"{cfg.codec.nano_dir} (built for {built} px)")
     if cfg.generator.pretrained is not None:
         _check(_exists(cfg.generator.pretrained, "dir"), source, "generator.pretrained", "an existing directory",
                cfg.generator.pretrained)
     if cfg.data.source == "folder" and cfg.data.path is not None:
         _check(_exists(cfg.data.path, "dir"), source, "data.path", "an existing image folder", cfg.data.path)
     pairs = cfg.data.pairs
-    if pairs is not None and not pairs.startswith("world:"):
-        _check(_exists(pairs, "file"), source, "data.pairs", "an existing JSONL file or world:N", pairs)
+    if pairs is not None and split_pairs_spec(pairs) is None:
+        _check(_exists(pairs, "file"), source, "data.pairs", "an existing JSONL file or NAME:N", pairs)
 
 
 def _check_remote_code(path: Path, trusted: bool, source: str) -> None:

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from diffusers import AutoencoderKL
 from torch import nn
 from transformers import AutoConfig, AutoModelForImageTextToText, PretrainedConfig
 
+from iomm.builtins import builtin_mllm, builtin_vae
 from iomm.conditioning.adapter import build_adapter
 from iomm.conditioning.connector import Connector
 from iomm.config import Config, vae_factor
@@ -45,21 +44,18 @@ def _mllm_config(cfg: Config) -> PretrainedConfig:
             raise ValueError(f"mllm.architecture: expected one of {sorted(MLLM_ARCHITECTURES)}, "
                              f"got {cfg.mllm.architecture!r}")
         return MLLM_ARCHITECTURES[cfg.mllm.architecture]()
-    path = Path(cfg.mllm.nano_dir if cfg.mllm.path == "nano" else cfg.mllm.path)
-    if cfg.mllm.path == "nano" and not (path / "config.json").is_file():
-        from iomm.nano.mllm import nano_config
-
-        return nano_config()
-    return AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=cfg.mllm.trust_remote_code)
+    builtin = builtin_mllm(cfg.mllm.path)
+    if builtin is not None:
+        return builtin.architecture(cfg)
+    return AutoConfig.from_pretrained(cfg.mllm.path, local_files_only=True,
+                                      trust_remote_code=cfg.mllm.trust_remote_code)
 
 
 def _vae_config(cfg: Config) -> dict:
-    path = Path(cfg.codec.nano_dir if cfg.codec.path == "nano" else cfg.codec.path)
-    if cfg.codec.path == "nano" and not (path / "config.json").is_file():
-        from iomm.nano.vae import NanoVAEConfig, build_nano_vae
-
-        return dict(build_nano_vae(NanoVAEConfig(resolution=cfg.data.resolution)).config)
-    return dict(AutoencoderKL.load_config(path, local_files_only=True))
+    builtin = builtin_vae(cfg.codec.path)
+    if builtin is not None:
+        return builtin.architecture(cfg)
+    return dict(AutoencoderKL.load_config(cfg.codec.path, local_files_only=True))
 
 
 def _count(module: nn.Module | None) -> int:

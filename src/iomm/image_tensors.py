@@ -39,6 +39,11 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(array) for array in to_uint8(images)]
 
 
+def as_pil(image: ImageLike) -> Image.Image:
+    """A PIL image as it is, or a (H, W, 3) uint8 array as a PIL image."""
+    return image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image))
+
+
 def image_grid(rows: list[torch.Tensor], pad: int = 2) -> Image.Image:
     """Rows of (B, 3, H, W) images in [0, 1] -> one PIL image, rows stacked top to bottom on grey."""
     b, _, h, w = rows[0].shape

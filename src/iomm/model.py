@@ -6,12 +6,12 @@ One file holds how the pieces meet (MetaQuery style); each piece lives in its ow
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from iomm.builtins import builtin_mllm, builtin_vae
 from iomm.conditioning.adapter import build_adapter
 from iomm.conditioning.connector import Connector
 from iomm.conditioning.masking import random_keep_mask, zero_masked
@@ -38,11 +38,8 @@ class Condition:
 
 
 def load_mllm(cfg: Config) -> FrozenMLLM:
-    path = cfg.mllm.path
-    if path == "nano":
-        from iomm.nano.mllm_training import ensure_nano_mllm
-
-        path = ensure_nano_mllm(Path(cfg.mllm.nano_dir), random_init=cfg.mllm.random_init)
+    builtin = builtin_mllm(cfg.mllm.path)
+    path = builtin.ensure(cfg) if builtin is not None else cfg.mllm.path
     mllm = FrozenMLLM.from_pretrained(path, trust_remote_code=cfg.mllm.trust_remote_code)
     if cfg.mllm.gradient_checkpointing:
         mllm.enable_gradient_checkpointing()
@@ -53,11 +50,8 @@ def load_mllm(cfg: Config) -> FrozenMLLM:
 def build_codec(cfg: Config) -> nn.Module:
     if cfg.codec.kind == "pixel":
         return PixelCodec()
-    path = cfg.codec.path
-    if path == "nano":
-        from iomm.nano.vae import ensure_nano_vae
-
-        path = ensure_nano_vae(Path(cfg.codec.nano_dir), resolution=cfg.data.resolution)
+    builtin = builtin_vae(cfg.codec.path)
+    path = builtin.ensure(cfg) if builtin is not None else cfg.codec.path
     return VAECodec.from_pretrained(path, sample_posterior=cfg.codec.sample_posterior)
 
 

@@ -53,8 +53,8 @@ def read_prompts(path: str | Path) -> list[str]:
 def _generate(args: argparse.Namespace) -> int:
     import torch
 
+    from iomm.image_tensors import image_grid, to_tensor
     from iomm.inference.pipeline import IOMMPipeline
-    from iomm.training.run_log import image_grid
 
     prompts = args.prompt or read_prompts(args.prompts)
     pipe = IOMMPipeline.from_pretrained(args.model, use_ema=not args.no_ema)
@@ -65,9 +65,7 @@ def _generate(args: argparse.Namespace) -> int:
         for i, (prompt, image) in enumerate(zip(prompts, images)):
             image.save(out / f"{i:05d}.png")
             f.write(json.dumps({"file": f"{i:05d}.png", "prompt": prompt, "seed": args.seed}) + "\n")
-    import numpy as np
-
-    tensors = torch.stack([torch.from_numpy(np.asarray(im, dtype=np.float32) / 255).permute(2, 0, 1) for im in images])
+    tensors = to_tensor(images)
     rows = [tensors[i:i + 8] for i in range(0, len(tensors), 8)]
     if len(rows) > 1 and rows[-1].shape[0] < 8:
         rows[-1] = torch.cat([rows[-1], torch.full((8 - rows[-1].shape[0], *rows[-1].shape[1:]), 0.5)])

@@ -7,9 +7,10 @@ import dataclasses
 import json
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
+
+from iomm.image_tensors import to_tensor
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -76,8 +77,8 @@ def load_image(path: Path) -> torch.Tensor:
     """An image file as a (3, H, W) float tensor in [0, 1]."""
     if not path.is_file():
         raise FileNotFoundError(f"image {path} does not exist")
-    array = np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255.0
-    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+    with Image.open(path) as image:
+        return to_tensor(image.convert("RGB")).contiguous()
 
 
 def run_understand(args: argparse.Namespace) -> int:

@@ -26,6 +26,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _recipe(args: argparse.Namespace) -> int:
     from iomm.config import finetune_config, load_config
+    from iomm.evaluation.reconstruction import sample_grid
     from iomm.model import build_codec, load_mllm
     from iomm.training.trainer import train
 
@@ -40,10 +41,11 @@ def _recipe(args: argparse.Namespace) -> int:
     build_codec(cfg)
     times["codec_s"] = time.time() - start - sum(times.values())
     print("== 3/5 stage 1: image-only pre-training", flush=True)
-    train(cfg, out / "pretrain", progress=not args.no_progress)
+    train(cfg, out / "pretrain", progress=not args.no_progress, sample_fn=sample_grid)
     times["pretrain_s"] = time.time() - start - sum(times.values())
     print("== 4/5 stage 2: mixed fine-tuning", flush=True)
-    train(finetune_config(cfg), out / "finetune", init=out / "pretrain", progress=not args.no_progress)
+    train(finetune_config(cfg), out / "finetune", init=out / "pretrain", progress=not args.no_progress,
+          sample_fn=sample_grid)
     times["finetune_s"] = time.time() - start - sum(times.values())
     print("== 5/5 evaluation on held-out prompts (GenEval-shapes)", flush=True)
     metrics = evaluate_run(out / "finetune", out / "eval", args.per_category)

@@ -29,16 +29,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _pretrain(args: argparse.Namespace) -> int:
+    from iomm.evaluation.reconstruction import sample_grid
     from iomm.training.trainer import train
 
     cfg = load_config(args.config, args.overrides)
-    train(cfg, args.out, progress=not args.no_progress)
+    train(cfg, args.out, progress=not args.no_progress, sample_fn=sample_grid)
     return 0
 
 
 def _finetune(args: argparse.Namespace) -> int:
+    from iomm.evaluation.reconstruction import sample_grid
     from iomm.training.trainer import train
 
     cfg = finetune_config(load_config(args.config, args.overrides))
-    train(cfg, args.out, init=None if args.init == "none" else args.init, progress=not args.no_progress)
+    train(cfg, args.out, init=None if args.init == "none" else args.init, progress=not args.no_progress,
+          sample_fn=sample_grid)
     return 0

@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageFile
 
+from iomm.image_tensors import to_tensor
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 MIN_SIDE = 8
 SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
@@ -124,14 +126,19 @@ def load_image(path: str | Path, resolution: int) -> torch.Tensor:
                 image.load()
                 if min(image.size) < MIN_SIDE:
                     raise BadSample(f"image smaller than {MIN_SIDE} px")
-                rgb = resize_center_crop(to_rgb(image), resolution)
+                tensor = prepare_image(image, resolution)
     except BadSample:
         raise
     except FileNotFoundError:
         raise BadSample("missing file") from None
     except Exception as err:  # decoders parse untrusted bytes: whatever one raises makes this one file bad
         raise BadSample(f"unreadable image ({type(err).__name__})") from None
-    return torch.from_numpy(np.asarray(rgb, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    return tensor
+
+
+def prepare_image(image: Image.Image, resolution: int) -> torch.Tensor:
+    """Any PIL image -> (3, R, R) float in [0, 1]: RGB, shorter side resized, centre-cropped."""
+    return to_tensor(resize_center_crop(to_rgb(image), resolution))
 
 
 def list_images(root: str | Path) -> list[Path]:

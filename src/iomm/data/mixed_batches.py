@@ -13,10 +13,10 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from iomm.builtins import builtin_data, split_pairs_spec
 from iomm.config import Config
 from iomm.data.images import BadSample, DataReport, TooMuchBadData, list_images, load_image
 from iomm.data.pairs import read_pairs
-from iomm.nano.world import World, WorldConfig
 
 MAX_RETRIES = 16
 
@@ -30,27 +30,6 @@ class Batch:
 
 class Source(Protocol):
     def draw(self, rng: np.random.Generator, bad: list[tuple[str, str]]) -> tuple[torch.Tensor, str | None]: ...
-
-
-def _to_tensor(image: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(image.astype(np.float32) / 255.0).permute(2, 0, 1)
-
-
-class WorldImages:
-    def __init__(self, world: World):
-        self.world = world
-
-    def draw(self, rng: np.random.Generator, bad: list[tuple[str, str]]) -> tuple[torch.Tensor, str | None]:
-        return _to_tensor(self.world.render(self.world.sample_scene(rng))), None
-
-
-class WorldPairs:
-    def __init__(self, world: World, n: int, seed: int):
-        self.pairs = [(image, caption) for image, caption, _ in world.pairs(n, seed)]
-
-    def draw(self, rng: np.random.Generator, bad: list[tuple[str, str]]) -> tuple[torch.Tensor, str | None]:
-        image, caption = self.pairs[int(rng.integers(len(self.pairs)))]
-        return _to_tensor(image), caption
 
 
 class FileSamples:
@@ -92,15 +71,15 @@ class MixedBatches(torch.utils.data.Dataset):
 
 def build_sources(cfg: Config, report: DataReport | None = None) -> tuple[Source, Source | None]:
     d = cfg.data
-    world = World(WorldConfig(resolution=d.resolution, max_objects=d.world_max_objects))
-    if d.source == "world":
-        images: Source = WorldImages(world)
+    builtin = builtin_data(d.source)
+    if builtin is not None:
+        images: Source = builtin.images(cfg)
     else:
         images = FileSamples([(p, None) for p in list_images(d.path)], d.resolution, d.path)
     pairs: Source | None = None
     if d.pairs is not None and cfg.train.mix_ratio < 1.0:
-        if d.pairs.startswith("world:"):
-            pairs = WorldPairs(world, int(d.pairs.split(":", 1)[1]), cfg.train.seed)
+        if (spec := split_pairs_spec(d.pairs)) is not None:
+            pairs = spec[0].pairs(cfg, int(spec[1]))
         else:
             listed = read_pairs(d.pairs, report)
             pairs = FileSamples([(p.image, p.caption) for p in listed], d.resolution, d.pairs)

@@ -19,10 +19,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 from PIL import Image
 
 from iomm.evaluation.prompt_images import read_jsonl
+from iomm.image_tensors import as_pil
 
 GenerateFn = Callable[[list[str], int], list[Image.Image]]
 # Images per prompt by default: GenEval's protocol (4), DPG-Bench's --pic-num 4 grid, WISE one image.
@@ -33,7 +33,7 @@ def _generate(generate_fn: GenerateFn, prompt: str, n: int, seed: int) -> list[I
     images = list(generate_fn([prompt] * n, seed))
     if len(images) != n:
         raise ValueError(f"generate_fn returned {len(images)} images for {n} prompts ({prompt!r})")
-    return [image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image)) for image in images]
+    return [as_pil(image) for image in images]
 
 
 def read_geneval_metadata(metadata_path: str | Path) -> list[dict[str, Any]]:

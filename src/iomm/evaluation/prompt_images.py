@@ -8,8 +8,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-from PIL import Image
+from iomm.image_tensors import as_pil
 
 if TYPE_CHECKING:
     from iomm.inference.pipeline import IOMMPipeline
@@ -76,7 +75,7 @@ def save_prompt_images(out_dir: str | Path, prompts: list[Mapping[str, Any]],
         names = []
         for k, image in enumerate(samples):
             name = f"images/{i:05d}_{k:02d}.png"
-            (image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image))).save(out_dir / name)
+            as_pil(image).save(out_dir / name)
             names.append(name)
         lines.append(json.dumps({**meta, "images": names}))
     metadata = out_dir / "metadata.jsonl"

@@ -6,25 +6,22 @@ its own original versus against a different image says whether the condition is 
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
+from iomm.builtins import builtin_data
 from iomm.config import Config
 from iomm.data.images import list_images, load_image
 from iomm.inference.sampling import sample_images
 from iomm.model import IOMM
-from iomm.nano.world import World, WorldConfig
 
 HELD_OUT_SEED = 10**6
 PANEL_SIZE = 8
 
 
 def held_out_images(cfg: Config, n: int = PANEL_SIZE) -> torch.Tensor:
-    if cfg.data.source == "world":
-        world = World(WorldConfig(resolution=cfg.data.resolution, max_objects=cfg.data.world_max_objects))
-        stream = world.images(HELD_OUT_SEED)
-        return torch.stack([torch.from_numpy(next(stream)[0].astype(np.float32) / 255).permute(2, 0, 1)
-                            for _ in range(n)])
+    builtin = builtin_data(cfg.data.source)
+    if builtin is not None:
+        return builtin.held_out(cfg, n)
     files = list_images(cfg.data.path)[-n:]
     return torch.stack([load_image(p, cfg.data.resolution) for p in files])
 
@@ -61,3 +58,12 @@ def prompt_row(model: IOMM, cfg: Config, prompts: tuple[str, ...] = PANEL_PROMPT
                            steps=cfg.flow.sample_steps, guidance_scale=cfg.flow.guidance_scale)
     model.train()
     return images.cpu()
+
+
+def sample_grid(model: IOMM, cfg: Config) -> tuple[list[torch.Tensor], dict[str, float]]:
+    """The trainer's sample grid: held-out originals and their regenerations, plus text-to-image samples
+    for fixed prompts in stage 2 (when the run trains on pairs)."""
+    panel, metrics = reconstruction_panel(model, cfg)
+    if cfg.train.mix_ratio < 1.0:
+        panel.append(prompt_row(model, cfg))
+    return panel, metrics

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 
 from iomm.checkpointing.checkpoint import resolve_checkpoint
 from iomm.checkpointing.weights import load_trainable
 from iomm.config import load_config
+from iomm.data.images import prepare_image
+from iomm.image_tensors import to_pil
 from iomm.inference.sampling import sample_images
 from iomm.model import IOMM
 
@@ -22,18 +23,6 @@ def load_model(path: str | Path, *, use_ema: bool = True, device: str | torch.de
     model = IOMM.from_config(cfg)
     load_trainable(model, checkpoint, use_ema=use_ema)
     return model.to(device).eval()
-
-
-def to_pil(images: torch.Tensor) -> list[Image.Image]:
-    array = (images.float().clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
-    return [Image.fromarray(a) for a in array]
-
-
-def pil_to_tensor(image: Image.Image, resolution: int) -> torch.Tensor:
-    from iomm.data.images import resize_center_crop, to_rgb
-
-    rgb = resize_center_crop(to_rgb(image), resolution)
-    return torch.from_numpy(np.asarray(rgb, dtype=np.float32) / 255.0).permute(2, 0, 1)
 
 
 class IOMMPipeline:
@@ -74,7 +63,7 @@ class IOMMPipeline:
             if refs is None:
                 cond = self.model.condition_texts(texts)
             else:
-                pixels = torch.stack([pil_to_tensor(r, self.cfg.data.resolution) for r in refs]).to(device)
+                pixels = torch.stack([prepare_image(r, self.cfg.data.resolution) for r in refs]).to(device)
                 cond = self.model.condition_edit(pixels, texts)
             out += to_pil(sample_images(self.model, cond, seed=seed + chunk, steps=steps, guidance_scale=scale))
         return out

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL
 
 from iomm.config import vae_factor
-from iomm.image_tensors import to_tensor
+from iomm.image_tensors import to_tensor, to_uint8
 from iomm.nano.scorer import detect_objects
 from iomm.nano.world import World, WorldConfig
 from iomm.training.run_log import Progress
@@ -115,7 +115,7 @@ def evaluate_nano_vae(vae: AutoencoderKL, resolution: int, n: int, seed: int) ->
     x, scenes = _world_batch(_world_images(resolution, seed), n)
     latents = vae.encode(x).latent_dist.mode()
     recon = vae.decode(latents).sample
-    pixels = ((recon + 1.0) / 2.0).clamp(0, 1).mul(255).round().byte().permute(0, 2, 3, 1).numpy()
+    pixels = to_uint8((recon + 1.0) / 2.0)
     exact = [Counter((d.shape, d.color) for d in detect_objects(image))
              == Counter((o.shape, o.color) for o in scene.objects) for image, scene in zip(pixels, scenes)]
     return {"mse": round(F.mse_loss(recon, x).item(), 5), "scorer_exact": round(float(np.mean(exact)), 4),

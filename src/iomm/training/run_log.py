@@ -6,10 +6,6 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-from PIL import Image
-
 
 class Progress:
     """Step / loss / speed / ETA lines, at most every `every` seconds."""
@@ -53,18 +49,6 @@ class RunLog:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
-
-
-def image_grid(rows: list[torch.Tensor], pad: int = 2) -> Image.Image:
-    """Rows of (B, 3, H, W) images in [0, 1] -> one PIL image, rows stacked top to bottom."""
-    b, _, h, w = rows[0].shape
-    grid = np.full((len(rows) * (h + pad) + pad, b * (w + pad) + pad, 3), 128, dtype=np.uint8)
-    for r, row in enumerate(rows):
-        pixels = (row.detach().float().clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
-        for i in range(b):
-            y, x = pad + r * (h + pad), pad + i * (w + pad)
-            grid[y:y + h, x:x + w] = pixels[i]
-    return Image.fromarray(grid)
 
 
 def plot_loss_curve(metrics_file: Path, out: Path) -> None:

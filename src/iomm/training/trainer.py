@@ -13,6 +13,7 @@ import math
 import os
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -27,12 +28,17 @@ from iomm.checkpointing.weights import load_trainable, step_seed, trainable_stat
 from iomm.config import Config, save_config
 from iomm.data.images import DataReport, TooMuchBadData
 from iomm.data.mixed_batches import Batch, MixedBatches, batch_loader, build_sources
+from iomm.image_tensors import image_grid
 from iomm.model import IOMM
 from iomm.training.ema import EMA
 from iomm.training.precision import autocast
-from iomm.training.run_log import RunLog, image_grid, plot_loss_curve
+from iomm.training.run_log import RunLog, plot_loss_curve
 
 MIN_SAMPLES_FOR_BAD_CHECK = 64
+
+# What the trainer calls every `train.sample_every` steps, under the EMA weights: rows of (B, 3, H, W) images
+# for the run's sample grid, and scalar metrics for its log (iomm.evaluation.reconstruction.sample_grid).
+SampleFn = Callable[[IOMM, Config], tuple[list[torch.Tensor], dict[str, float]]]
 
 
 def lr_factor(step: int, *, steps: int, warmup: int, decay_fraction: float) -> float:
@@ -86,6 +92,7 @@ class Trainer:
     init: Path | None = None
     progress: bool = True
     dist: Distributed = field(default_factory=Distributed.from_env)
+    sample_fn: SampleFn | None = None
 
     def __post_init__(self) -> None:
         self.run_dir = Path(self.run_dir)
@@ -241,7 +248,8 @@ class Trainer:
                                          "lr": self.scheduler.get_last_lr()[0], "elapsed_s": elapsed,
                                          "skipped_samples": float(sum(self.report.skipped.values())),
                                          "nonfinite_steps": float(self.nonfinite_total)})
-        if self.dist.main and t.sample_every and (self.step % t.sample_every == 0 or self.step == t.steps):
+        if (self.dist.main and self.sample_fn is not None and t.sample_every
+                and (self.step % t.sample_every == 0 or self.step == t.steps)):
             self.write_samples()
 
     def _count_bad(self, batch: Batch) -> None:
@@ -256,15 +264,18 @@ class Trainer:
                                   f"{limit:.1%}); stopped instead of training on garbage.\n{self.report.summary()}")
 
     def write_samples(self) -> None:
-        from iomm.evaluation.reconstruction import prompt_row, reconstruction_panel
-
-        with self.ema.applied():
-            panel, metrics = reconstruction_panel(self.model, self.cfg)
-            if self.cfg.train.mix_ratio < 1.0:
-                panel.append(prompt_row(self.model, self.cfg))
-        samples = self.run_dir / "samples"
-        samples.mkdir(exist_ok=True)
-        image_grid(panel).save(samples / f"step_{self.step:08d}.png")
+        """The sample grid and its metrics; a failure here is reported and never ends the run."""
+        try:
+            with self.ema.applied():
+                panel, metrics = self.sample_fn(self.model, self.cfg)
+            samples = self.run_dir / "samples"
+            samples.mkdir(exist_ok=True)
+            image_grid(panel).save(samples / f"step_{self.step:08d}.png")
+        except Exception as err:  # noqa: BLE001 - a broken sample grid must not cost the training run
+            self.model.train()
+            self._print(f"warning: sample grid at step {self.step} failed ({type(err).__name__}: {err}); "
+                        "training goes on")
+            return
         self.log.scalars(self.step, metrics)
 
     def _finish(self) -> None:
@@ -299,5 +310,6 @@ class _StopSignal:
             signal.signal(sig, handler)
 
 
-def train(cfg: Config, run_dir: str | Path, init: str | Path | None = None, progress: bool = True) -> Path:
-    return Trainer(cfg, Path(run_dir), Path(init) if init else None, progress).fit()
+def train(cfg: Config, run_dir: str | Path, init: str | Path | None = None, progress: bool = True,
+          sample_fn: SampleFn | None = None) -> Path:
+    return Trainer(cfg, Path(run_dir), Path(init) if init else None, progress, sample_fn=sample_fn).fit()

@@ -1,0 +1,114 @@
+"""What the nano testbed registers with `iomm.builtins`: the nano MLLM and nano VAE (`path: nano`, built on
+first use in `nano_dir`) and the procedural world as a data source (`data.source: world`, `data.pairs: world:N`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from iomm.builtins import BuiltinData, BuiltinModel, Registry
+from iomm.config import Config
+from iomm.image_tensors import to_tensor
+from iomm.nano.world import World, WorldConfig
+from iomm.typed_config import ConfigError
+
+NAME = "nano"
+WORLD = "world"
+HELD_OUT_SEED = 10**6  # the world stream the sample grids regenerate; training draws per-step seeds instead
+MAX_OBJECTS = 4
+
+
+def register(registry: Registry) -> None:
+    registry.mllms[NAME] = BuiltinModel(ensure=_ensure_mllm, architecture=_mllm_architecture)
+    registry.vaes[NAME] = BuiltinModel(ensure=_ensure_vae, architecture=_vae_architecture)
+    registry.data[WORLD] = BuiltinData(images=_world_images, pairs=_world_pairs, held_out=_held_out,
+                                       validate=_validate_world)
+
+
+# ---- models ----------------------------------------------------------------------------------
+
+def _ensure_mllm(cfg: Config) -> Path:
+    from iomm.nano.mllm_training import ensure_nano_mllm
+
+    return ensure_nano_mllm(Path(cfg.mllm.nano_dir), random_init=cfg.mllm.random_init)
+
+
+def _mllm_architecture(cfg: Config) -> Any:
+    from transformers import AutoConfig
+
+    from iomm.nano.mllm import nano_config
+
+    path = Path(cfg.mllm.nano_dir)
+    if (path / "config.json").is_file():
+        return AutoConfig.from_pretrained(path, local_files_only=True)
+    return nano_config()
+
+
+def _ensure_vae(cfg: Config) -> Path:
+    from iomm.nano.vae import ensure_nano_vae
+
+    return ensure_nano_vae(Path(cfg.codec.nano_dir), resolution=cfg.data.resolution)
+
+
+def _vae_architecture(cfg: Config) -> dict[str, Any]:
+    """The AutoencoderKL config the nano VAE has, or will be built with at data.resolution."""
+    from diffusers import AutoencoderKL
+
+    from iomm.nano.vae import NanoVAEConfig, build_nano_vae
+
+    path = Path(cfg.codec.nano_dir)
+    if (path / "config.json").is_file():
+        return dict(AutoencoderKL.load_config(path, local_files_only=True))
+    with torch.device("meta"):
+        return dict(build_nano_vae(NanoVAEConfig(resolution=cfg.data.resolution)).config)
+
+
+# ---- the world as a data source --------------------------------------------------------------
+
+def _world(cfg: Config) -> World:
+    return World(WorldConfig(resolution=cfg.data.resolution, max_objects=cfg.data.world_max_objects))
+
+
+class WorldImages:
+    """The unlabeled stream: a fresh scene per draw."""
+
+    def __init__(self, world: World):
+        self.world = world
+
+    def draw(self, rng: np.random.Generator, bad: list[tuple[str, str]]) -> tuple[torch.Tensor, str | None]:
+        return to_tensor(self.world.render(self.world.sample_scene(rng))), None
+
+
+class WorldPairs:
+    """A finite set of N captioned training pairs (no held-out colour/shape combination among them)."""
+
+    def __init__(self, world: World, n: int, seed: int):
+        self.pairs = [(image, caption) for image, caption, _ in world.pairs(n, seed)]
+
+    def draw(self, rng: np.random.Generator, bad: list[tuple[str, str]]) -> tuple[torch.Tensor, str | None]:
+        image, caption = self.pairs[int(rng.integers(len(self.pairs)))]
+        return to_tensor(image), caption
+
+
+def _world_images(cfg: Config) -> WorldImages:
+    return WorldImages(_world(cfg))
+
+
+def _world_pairs(cfg: Config, n: int) -> WorldPairs:
+    return WorldPairs(_world(cfg), n, cfg.train.seed)
+
+
+def _held_out(cfg: Config, n: int) -> torch.Tensor:
+    stream = _world(cfg).images(HELD_OUT_SEED)
+    return to_tensor([next(stream)[0] for _ in range(n)])
+
+
+def _validate_world(cfg: Config, source: str) -> None:
+    d = cfg.data
+    if d.resolution < 16:
+        raise ConfigError(source, "data.resolution", ">= 16 for the built-in world", d.resolution)
+    if not 1 <= d.world_max_objects <= MAX_OBJECTS:
+        raise ConfigError(source, "data.world_max_objects", f"1..{MAX_OBJECTS}", d.world_max_objects)

@@ -1,0 +1,45 @@
+"""Behaviour is pinned: short runs give exactly the losses recorded on the code before the testbed moved
+into iomm/nano (commit b44ebcc), with the same seeds. A refactor that changes numerics fails here."""
+
+import json
+
+import pytest
+
+from iomm.config import finetune_config
+from iomm.nano.mllm_training import train_nano_mllm
+from iomm.nano.vae import tiny_config as tiny_vae_config
+from iomm.nano.vae import train_nano_vae
+from iomm.training.trainer import Trainer
+
+RECORDED = {
+    "pretrain_sd3_pixel": [2.259505033493042, 2.145181894302368, 2.1667816638946533, 2.08129620552063,
+                           2.181593179702759],
+    "finetune_mix": [2.1446592807769775, 2.0888593196868896, 2.0678322315216064, 2.125501871109009],
+    "pretrain_unet_drop": [2.1520473957061768, 1.9650558233261108, 1.9636353254318237, 1.8373831510543823],
+    "nano_vae_final_loss": 0.9181,
+    "nano_mllm_final_loss": 12.7415,
+}
+
+
+def losses(run_dir):
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [row["loss"] for row in rows if "loss" in row]
+
+
+def test_training_losses_match_the_recorded_ones(tiny_config, tmp_path):
+    Trainer(tiny_config("train.steps=5"), tmp_path / "pre", progress=False).fit()
+    assert losses(tmp_path / "pre") == pytest.approx(RECORDED["pretrain_sd3_pixel"], rel=1e-6)
+    stage2 = finetune_config(tiny_config("train.steps=4", "finetune.steps=4", "data.pairs=world:16"))
+    Trainer(stage2, tmp_path / "ft", init=tmp_path / "pre", progress=False).fit()
+    assert losses(tmp_path / "ft") == pytest.approx(RECORDED["finetune_mix"], rel=1e-6)
+    unet = tiny_config("train.steps=4", "generator.kind=unet", "generator.block_out_channels=[32,64]",
+                       "masking.mode=drop")
+    Trainer(unet, tmp_path / "unet", progress=False).fit()
+    assert losses(tmp_path / "unet") == pytest.approx(RECORDED["pretrain_unet_drop"], rel=1e-6)
+
+
+def test_nano_model_training_matches_the_recorded_losses(tmp_path):
+    vae = train_nano_vae(tmp_path / "vae", steps=3, progress=False, config=tiny_vae_config())
+    assert json.loads((vae / "nano_vae.json").read_text())["final_loss"] == RECORDED["nano_vae_final_loss"]
+    mllm = train_nano_mllm(tmp_path / "mllm", minutes=None, steps=3, tiny=True, progress=False)
+    assert json.loads((mllm / "nano_mllm.json").read_text())["final_loss"] == RECORDED["nano_mllm_final_loss"]
