@@ -25,17 +25,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from iomm.config import load_config
-from iomm.generator.flow import (
-    TIMESTEP_SCALE,
-    euler_sample,
-    interpolate,
-    output_to_velocity,
-    sample_timesteps,
-    velocity_target,
-)
+from iomm.generator.flow import TIMESTEP_SCALE, euler_sample, flow_matching_loss, output_to_velocity
 from iomm.generator.network import build_generator, run_generator
 from iomm.image_tensors import to_tensor, to_uint8
 from iomm.model import build_codec
@@ -87,8 +79,7 @@ def main() -> None:
         else:
             images, texts = [next(stream)[0] for _ in range(cfg.train.batch_size)], None
         x = codec.encode(to_tensor(images))
-        z, t = torch.randn(x.shape, generator=g), sample_timesteps(flow, cfg.train.batch_size, g)
-        loss = F.mse_loss(velocity(interpolate(x, z, t), t, texts), velocity_target(x, z))
+        loss = flow_matching_loss(lambda x_t, t: velocity(x_t, t, texts), x, flow, g)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)

@@ -34,6 +34,8 @@ FLUX_VAE = dict(in_channels=3, out_channels=3, latent_channels=16, block_out_cha
                 layers_per_block=2, scaling_factor=0.3611, shift_factor=0.1159,
                 use_quant_conv=False, use_post_quant_conv=False)
 
+# The vision half of an HF VLM: InternVL's vision tower and projector, Qwen2.5-VL's `visual` (merger included).
+VISION_MODULES = ("vision_tower", "multi_modal_projector", "visual")
 MLLM_ARCHITECTURES = {"internvl3-2b": internvl3_2b}
 VAE_ARCHITECTURES = {"flux-vae": FLUX_VAE}
 
@@ -77,7 +79,7 @@ def describe(cfg: Config) -> dict[str, int]:
             vae, factor, channels = None, 1, 3
         generator = build_generator(cfg.generator, in_channels=channels, sample_size=cfg.data.resolution // factor,
                                     cond_width=cfg.connector.width)
-    vision = _count(mllm.model.vision_tower) + _count(mllm.model.multi_modal_projector)
+    vision = sum(_count(getattr(mllm.model, name, None)) for name in VISION_MODULES)
     counts = {
         "mllm_vision": vision,
         "mllm_language": _count(mllm) - vision,

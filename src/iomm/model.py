@@ -8,7 +8,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from iomm.builtins import builtin_mllm, builtin_vae
@@ -19,14 +18,9 @@ from iomm.conditioning.mllm import FrozenMLLM
 from iomm.conditioning.sequence import Segment, pack_left, positions_after
 from iomm.config import Config
 from iomm.generator.codec import PixelCodec, VAECodec
-from iomm.generator.flow import (
-    TIMESTEP_SCALE,
-    interpolate,
-    output_to_velocity,
-    sample_timesteps,
-    velocity_target,
-)
+from iomm.generator.flow import TIMESTEP_SCALE, flow_matching_loss, output_to_velocity
 from iomm.generator.network import build_generator, run_generator
+from iomm.training.phases import PhaseTimer
 
 TRAINABLE = ("adapter", "connector", "generator")
 
@@ -67,6 +61,7 @@ class IOMM(nn.Module):
             cfg.generator, in_channels=codec.channels, sample_size=cfg.data.resolution // codec.factor,
             cond_width=cfg.connector.width)
         self._prompt_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.timer = PhaseTimer()  # off: `iomm bench train-step` turns it on to time the real step
 
     @classmethod
     def from_config(cls, cfg: Config) -> "IOMM":
@@ -164,8 +159,13 @@ class IOMM(nn.Module):
 
     def loss(self, images: torch.Tensor, captions: list[str | None], generator: torch.Generator) -> torch.Tensor:
         """Flow-matching loss of one (mixed) batch; all randomness comes from `generator`."""
-        cond = self.condition_batch(images, captions, generator, self.cfg.train.cond_dropout)
-        return self.flow_loss(self.codec.encode(images, generator), cond, generator)
+        with self.timer("conditioning_forward"):
+            cond = self.condition_batch(images, captions, generator, self.cfg.train.cond_dropout)
+        with self.timer("codec_encode"):
+            latents = self.codec.encode(images, generator)
+        self.timer.mark_gradient(cond.tokens, cond.pooled)
+        with self.timer("generator_forward"):
+            return self.flow_loss(latents, cond, generator)
 
     def flow_loss(self, latents: torch.Tensor, cond: Condition, generator: torch.Generator) -> torch.Tensor:
         """Flow-matching loss of latents under their conditions, `flow.samples_per_condition` draws each."""
@@ -173,7 +173,4 @@ class IOMM(nn.Module):
         if repeats > 1:  # one conditioning pass, several (noise, t) draws: more generator samples per second
             latents = latents.repeat_interleave(repeats, dim=0)
             cond = Condition(*(x.repeat_interleave(repeats, dim=0) for x in (cond.tokens, cond.pooled)))
-        noise = torch.randn(latents.shape, generator=generator).to(latents)
-        t = sample_timesteps(self.cfg.flow, latents.shape[0], generator).to(latents.device)
-        prediction = self.velocity(interpolate(latents, noise, t), t, cond)
-        return F.mse_loss(prediction.float(), velocity_target(latents, noise).float())
+        return flow_matching_loss(lambda x, t: self.velocity(x, t, cond), latents, self.cfg.flow, generator)

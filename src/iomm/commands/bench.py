@@ -26,7 +26,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     b.add_argument("--compare-naive", action="store_true",
                    help="also time the naive faithful step (fp32, zero masking, no prefix cache) "
                         "and report the speed-up")
-    b.add_argument("--out", default="bench/results/train_step.json")
+    b.add_argument("--out", default="runs/bench/train_step.json",
+                   help="result JSON (default: runs/bench/train_step.json, outside the tracked tree)")
     b.set_defaults(func=_train_step)
     w = sub.add_parser("world", help="render speed of the procedural world (images/s, one thread)")
     w.add_argument("--n", type=int, default=5000)

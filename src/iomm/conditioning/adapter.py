@@ -2,7 +2,7 @@
 
 Every adapter turns a packed condition sequence `c` into the tokens appended to it before the frozen
 LLM (`None` for `raw`: the LLM output of `c` itself is the condition). Query outputs are RMS-normalised
-to the LLM's input-embedding scale; otherwise the LLM ignores the condition (see NANO-PROBE.md).
+to the LLM's input-embedding scale, so that the queries are not swamped by (or swamp) the condition tokens.
 """
 
 from __future__ import annotations

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.training_utils import compute_density_for_timestep_sampling
 
@@ -29,6 +30,15 @@ def interpolate(x: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.
 
 def velocity_target(x: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     return noise - x
+
+
+def flow_matching_loss(velocity: VelocityFn, latents: torch.Tensor, cfg: FlowConfig,
+                       generator: torch.Generator) -> torch.Tensor:
+    """MSE between the predicted and the true velocity at x_t, for noise and t drawn from `generator`."""
+    noise = torch.randn(latents.shape, generator=generator).to(latents)
+    t = sample_timesteps(cfg, latents.shape[0], generator).to(latents.device)
+    prediction = velocity(interpolate(latents, noise, t), t)
+    return F.mse_loss(prediction.float(), velocity_target(latents, noise).float())
 
 
 def velocity_from_sample(x_t: torch.Tensor, sample: torch.Tensor, t: torch.Tensor, min_t: float) -> torch.Tensor:

@@ -266,7 +266,8 @@ def ensure_nano_mllm(path: str | Path, *, progress: bool = True, **train_kwargs:
         return path
     if progress:
         budget = train_kwargs.get("minutes", DEFAULT_MINUTES)
-        print(f"[nano-mllm] no nano MLLM at {path}: building it now (one-off, {budget:g} min budget)", flush=True)
+        what = "random init" if train_kwargs.get("random_init") else f"{budget:g} min budget"
+        print(f"[nano-mllm] no nano MLLM at {path}: building it now (one-off, {what})", flush=True)
     return train_nano_mllm(path, progress=progress, **train_kwargs)
 
 

@@ -2,7 +2,7 @@
 
 Each arm is one pre-train + fine-tune run (or a pre-train only, for editing) of the nano recipe with
 its own overrides. Arms run as separate processes, `--parallel` at a time with one thread each
-(on this 2-core CPU two 1-thread jobs beat one 2-thread job, see NANO-PROBE.md).
+(on a 2-core CPU two 1-thread jobs give more throughput than one 2-thread job).
 """
 
 from __future__ import annotations

@@ -167,16 +167,17 @@ class Trainer:
                        else contextlib.nullcontext())
             with no_sync, self._autocast():
                 loss = (self.ddp or self.model)(images, batch.captions, generator) / len(micro_batches)
-            loss.backward()
+            self.model.timer.backward(loss)
             total += float(loss.detach())
-        grads = [p.grad for p in self.params.values() if p.grad is not None]
-        clip = self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else math.inf
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(list(self.params.values()), clip)) if grads else 0.0
-        finite = math.isfinite(total) and math.isfinite(grad_norm)
-        if finite:
-            self.optimizer.step()
-            self.ema.update(self.step)
-        self.scheduler.step()
+        with self.model.timer("optimizer_and_ema"):
+            grads = [p.grad for p in self.params.values() if p.grad is not None]
+            clip = self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else math.inf
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(list(self.params.values()), clip)) if grads else 0.0
+            finite = math.isfinite(total) and math.isfinite(grad_norm)
+            if finite:
+                self.optimizer.step()
+                self.ema.update(self.step)
+            self.scheduler.step()
         return StepOutcome(total, grad_norm, finite)
 
     # ---- the loop ----------------------------------------------------------------------------

@@ -1,0 +1,68 @@
+"""Wall time of the phases of the real training step, for `iomm bench train-step`.
+
+The model and the trainer mark their phases with a `PhaseTimer`; it is a no-op unless a benchmark enables
+it, so the benchmark times `Trainer.train_step` itself rather than a copy of it. Backward is split where
+the gradient reaches the condition tokens: before that the generator's backward runs, after it the
+conditioning path's (connector, the frozen LLM's query positions, adapter).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+
+import torch
+
+GENERATOR_BACKWARD = "generator_backward"
+CONDITIONING_BACKWARD = "conditioning_backward"
+
+
+class PhaseTimer:
+    def __init__(self) -> None:
+        self.enabled = False
+        self.totals: dict[str, float] = defaultdict(float)
+        self._gradient_arrival: float | None = None
+
+    def reset(self) -> None:
+        self.totals.clear()
+
+    @staticmethod
+    def _now() -> float:
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.synchronize()  # GPU kernels run asynchronously: time them, not their launch
+        return time.perf_counter()
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        if not self.enabled:
+            yield
+            return
+        start = self._now()
+        yield
+        self.totals[name] += self._now() - start
+
+    def mark_gradient(self, *tensors: torch.Tensor) -> None:
+        """Note when backward reaches `tensors` (the condition): the generator's backward ends there."""
+        if not self.enabled:
+            return
+        for tensor in tensors:
+            if tensor.requires_grad:
+                tensor.register_hook(self._arrived)
+
+    def _arrived(self, grad: torch.Tensor) -> None:
+        self._gradient_arrival = self._now()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """`loss.backward()`, timed in two parts when enabled."""
+        if not self.enabled:
+            loss.backward()
+            return
+        self._gradient_arrival = None
+        start = self._now()
+        loss.backward()
+        end = self._now()
+        split = self._gradient_arrival if self._gradient_arrival is not None else end
+        self.totals[GENERATOR_BACKWARD] += split - start
+        self.totals[CONDITIONING_BACKWARD] += end - split

@@ -1,0 +1,88 @@
+"""The user-facing commands end to end on tiny models: `iomm recipe`, `iomm bench train-step`, `iomm describe`."""
+
+import json
+from importlib import resources
+from pathlib import Path
+
+import pytest
+from transformers import Qwen2_5_VLConfig
+
+from iomm.cli import main
+from iomm.config import load_config
+from iomm.describe import describe
+from tests.conftest import TINY_OVERRIDES
+
+CONFIGS = Path(str(resources.files("iomm") / "configs"))
+PHASES = ("conditioning_forward", "codec_encode", "generator_forward", "generator_backward",
+          "conditioning_backward", "optimizer_and_ema")
+
+
+def sets(*overrides: str) -> list[str]:
+    return [f"--set={o}" for o in overrides]
+
+
+def test_recipe_runs_every_stage_and_writes_its_score(tiny_mllm_dir, tmp_path, capsys):
+    out = tmp_path / "recipe"
+    code = main(["recipe", "nano", "--out", str(out), "--per-category", "1", "--no-progress",
+                 *sets(f"mllm.path={tiny_mllm_dir}", *TINY_OVERRIDES, "train.steps=2", "finetune.steps=2",
+                       "data.pairs=world:8", "train.sample_every=2")])
+    assert code == 0
+    printed = capsys.readouterr().out
+    for stage in ("1/5", "2/5", "3/5 stage 1", "4/5 stage 2", "5/5 evaluation"):
+        assert f"== {stage}" in printed
+    summary = json.loads((out / "recipe.json").read_text())
+    metrics = summary["metrics"]
+    assert f"overall={metrics['overall']:.3f}" in printed
+    assert metrics["counts"]["single_object"]["n"] == 1 and len(metrics["counts"]) == 6
+    assert summary["times"]["total_s"] >= sum(v for k, v in summary["times"].items() if k != "total_s") - 1e-6
+    assert (out / "pretrain/checkpoints/step_00000002/manifest.json").is_file()
+    assert (out / "finetune/samples/step_00000002.png").is_file()
+    assert len((out / "eval/metadata.jsonl").read_text().splitlines()) == 6
+
+
+def test_bench_times_every_phase_of_the_real_step(tiny_mllm_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the default output goes under the working directory's runs/, not the repo
+    code = main(["bench", "train-step", "--steps", "2", "--warmup", "1", "--compare-naive",
+                 *sets(f"mllm.path={tiny_mllm_dir}", *TINY_OVERRIDES)])
+    assert code == 0
+    out = tmp_path / "runs/bench/train_step.json"
+    assert f"wrote {Path('runs/bench/train_step.json')}" in capsys.readouterr().out
+    result = json.loads(out.read_text())
+    for run in (result["run"], result["naive"]):
+        seconds = run["seconds_per_step"]
+        assert all(seconds[phase] > 0 for phase in PHASES), seconds
+        assert sum(seconds[phase] for phase in PHASES) <= seconds["step"] * 1.01  # phases are inside the step
+        assert run["images_per_s"] == pytest.approx(run["batch_size"] / seconds["step"])
+    assert result["speedup"] == pytest.approx(result["run"]["images_per_s"] / result["naive"]["images_per_s"])
+
+
+def test_describe_counts_the_paper_scale_models():
+    counts = describe(load_config(CONFIGS / "iomm-b.yaml", check_paths=False))
+    # InternVL3-2B (InternViT-300M + Qwen2.5-1.5B, untied head), the FLUX.1 VAE, the 1.6B MM-DiT of IOMM-B
+    assert counts["mllm_vision"] + counts["mllm_language"] == pytest.approx(2.0889e9, rel=1e-4)
+    assert counts["vae"] == 83_819_683
+    assert counts["generator"] == pytest.approx(1.6e9, rel=0.01)
+    assert counts["adapter"] == pytest.approx(29e6, rel=0.02)  # the paper's ~29M RQA
+    assert counts["trainable"] == counts["adapter"] + counts["connector"] + counts["generator"]
+    large = describe(load_config(CONFIGS / "iomm-l.yaml", check_paths=False))
+    assert large["generator"] == pytest.approx(2.7e9, rel=0.03)
+
+
+def test_describe_on_a_qwen25_vl_checkpoint(tmp_path, capsys):
+    config = Qwen2_5_VLConfig(
+        vision_config={"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2,
+                       "out_hidden_size": 48, "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2,
+                       "fullatt_block_indexes": [1]},
+        text_config={"vocab_size": 100, "hidden_size": 48, "num_hidden_layers": 2, "num_attention_heads": 2,
+                     "num_key_value_heads": 1, "intermediate_size": 96, "rope_scaling": {"type": "mrope",
+                                                                                          "mrope_section": [2, 4, 6]}},
+        image_token_id=99, vision_start_token_id=97, vision_end_token_id=98)
+    config.save_pretrained(tmp_path / "qwen")
+    counts = describe(load_config(None, [f"mllm.path={tmp_path / 'qwen'}"], check_paths=False))
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    model = Qwen2_5_VLForConditionalGeneration(config)
+    assert counts["mllm_vision"] == sum(p.numel() for p in model.model.visual.parameters())
+    assert counts["mllm_vision"] + counts["mllm_language"] == sum(p.numel() for p in model.parameters())
+    assert main(["describe", "--set", f"mllm.path={tmp_path / 'qwen'}"]) == 0
+    assert "mllm_vision" in capsys.readouterr().out
