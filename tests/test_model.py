@@ -7,7 +7,8 @@ from iomm.model import IOMM
 
 
 def _batch(cfg, step=0):
-    images, pairs = build_sources(cfg)
+    sources = build_sources(cfg)
+    images, pairs = sources.images, sources.pairs
     return MixedBatches(images, pairs, cfg.train.batch_size, cfg.train.mix_ratio, cfg.train.seed)[step]
 
 

@@ -12,7 +12,8 @@ from iomm.training.trainer import Trainer
 
 def test_mix_ratio_holds_in_expectation_and_is_deterministic(tiny_config):
     cfg = tiny_config("data.pairs=world:64", "train.mix_ratio=0.25", "train.batch_size=16")
-    images, pairs = build_sources(cfg)
+    sources = build_sources(cfg)
+    images, pairs = sources.images, sources.pairs
     batches = MixedBatches(images, pairs, 16, 0.25, seed=3)
     image_only = [c is None for step in range(100) for c in batches[step].captions]
     assert abs(np.mean(image_only) - 0.25) < 0.03

@@ -119,6 +119,8 @@ class DataConfig:
     # Stage 2: text-image pairs, a JSONL file of {"image", "caption"} or "NAME:N", N pairs of a built-in source.
     pairs: str | None = None
     max_bad_fraction: float = 0.01
+    # Image folders: this many files (spread over the sorted list) never train; the sample grids regenerate them.
+    holdout: int = 8
 
 
 @dataclass
@@ -178,7 +180,7 @@ class Config:
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None, *,
                 check_paths: bool = True) -> Config:
     """Load a YAML config (or the defaults), apply `--set` overrides, and validate everything."""
-    source = str(path) if path else "<defaults>"
+    source = config_source(path)
     data: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -189,11 +191,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         except yaml.YAMLError as err:
             raise ConfigError(source, "<file>", "valid YAML", str(err).splitlines()[0]) from None
     data = apply_overrides(data, list(overrides or []))
-    if overrides:  # the bad value may come from the command line rather than the file
-        source += " with --set " + " ".join(overrides)
+    source = config_source(path, overrides)  # the bad value may come from the command line rather than the file
     config = build_dataclass(Config, data, source)
     validate(config, source, check_paths=check_paths)
     return config
+
+
+def config_source(path: str | Path | None, overrides: Sequence[str] | None = None) -> str:
+    """How errors name a config: its file (or "<defaults>") and the `--set` overrides applied to it."""
+    source = str(path) if path else "<defaults>"
+    return source + " with --set " + " ".join(overrides) if overrides else source
 
 
 def _check(ok: bool, source: str, field_path: str, expected: str, got: Any) -> None:
@@ -224,6 +231,7 @@ def validate(cfg: Config, source: str = "<config>", *, check_paths: bool = True)
     _check(math.isfinite(t.weight_decay) and t.weight_decay >= 0, source, "train.weight_decay", "a finite number >= 0",
            t.weight_decay)
     _check(d.num_workers >= 0, source, "data.num_workers", ">= 0", d.num_workers)
+    _check(d.holdout >= 0, source, "data.holdout", ">= 0", d.holdout)
     _check(cfg.flow.sample_steps >= 1, source, "flow.sample_steps", ">= 1", cfg.flow.sample_steps)
     _check(cfg.flow.samples_per_condition >= 1, source, "flow.samples_per_condition", ">= 1",
            cfg.flow.samples_per_condition)
@@ -276,6 +284,9 @@ def _check_generator(g: GeneratorConfig, codec_factor: int, resolution: int, sou
     _check(resolution % factor == 0, source, "data.resolution", f"divisible by {why} = {factor}", resolution)
 
 
+VAE_DIR = "a diffusers AutoencoderKL directory (config.json with block_out_channels)"
+
+
 def vae_factor(block_out_channels: Sequence[int]) -> int:
     """Spatial downsampling of an AutoencoderKL: one 2x step between consecutive blocks."""
     return 2 ** (len(block_out_channels) - 1)
@@ -291,12 +302,14 @@ def codec_factor(cfg: Config, source: str = "<config>") -> int:
         return vae_factor(builtin.architecture(cfg)["block_out_channels"])
     config_file = Path(codec.path or "") / "config.json"
     if not _exists(str(config_file), "file"):
-        return 8  # SD / SD3 / FLUX VAEs; a missing path is reported by the path checks
+        return 8  # SD / SD3 / FLUX VAEs; a missing path or config.json is reported by the path checks
     try:
-        blocks = json.loads(config_file.read_text(encoding="utf-8"))["block_out_channels"]
-    except (ValueError, KeyError, TypeError):
-        raise ConfigError(source, "codec.path", "a diffusers AutoencoderKL directory (config.json with "
-                          "block_out_channels)", str(config_file)) from None
+        vae = json.loads(config_file.read_text(encoding="utf-8"))
+        blocks, kind = vae["block_out_channels"], vae.get("_class_name", "AutoencoderKL")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        blocks, kind = None, None
+    ok = kind == "AutoencoderKL" and isinstance(blocks, list) and len(blocks) >= 1
+    _check(ok, source, "codec.path", VAE_DIR, f"{config_file}" + (f" of a {kind}" if kind and not ok else ""))
     return vae_factor(blocks)
 
 
@@ -314,12 +327,14 @@ def _check_paths(cfg: Config, source: str) -> None:
         _check(_exists(cfg.mllm.path, "dir"), source, "mllm.path",
                f"an existing local model directory or a built-in model ({', '.join(map(repr, models.mllms))})",
                cfg.mllm.path)
-        _check_remote_code(Path(cfg.mllm.path), cfg.mllm.trust_remote_code, source)
+        _check_mllm_dir(Path(cfg.mllm.path), cfg.mllm.trust_remote_code, source)
     if cfg.codec.kind == "vae":
         builtin = builtin_vae(cfg.codec.path)
         _check(builtin is not None or (cfg.codec.path is not None and _exists(cfg.codec.path, "dir")), source,
                "codec.path", f"an existing AutoencoderKL directory or a built-in model "
                f"({', '.join(map(repr, models.vaes))}) for codec.kind=vae", cfg.codec.path)
+        _check(builtin is not None or _exists(str(Path(cfg.codec.path or "") / "config.json"), "file"), source,
+               "codec.path", VAE_DIR, f"{cfg.codec.path} (no config.json)")
         built = builtin.architecture(cfg).get("sample_size") if builtin is not None else None
         _check(builtin is None or built == cfg.data.resolution, source, "codec.nano_dir",
                f"a built-in VAE built for data.resolution={cfg.data.resolution} px (or a new directory)",
@@ -334,26 +349,34 @@ def _check_paths(cfg: Config, source: str) -> None:
         _check(_exists(pairs, "file"), source, "data.pairs", "an existing JSONL file or NAME:N", pairs)
 
 
-def _check_remote_code(path: Path, trusted: bool, source: str) -> None:
+def _check_mllm_dir(path: Path, trusted: bool, source: str) -> None:
+    """A model with custom code (config.json has auto_map) needs the opt-in; any other must be a supported family."""
     config_file = path / "config.json"
     if not config_file.is_file():
-        return
-    import json
-
+        return  # FrozenMLLM.from_pretrained names what the directory is missing
     try:
-        needs_remote = "auto_map" in json.loads(config_file.read_text(encoding="utf-8"))
+        config = json.loads(config_file.read_text(encoding="utf-8"))
     except (OSError, ValueError):
+        config = None
+    if isinstance(config, dict) and "auto_map" in config:
+        _check(trusted, source, "mllm.trust_remote_code",
+               f"true to run the custom code shipped in {path} (its config.json has auto_map)", trusted)
         return
-    _check(trusted or not needs_remote, source, "mllm.trust_remote_code",
-           f"true to run the custom code shipped in {path} (its config.json has auto_map)", trusted)
+    from iomm.conditioning.mllm_families import FAMILIES  # torch and transformers: only when a directory is named
+
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    _check(model_type in FAMILIES, source, "mllm.path",
+           f"a VLM checkpoint of a supported family (config.json model_type one of {', '.join(sorted(FAMILIES))})",
+           f"{path} (model_type={model_type!r})" if isinstance(config, dict) else f"{config_file} (not JSON)")
 
 
-def finetune_config(cfg: Config) -> Config:
-    """The stage-2 config: `finetune` fields replace their `train` counterparts."""
+def finetune_config(cfg: Config, source: str = "<config>") -> Config:
+    """The stage-2 config: `finetune` fields replace their `train` counterparts. `source` names the config in
+    errors (`config_source`, as `load_config` does)."""
     out = dataclasses.replace(cfg, train=dataclasses.replace(
         cfg.train, steps=cfg.finetune.steps, mix_ratio=cfg.finetune.mix_ratio,
         lr=cfg.finetune.lr if cfg.finetune.lr is not None else cfg.train.lr))
-    validate(out, "<finetune>", check_paths=False)
+    validate(out, f"{source} (fine-tuning)", check_paths=False)
     return out
 
 

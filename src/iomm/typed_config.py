@@ -5,11 +5,16 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from typing import Any, Literal, get_args, get_origin
 
 import yaml
+
+# A decimal number as written by hand. YAML 1.1 (PyYAML) reads floats without a dot or without an exponent sign
+# ("5e-4", "1e5", "1.0e5") as strings; float fields take them as the numbers they are.
+_FLOAT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 class ConfigError(ValueError):
@@ -58,6 +63,8 @@ def _coerce(value: Any, tp: Any, source: str, path: str) -> Any:
             raise ConfigError(source, path, "an integer", value)
         return value
     if tp is float:
+        if isinstance(value, str) and _FLOAT_TEXT.fullmatch(value):
+            return float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(source, path, "a number", value)
         return float(value)

@@ -25,12 +25,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _recipe(args: argparse.Namespace) -> int:
-    from iomm.config import finetune_config, load_config
+    from iomm.config import config_source, finetune_config, load_config
     from iomm.evaluation.reconstruction import sample_grid
     from iomm.model import build_codec, load_mllm
     from iomm.training.trainer import train
 
-    cfg = load_config(args.config or packaged_config(args.name), args.overrides)
+    config_path = args.config or packaged_config(args.name)
+    cfg = load_config(config_path, args.overrides)
+    stage2 = finetune_config(cfg, config_source(config_path, args.overrides))  # a bad stage 2 fails before stage 1
     out, times = Path(args.out), {}
     start = time.time()
     print(f"== 1/5 nano MLLM ({cfg.mllm.nano_dir})", flush=True)
@@ -44,8 +46,7 @@ def _recipe(args: argparse.Namespace) -> int:
     train(cfg, out / "pretrain", progress=not args.no_progress, sample_fn=sample_grid)
     times["pretrain_s"] = time.time() - start - sum(times.values())
     print("== 4/5 stage 2: mixed fine-tuning", flush=True)
-    train(finetune_config(cfg), out / "finetune", init=out / "pretrain", progress=not args.no_progress,
-          sample_fn=sample_grid)
+    train(stage2, out / "finetune", init=out / "pretrain", progress=not args.no_progress, sample_fn=sample_grid)
     times["finetune_s"] = time.time() - start - sum(times.values())
     print("== 5/5 evaluation on held-out prompts (GenEval-shapes)", flush=True)
     metrics = evaluate_run(out / "finetune", out / "eval", args.per_category)

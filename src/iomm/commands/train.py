@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from iomm.config import finetune_config, load_config
+from iomm.config import config_source, finetune_config, load_config
 
 
 def add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -41,7 +41,7 @@ def _finetune(args: argparse.Namespace) -> int:
     from iomm.evaluation.reconstruction import sample_grid
     from iomm.training.trainer import train
 
-    cfg = finetune_config(load_config(args.config, args.overrides))
+    cfg = finetune_config(load_config(args.config, args.overrides), config_source(args.config, args.overrides))
     train(cfg, args.out, init=None if args.init == "none" else args.init, progress=not args.no_progress,
           sample_fn=sample_grid)
     return 0

@@ -14,6 +14,7 @@ InternVL's dynamic tiling (`crop_to_patches`) is not used: every image is one ti
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from transformers import AutoConfig, AutoModelForImageTextToText, AutoTokenizer,
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-from iomm.conditioning.mllm_families import family_for
+from iomm.conditioning.mllm_families import FAMILIES, family_for
 
 WEIGHT_FILES = (
     "model.safetensors",
@@ -79,6 +80,23 @@ def read_preprocessing(path: Path) -> dict[str, Any]:
     return {}
 
 
+# What the families read from the image-processor settings (InternVL: mean, std, size; Qwen2.5-VL: mean, std,
+# patch, merge and temporal patch sizes, min/max pixels), as the attribute names of their objects.
+FAMILY_SETTINGS = ("mean", "std", "size", "patch", "merge", "temporal", "min_pixels", "max_pixels")
+
+
+def _family_settings(family: Any) -> str:
+    return ", ".join(f"{name}={getattr(family, name)}" for name in FAMILY_SETTINGS if hasattr(family, name))
+
+
+def _check_family(path: Path, model_type: Any) -> None:
+    if model_type not in FAMILIES:
+        raise ValueError(
+            f"MLLM checkpoint {path} has model_type={model_type!r}; FrozenMLLM supports the HF-native model types "
+            f"{', '.join(sorted(FAMILIES))}. For InternVL use the '-hf' checkpoints (e.g. OpenGVLab/InternVL3-2B-hf)."
+        )
+
+
 # --------------------------------------------------------------------------------------------
 # the wrapper
 # --------------------------------------------------------------------------------------------
@@ -125,13 +143,21 @@ class FrozenMLLM(nn.Module):
     ) -> "FrozenMLLM":
         """Load model, tokenizer and image preprocessing settings from a local directory, offline."""
         path = Path(path)
-        check_checkpoint_dir(path, trust_remote_code=trust_remote_code)
+        raw = check_checkpoint_dir(path, trust_remote_code=trust_remote_code)
+        if "auto_map" not in raw:  # unsupported family: fail before loading anything (custom code: below)
+            _check_family(path, raw.get("model_type"))
         kwargs = {"local_files_only": True, "trust_remote_code": trust_remote_code}
         config = AutoConfig.from_pretrained(path, **kwargs)
-        family_for(config, {})  # unsupported family: fail before loading weights
+        _check_family(path, config.model_type)
         model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
-        return cls(model, tokenizer, read_preprocessing(path), gradient_checkpointing=gradient_checkpointing)
+        preprocessing = read_preprocessing(path)
+        mllm = cls(model, tokenizer, preprocessing, gradient_checkpointing=gradient_checkpointing)
+        if not preprocessing:
+            warnings.warn(f"MLLM checkpoint {path} has no image-processor settings ({PREPROCESSOR_FILE} or "
+                          f"processor_config.json): images are preprocessed with the {config.model_type} defaults "
+                          f"{_family_settings(mllm.family)}", UserWarning, stacklevel=2)
+        return mllm
 
     @classmethod
     def from_config(

@@ -6,6 +6,7 @@ and every rank draws different samples. Image and pair sources are sampled with 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -15,7 +16,8 @@ import torch
 
 from iomm.builtins import builtin_data, split_pairs_spec
 from iomm.config import Config
-from iomm.data.images import BadSample, DataReport, TooMuchBadData, list_images, load_image
+from iomm.data.folder_index import indexed_images, split_held_out
+from iomm.data.images import BadSample, DataReport, TooMuchBadData, load_image
 from iomm.data.pairs import read_pairs
 
 MAX_RETRIES = 16
@@ -69,13 +71,25 @@ class MixedBatches(torch.utils.data.Dataset):
         return Batch(torch.stack([s[0] for s in samples]), [s[1] for s in samples], bad)
 
 
-def build_sources(cfg: Config, report: DataReport | None = None) -> tuple[Source, Source | None]:
-    d = cfg.data
+@dataclass
+class DataSources:
+    images: Source
+    pairs: Source | None
+    held_out: torch.Tensor  # (n, 3, R, R) images the sample grids regenerate; never drawn for training
+
+
+def build_sources(cfg: Config, report: DataReport | None = None, run_dir: Path | None = None, *, main: bool = True,
+                  barrier: Callable[[], None] = lambda: None, held_out: int = 8) -> DataSources:
+    """The run's image and pair sources. An image folder is listed once, by the main rank, into `run_dir`."""
+    d, report = cfg.data, report if report is not None else DataReport()
     builtin = builtin_data(d.source)
     if builtin is not None:
         images: Source = builtin.images(cfg)
+        held = builtin.held_out(cfg, held_out)
     else:
-        images = FileSamples([(p, None) for p in list_images(d.path)], d.resolution, d.path)
+        split = split_held_out(indexed_images(d.path, run_dir, main=main, barrier=barrier), d.holdout)
+        images = FileSamples([(p, None) for p in split.train], d.resolution, d.path)
+        held = _load_held_out(split.held_out, d.resolution, report)
     pairs: Source | None = None
     if d.pairs is not None and cfg.train.mix_ratio < 1.0:
         if (spec := split_pairs_spec(d.pairs)) is not None:
@@ -83,7 +97,18 @@ def build_sources(cfg: Config, report: DataReport | None = None) -> tuple[Source
         else:
             listed = read_pairs(d.pairs, report)
             pairs = FileSamples([(p.image, p.caption) for p in listed], d.resolution, d.pairs)
-    return images, pairs
+    return DataSources(images, pairs, held[:held_out])
+
+
+def _load_held_out(paths: list[Path], resolution: int, report: DataReport) -> torch.Tensor:
+    """The held-out files that load; a bad one is skipped and counted like any training sample."""
+    loaded = []
+    for path in paths:
+        try:
+            loaded.append(load_image(path, resolution))
+        except BadSample as err:
+            report.bad(str(path), str(err))
+    return torch.stack(loaded) if loaded else torch.zeros(0, 3, resolution, resolution)
 
 
 def batch_loader(dataset: MixedBatches, start_step: int, end_step: int,

@@ -8,39 +8,12 @@ from __future__ import annotations
 
 import torch
 
-from iomm.builtins import builtin_data
 from iomm.config import Config
-from iomm.data.images import list_images, load_image
 from iomm.inference.sampling import sample_images
 from iomm.model import IOMM
 
 HELD_OUT_SEED = 10**6
 PANEL_SIZE = 8
-
-
-def held_out_images(cfg: Config, n: int = PANEL_SIZE) -> torch.Tensor:
-    builtin = builtin_data(cfg.data.source)
-    if builtin is not None:
-        return builtin.held_out(cfg, n)
-    files = list_images(cfg.data.path)[-n:]
-    return torch.stack([load_image(p, cfg.data.resolution) for p in files])
-
-
-@torch.no_grad()
-def reconstruction_panel(model: IOMM, cfg: Config,
-                         steps: int | None = None) -> tuple[list[torch.Tensor], dict[str, float]]:
-    """Rows: originals, reconstructions from their masked conditions (fixed masks and noise)."""
-    model.eval()
-    device = next(model.generator.parameters()).device
-    originals = held_out_images(cfg).to(device)
-    cond = model.condition_masked_images(originals, torch.Generator().manual_seed(HELD_OUT_SEED))
-    recon = sample_images(model, cond, seed=HELD_OUT_SEED, steps=steps or cfg.flow.sample_steps,
-                          guidance_scale=cfg.flow.guidance_scale)
-    own = ((recon - originals) ** 2).mean().item()
-    other = ((recon - originals.roll(1, dims=0)) ** 2).mean().item()
-    model.train()
-    return [originals.cpu(), recon.cpu()], {"recon_mse_own": own, "recon_mse_other": other}
-
 
 PANEL_PROMPTS = (
     "a photo of a red circle", "a photo of a blue square", "a photo of a green triangle",
@@ -48,6 +21,22 @@ PANEL_PROMPTS = (
     "a photo of a purple square left of a cyan circle", "a photo of three triangles",
     "a photo of a red triangle and a green circle", "a photo of a blue circle above a yellow square",
 )
+
+
+@torch.no_grad()
+def reconstruction_panel(model: IOMM, cfg: Config, originals: torch.Tensor,
+                         steps: int | None = None) -> tuple[list[torch.Tensor], dict[str, float]]:
+    """Rows: originals, reconstructions from their masked conditions (fixed masks and noise)."""
+    model.eval()
+    device = next(model.generator.parameters()).device
+    originals = originals.to(device)
+    cond = model.condition_masked_images(originals, torch.Generator().manual_seed(HELD_OUT_SEED))
+    recon = sample_images(model, cond, seed=HELD_OUT_SEED, steps=steps or cfg.flow.sample_steps,
+                          guidance_scale=cfg.flow.guidance_scale)
+    own = ((recon - originals) ** 2).mean().item()
+    other = ((recon - originals.roll(1, dims=0)) ** 2).mean().item()
+    model.train()
+    return [originals.cpu(), recon.cpu()], {"recon_mse_own": own, "recon_mse_other": other}
 
 
 @torch.no_grad()
@@ -60,10 +49,11 @@ def prompt_row(model: IOMM, cfg: Config, prompts: tuple[str, ...] = PANEL_PROMPT
     return images.cpu()
 
 
-def sample_grid(model: IOMM, cfg: Config) -> tuple[list[torch.Tensor], dict[str, float]]:
-    """The trainer's sample grid: held-out originals and their regenerations, plus text-to-image samples
-    for fixed prompts in stage 2 (when the run trains on pairs)."""
-    panel, metrics = reconstruction_panel(model, cfg)
+def sample_grid(model: IOMM, cfg: Config, held_out: torch.Tensor) -> tuple[list[torch.Tensor], dict[str, float]]:
+    """The trainer's sample grid: held-out originals and their regenerations (when there are at least two),
+    plus text-to-image samples for fixed prompts in stage 2 (when the run trains on pairs)."""
+    panel, metrics = reconstruction_panel(model, cfg, held_out) if len(held_out) >= 2 else ([], {})
     if cfg.train.mix_ratio < 1.0:
-        panel.append(prompt_row(model, cfg))
+        row = prompt_row(model, cfg, PANEL_PROMPTS[:len(held_out)] if len(held_out) >= 2 else PANEL_PROMPTS)
+        panel.append(row)
     return panel, metrics

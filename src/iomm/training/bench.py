@@ -12,8 +12,9 @@ from pathlib import Path
 import torch
 
 from iomm.config import Config
+from iomm.training.distributed import Distributed
 from iomm.training.precision import resolve_precision
-from iomm.training.trainer import Distributed, Trainer
+from iomm.training.trainer import Trainer
 
 
 def bench_train_step(cfg: Config, steps: int = 10, warmup: int = 2) -> dict:

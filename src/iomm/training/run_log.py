@@ -1,10 +1,13 @@
-"""Run logs: metrics.jsonl, TensorBoard scalars, sample grids and a loss curve PNG."""
+"""Run logs: metrics.jsonl, TensorBoard scalars and sample grids, plain progress lines, a loss curve PNG."""
 
 from __future__ import annotations
 
 import json
 import time
 from pathlib import Path
+
+import numpy as np
+from PIL import Image
 
 
 class Progress:
@@ -28,27 +31,58 @@ class Progress:
               f"elapsed {elapsed:.0f}s ETA {eta:.0f}s", flush=True)
 
 
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    return f"{minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m{secs:02d}s"
+
+
+def step_line(step: int, steps: int, loss: float, lr: float, done: int, elapsed: float) -> str:
+    """One plain log line: `step 20/1100  loss 0.1234  lr 2.0e-03  3.10 it/s  elapsed 0m06s  ETA 5m42s`,
+    where speed and ETA come from the `done` steps of this process in `elapsed` seconds."""
+    rate = done / max(elapsed, 1e-9)
+    eta = (steps - step) / max(rate, 1e-9)
+    return (f"step {step}/{steps}  loss {loss:.4f}  lr {lr:.1e}  {rate:.2f} it/s  "
+            f"elapsed {_duration(elapsed)}  ETA {_duration(eta)}")
+
+
 class RunLog:
+    """metrics.jsonl and TensorBoard of a run (main rank only). `start(step)` opens them for a run that
+    (re)starts after `step`: what an interrupted run logged after its last checkpoint is dropped, so that
+    no step appears twice."""
+
     def __init__(self, run_dir: Path, enabled: bool = True):
         self.run_dir, self.enabled = Path(run_dir), enabled
         self.writer = None
-        if enabled:
-            from torch.utils.tensorboard import SummaryWriter
 
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            self.writer = SummaryWriter(str(self.run_dir / "tensorboard"))
+    def start(self, step: int) -> None:
+        if not self.enabled:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        metrics = self.run_dir / "metrics.jsonl"
+        if metrics.is_file():
+            kept = [line for line in metrics.read_text(encoding="utf-8").splitlines()
+                    if line.strip() and json.loads(line)["step"] <= step]
+            metrics.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        self.writer = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=step + 1)
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
-        if not self.enabled:
+        if self.writer is None:
             return
         for name, value in values.items():
             self.writer.add_scalar(name, value, step)
         with (self.run_dir / "metrics.jsonl").open("a", encoding="utf-8") as f:
             f.write(json.dumps({"step": step, "time": time.time(), **values}) + "\n")
 
+    def image(self, tag: str, step: int, image: Image.Image) -> None:
+        if self.writer is not None:
+            self.writer.add_image(tag, np.asarray(image), step, dataformats="HWC")
+
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+            self.writer = None
 
 
 def plot_loss_curve(metrics_file: Path, out: Path) -> None:

@@ -2,7 +2,7 @@
 
 Every source of randomness for step s (data, masks, dropout, timesteps, noise) is seeded from
 (seed, s, rank), so a resumed run continues exactly: only weights, EMA, optimizer and LR schedule
-are state, and they live in the checkpoint.
+are state, and they live in the checkpoint. Every stop is collective across ranks (see distributed.py).
 """
 
 from __future__ import annotations
@@ -10,35 +10,38 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
-import signal
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
 
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
 from iomm.checkpointing import checkpoint as ckpt
 from iomm.checkpointing.weights import load_trainable, step_seed, trainable_state
-from iomm.config import Config, save_config
+from iomm.config import Config, load_config, save_config
 from iomm.data.images import DataReport, TooMuchBadData
 from iomm.data.mixed_batches import Batch, MixedBatches, batch_loader, build_sources
 from iomm.image_tensors import image_grid
 from iomm.model import IOMM
+from iomm.training.distributed import Distributed
 from iomm.training.ema import EMA
 from iomm.training.precision import autocast
-from iomm.training.run_log import RunLog, plot_loss_curve
+from iomm.training.resume import config_changes
+from iomm.training.run_log import RunLog, plot_loss_curve, step_line
+from iomm.training.stopping import StopSignal, TrainingInterrupted, TrainingStopped
 
 MIN_SAMPLES_FOR_BAD_CHECK = 64
+PANEL_SIZE = 8  # held-out images in each sample grid
+SIGNAL = "signal"  # how a stop reason from SIGTERM / Ctrl-C begins
 
-# What the trainer calls every `train.sample_every` steps, under the EMA weights: rows of (B, 3, H, W) images
-# for the run's sample grid, and scalar metrics for its log (iomm.evaluation.reconstruction.sample_grid).
-SampleFn = Callable[[IOMM, Config], tuple[list[torch.Tensor], dict[str, float]]]
+# What the trainer calls every `train.sample_every` steps, under the EMA weights, with the run's held-out
+# images: rows of (B, 3, H, W) images for the sample grid and scalar metrics for the log
+# (iomm.evaluation.reconstruction.sample_grid).
+SampleFn = Callable[[IOMM, Config, torch.Tensor], tuple[list[torch.Tensor], dict[str, float]]]
 
 
 def lr_factor(step: int, *, steps: int, warmup: int, decay_fraction: float) -> float:
@@ -47,35 +50,6 @@ def lr_factor(step: int, *, steps: int, warmup: int, decay_fraction: float) -> f
     if decay_fraction > 0:
         factor = min(factor, max(steps - step, 0) / max(decay_fraction * steps, 1.0))
     return factor
-
-
-class TrainingStopped(RuntimeError):
-    """The run stopped on purpose (bad data, non-finite losses); a checkpoint was saved first."""
-
-
-class TrainingInterrupted(TrainingStopped):
-    """SIGTERM / Ctrl-C: a checkpoint was saved; callers (a recipe's next stage) must not go on."""
-
-
-@dataclass
-class Distributed:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @classmethod
-    def from_env(cls) -> "Distributed":
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        if world > 1 and not dist.is_initialized():
-            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        return cls(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def device(self) -> torch.device:
-        return torch.device("cuda", self.local_rank) if torch.cuda.is_available() else torch.device("cpu")
 
 
 @dataclass
@@ -112,11 +86,14 @@ class Trainer:
             self.optimizer, partial(lr_factor, steps=t.steps, warmup=t.warmup_steps, decay_fraction=t.decay_fraction))
         self.ema = EMA(self.params, t.ema_decay)
         self.report = DataReport()
-        images, pairs = build_sources(self.cfg, self.report)
-        self.batches = MixedBatches(images, pairs, t.batch_size, t.mix_ratio, t.seed, self.dist.rank)
+        sources = build_sources(self.cfg, self.report, self.run_dir, main=self.dist.main, barrier=self.dist.barrier,
+                                held_out=PANEL_SIZE)
+        self.held_out = sources.held_out
+        self.batches = MixedBatches(sources.images, sources.pairs, t.batch_size, t.mix_ratio, t.seed, self.dist.rank)
         self.step = 0
         self.nonfinite_in_row = 0
         self.nonfinite_total = 0
+        self.pending_stop: str | None = None  # why this rank must stop before the next step
         self.log = RunLog(self.run_dir, enabled=self.dist.main)
         self.ddp = None
         if self.dist.world > 1:
@@ -134,23 +111,39 @@ class Trainer:
         save_config(self.cfg, tmp / "config.yaml")
 
     def save(self) -> Path | None:
-        if not self.dist.main:
-            return None
-        return ckpt.save_checkpoint(self.run_dir, self.step, self._write_checkpoint,
-                                    keep_last=self.cfg.train.keep_last, keep_every=self.cfg.train.keep_every)
+        """Rank 0 writes the checkpoint; every rank waits for it (a rank that left early would end the launch)."""
+        path = None
+        if self.dist.main:
+            path = ckpt.save_checkpoint(self.run_dir, self.step, self._write_checkpoint,
+                                        keep_last=self.cfg.train.keep_last, keep_every=self.cfg.train.keep_every)
+        self.dist.barrier()
+        return path
 
     def resume(self) -> bool:
         found = ckpt.latest_checkpoint(self.run_dir, log=self._print)
         if found is None:
             return False
+        changes = config_changes(load_config(found / "config.yaml", check_paths=False), self.cfg, found)
         load_trainable(self.model, found, use_ema=False, ema=self.ema)
         opt = ckpt.load_torch(found / "optimizer.pt")
         self.optimizer.load_state_dict(opt["optimizer"])
         self.scheduler.load_state_dict(opt["scheduler"])
         state = json.loads((found / "state.json").read_text(encoding="utf-8"))
         self.step, self.nonfinite_total = state["step"], state["nonfinite_total"]
+        self._apply_schedule()
         self._print(f"resumed from {found} at step {self.step}")
+        for name, old, new in changes:
+            self._print(f"  {name}: {old!r} -> {new!r} (applies from step {self.step})")
         return True
+
+    def _apply_schedule(self) -> None:
+        """The optimizer's hyper-parameters and LR schedule from this config (a resume may change them)."""
+        t = self.cfg.train
+        self.scheduler.base_lrs = [t.lr for _ in self.optimizer.param_groups]
+        factor = self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
+        for group in self.optimizer.param_groups:
+            group.update(initial_lr=t.lr, lr=t.lr * factor, betas=tuple(t.betas), weight_decay=t.weight_decay)
+        self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
     # ---- one step ----------------------------------------------------------------------------
     def _autocast(self) -> contextlib.AbstractContextManager:
@@ -190,44 +183,70 @@ class Trainer:
         if self.step >= t.steps:
             self._print(f"nothing to do: step {self.step} >= train.steps {t.steps}")
             return self.run_dir
+        self.log.start(self.step)
         accum = t.grad_accum
-        loader = batch_loader(self.batches, self.step * accum, t.steps * accum, self.cfg.data.num_workers)
-        stop = _StopSignal()
-        bar = tqdm(total=t.steps, initial=self.step, disable=not (self.progress and self.dist.main),
-                   dynamic_ncols=True, unit="step")
-        started, micro = time.time(), []
+        batches = iter(batch_loader(self.batches, self.step * accum, t.steps * accum, self.cfg.data.num_workers))
+        signals = StopSignal()
+        use_bar = self.progress and self.dist.main and sys.stderr.isatty()
+        bar = tqdm(total=t.steps, initial=self.step, disable=not use_bar, dynamic_ncols=True, unit="step")
+        started, first_step = time.time(), self.step
         try:
-            for batch in loader:
-                self._count_bad(batch)
-                micro.append(batch)
-                if len(micro) < accum:
-                    continue
+            while self.step < t.steps:
+                micro = self._next_micro_batches(batches, accum)
+                self._stop_if_any_rank_must(signals)
                 outcome = self.train_step(micro)
-                micro = []
                 self.step += 1
-                self._after_step(outcome, started, bar)
-                if stop.requested:
-                    self._print(f"signal {stop.requested}: saving a checkpoint at step {self.step} before exit")
-                    break
+                self._after_step(outcome, started, first_step, bar, plain=not use_bar)
                 if self.step % t.checkpoint_every == 0 and self.step < t.steps:
                     self.save()
+            self._stop_if_any_rank_must(signals)
             self.save()
-        except TooMuchBadData as err:
-            for where, reason in err.bad:
-                self.report.bad(where, reason)
-            self.save()
-            raise TrainingStopped(f"{err}; stopped instead of training on garbage.\n{self.report.summary()}") from None
         finally:
-            stop.restore()
+            signals.restore()
             bar.close()
             self.log.close()
         self._finish()
-        if stop.requested:
-            raise TrainingInterrupted(f"{stop.requested}: checkpoint saved at step {self.step} in {self.run_dir}; "
-                                      "rerun the same command to resume")
         return self.run_dir
 
-    def _after_step(self, outcome: StepOutcome, started: float, bar: tqdm) -> None:
+    def _next_micro_batches(self, batches: Iterator[Batch], accum: int) -> list[Batch]:
+        micro = []
+        for _ in range(accum):
+            try:
+                batch = next(batches)
+            except TooMuchBadData as err:
+                for where, reason in err.bad:
+                    self.report.bad(where, reason)
+                self.pending_stop = f"{err}; stopped instead of training on garbage"
+                break
+            self._count_bad(batch)
+            micro.append(batch)
+        return micro
+
+    def _stop_if_any_rank_must(self, signals: StopSignal) -> None:
+        """Collective: when any rank has a reason to stop, every rank saves (rank 0 writes) and raises."""
+        if signals.requested and self.pending_stop is None:
+            self.pending_stop = f"{SIGNAL} {signals.requested}"
+        reasons = self.dist.stop_requested(self.pending_stop)
+        if reasons is None:
+            return
+        self.save()
+        report = self._merged_report()
+        if any(SIGNAL in reason for reason in reasons):
+            self._print(f"{'; '.join(reasons)}: checkpoint saved at step {self.step}")
+            raise TrainingInterrupted(f"{'; '.join(reasons)}: checkpoint saved at step {self.step} in "
+                                      f"{self.run_dir}; rerun the same command to resume")
+        raise TrainingStopped("; ".join(reasons) + f"\n{report.summary()}")
+
+    def _merged_report(self) -> DataReport:
+        merged = DataReport()
+        for part in self.dist.gather(self.report.to_dict()):
+            merged.seen += part["seen"]
+            merged.skipped.update(part["skipped"])
+            for reason, where in part["examples"].items():
+                merged.examples.setdefault(reason, where)
+        return merged
+
+    def _after_step(self, outcome: StepOutcome, started: float, first_step: int, bar: tqdm, plain: bool) -> None:
         t = self.cfg.train
         if outcome.finite:
             self.nonfinite_in_row = 0
@@ -237,18 +256,20 @@ class Trainer:
             self._print(f"warning: non-finite loss or gradient at step {self.step}; step skipped "
                         f"({self.nonfinite_in_row} in a row)")
             if self.nonfinite_in_row >= t.max_nonfinite_in_row:
-                self.save()
-                raise TrainingStopped(f"{self.nonfinite_in_row} non-finite steps in a row at step {self.step}; "
-                                      f"checkpoint saved. Lower train.lr, check the data, "
-                                      f"or use mixed_precision: fp32.")
+                self.pending_stop = (f"{self.nonfinite_in_row} non-finite steps in a row at step {self.step}; "
+                                     "checkpoint saved. Lower train.lr, check the data, or use mixed_precision: fp32.")
+        lr = self.scheduler.get_last_lr()[0]
         bar.update(1)
-        bar.set_postfix(loss=f"{outcome.loss:.4f}", lr=f"{self.scheduler.get_last_lr()[0]:.1e}")
+        bar.set_postfix(loss=f"{outcome.loss:.4f}", lr=f"{lr:.1e}")
         if self.step % t.log_every == 0 or self.step == t.steps:
             elapsed = time.time() - started
-            self.log.scalars(self.step, {"loss": outcome.loss, "grad_norm": outcome.grad_norm,
-                                         "lr": self.scheduler.get_last_lr()[0], "elapsed_s": elapsed,
-                                         "skipped_samples": float(sum(self.report.skipped.values())),
-                                         "nonfinite_steps": float(self.nonfinite_total)})
+            loss, skipped, nonfinite = self.dist.sum([outcome.loss, float(sum(self.report.skipped.values())),
+                                                      float(self.nonfinite_total)])
+            loss /= self.dist.world
+            if plain:
+                self._print(step_line(self.step, t.steps, loss, lr, self.step - first_step, elapsed))
+            self.log.scalars(self.step, {"loss": loss, "grad_norm": outcome.grad_norm, "lr": lr, "elapsed_s": elapsed,
+                                         "skipped_samples": skipped, "nonfinite_steps": nonfinite})
         if (self.dist.main and self.sample_fn is not None and t.sample_every
                 and (self.step % t.sample_every == 0 or self.step == t.steps)):
             self.write_samples()
@@ -260,55 +281,37 @@ class Trainer:
             self.report.ok()
         limit = self.cfg.data.max_bad_fraction
         if self.report.seen >= MIN_SAMPLES_FOR_BAD_CHECK and self.report.exceeds(limit):
-            self.save()
-            raise TrainingStopped(f"{self.report.bad_fraction:.1%} of samples are bad (limit data.max_bad_fraction="
-                                  f"{limit:.1%}); stopped instead of training on garbage.\n{self.report.summary()}")
+            self.pending_stop = (f"{self.report.bad_fraction:.1%} of samples are bad (limit data.max_bad_fraction="
+                                 f"{limit:.1%}); stopped instead of training on garbage")
 
     def write_samples(self) -> None:
         """The sample grid and its metrics; a failure here is reported and never ends the run."""
         try:
             with self.ema.applied():
-                panel, metrics = self.sample_fn(self.model, self.cfg)
+                panel, metrics = self.sample_fn(self.model, self.cfg, self.held_out)
+            if not panel:
+                return
+            grid = image_grid(panel)
             samples = self.run_dir / "samples"
             samples.mkdir(exist_ok=True)
-            image_grid(panel).save(samples / f"step_{self.step:08d}.png")
+            grid.save(samples / f"step_{self.step:08d}.png")
         except Exception as err:  # noqa: BLE001 - a broken sample grid must not cost the training run
             self.model.train()
             self._print(f"warning: sample grid at step {self.step} failed ({type(err).__name__}: {err}); "
                         "training goes on")
             return
+        self.log.image("samples", self.step, grid)
         self.log.scalars(self.step, metrics)
 
     def _finish(self) -> None:
-        if not self.dist.main:
-            return
-        if (self.run_dir / "metrics.jsonl").is_file():
+        if self.dist.main and (self.run_dir / "metrics.jsonl").is_file():
             plot_loss_curve(self.run_dir / "metrics.jsonl", self.run_dir / "loss.png")
-        self._print(self.report.summary())
+        summary = self._merged_report().summary()
+        self._print(summary)
 
     def _print(self, text: str) -> None:
         if self.dist.main:
             tqdm.write(text)
-
-
-class _StopSignal:
-    """SIGTERM / Ctrl-C request a checkpoint and a clean exit instead of killing the step."""
-
-    def __init__(self) -> None:
-        self.requested: str | None = None
-        self._previous: dict[int, Any] = {}
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread
-                pass
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.requested = signal.Signals(signum).name
-
-    def restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 def train(cfg: Config, run_dir: str | Path, init: str | Path | None = None, progress: bool = True,
