@@ -3,6 +3,8 @@
 import dataclasses
 import json
 import typing
+from importlib import resources
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -17,11 +19,14 @@ def _write(tmp_path, text):
     return path
 
 
+CONFIGS = Path(str(resources.files("iomm") / "configs"))  # the packaged configs, wherever pytest runs from
+
+
 def test_shipped_configs_load():
-    for name in ("nano", "iomm-b", "iomm-l"):
-        cfg = load_config(f"configs/{name}.yaml", check_paths=False)
+    for name in ("nano", "smoke", "iomm-b", "iomm-l"):
+        cfg = load_config(CONFIGS / f"{name}.yaml", check_paths=False)
         assert cfg.train.betas == [0.9, 0.95]
-    b = load_config("configs/iomm-b.yaml", check_paths=False)
+    b = load_config(CONFIGS / "iomm-b.yaml", check_paths=False)
     assert (b.masking.ratio, b.train.lr, b.train.ema_decay, b.train.grad_clip, b.adapter.num_queries) == (
         0.85, 1e-4, 0.999, 1.0, 256)
 

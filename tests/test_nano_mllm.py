@@ -12,18 +12,36 @@ import torch
 
 from iomm.conditioning.mllm import FrozenMLLM
 from iomm.conditioning.mllm_families import family_for
-from iomm.nano.mllm import build_nano_mllm, nano_config, preprocessing_config, tiny_config
-from iomm.nano.mllm_training import SelectionLoss, TaskSampler, ensure_nano_mllm, train_nano_mllm
+from iomm.nano import mllm_training
+from iomm.nano.mllm import build_nano_mllm, nano_config, preprocessing_config, save_nano_mllm, tiny_config
+from iomm.nano.mllm_training import DenseHead, SelectionLoss, TaskSampler, ensure_nano_mllm, train_nano_mllm
 from iomm.nano.questions import QUESTION_TYPES, TEXT_WEIGHTS, SequenceBuilder, ask, patch_labels, selected_patches
 from iomm.nano.tokenizer import AUX_PROMPT, build_tokenizer
 from iomm.nano.understanding import evaluate_understanding
 from iomm.nano.world import COLORS, SHAPES, Scene, World, WorldConfig, WorldObject
 
+# the tiny model with both training-only auxiliaries on (the dense probe and the selection loss), set here
+# rather than taken from the defaults so that the test of what is saved cannot turn vacuous
+TRAINED_CONFIG = dataclasses.replace(tiny_config(), dense_weight=1.0, selection_weight=0.3)
+
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> Path:
+def dense_probes() -> list[DenseHead]:
+    return []  # the DenseHead probes built while training `trained`
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, dense_probes) -> Path:
+    class RecordedDenseHead(DenseHead):
+        def __init__(self, model) -> None:
+            super().__init__(model)
+            dense_probes.append(self)
+
     torch.manual_seed(0)
-    return train_nano_mllm(tmp_path_factory.mktemp("nano") / "mllm", steps=3, tiny=True, progress=False)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(mllm_training, "DenseHead", RecordedDenseHead)
+        return train_nano_mllm(tmp_path_factory.mktemp("nano") / "mllm", steps=3, config=TRAINED_CONFIG,
+                               progress=False)
 
 
 def test_tokenizer_knows_the_world_and_the_prompt() -> None:
@@ -89,18 +107,22 @@ def test_saved_dir_loads_like_a_checkpoint(trained: Path) -> None:
         mllm.out = mllm.forward_embeds(embeds, torch.cat([torch.ones(img.shape[:2], dtype=torch.bool), mask], 1))
     assert img.shape[1] == tiny_config().image_tokens == loaded.num_image_tokens(32)
     assert torch.equal(loaded.out, memory.out)
-    assert isinstance(loaded.answer(images[0], "what color is the circle ?"), str)
+    for image, question in ((images[0], "what color is the circle ?"), (None, "a photo of two red circles")):
+        assert loaded.answer(image, question) == memory.answer(image, question)
 
 
 def test_understanding_json(trained: Path) -> None:
     results = json.loads((trained / "understanding.json").read_text())
+    n = TRAINED_CONFIG.eval_n
+    assert (results["n_per_type"], results["seed"]) == (n, 1000)  # train_nano_mllm evaluates with seed + 1000
     assert set(results["accuracy"]) == set(QUESTION_TYPES)
     assert set(results["text_accuracy"]) == set(TEXT_WEIGHTS)
-    assert all(0.0 <= v <= 1.0 for v in results["accuracy"].values())
+    for value in [*results["accuracy"].values(), *results["text_accuracy"].values()]:
+        assert 0 <= value * n <= n and value * n == pytest.approx(round(value * n))  # exact matches out of n
     by_objects = results["accuracy_by_objects"]["color"]
     assert set(by_objects) <= {"1", "2", "3", "4"} and all(0.0 <= v <= 1.0 for v in by_objects.values())
-    again = evaluate_understanding(trained, n=4, seed=3)
-    assert set(again) >= {"accuracy", "text_accuracy", "retrieval_top1", "embed_scale", "image_tokens"}
+    assert results["image_tokens"] == TRAINED_CONFIG.image_tokens
+    assert evaluate_understanding(trained, n=n, seed=1000) == results  # the saved numbers are reproducible
 
 
 def test_ensure_reuses_and_checks_kind(trained: Path) -> None:
@@ -131,11 +153,22 @@ def test_patch_labels_mark_the_patches_an_object_covers() -> None:
     assert (labels[~covered] == 0).all()
 
 
-def test_dense_head_is_not_part_of_the_saved_model(trained: Path) -> None:
-    from safetensors import safe_open
+def _saved_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
 
-    with safe_open(str(trained / "model.safetensors"), "pt") as f:
-        assert not any("proj.weight" == key or key.startswith("dense") for key in f.keys())
+    return load_file(folder / "model.safetensors")
+
+
+def test_dense_head_is_not_part_of_the_saved_model(trained: Path, dense_probes: list[DenseHead],
+                                                   tmp_path: Path) -> None:
+    assert json.loads((trained / "nano_mllm.json").read_text())["config"] == dataclasses.asdict(TRAINED_CONFIG)
+    assert len(dense_probes) == 1  # the probe was attached and trained with the model
+    fresh, tokenizer = build_nano_mllm(TRAINED_CONFIG, seed=1)
+    save_nano_mllm(tmp_path, fresh, tokenizer, TRAINED_CONFIG, {})
+    saved, expected = _saved_tensors(trained), _saved_tensors(tmp_path)
+    assert {k: v.shape for k, v in saved.items()} == {k: v.shape for k, v in expected.items()}  # no extra keys
+    probe = dense_probes[0].proj.weight.detach()
+    assert not any(v.shape == probe.shape and torch.equal(v, probe) for v in saved.values())
 
 
 def test_cli_train_overrides_the_architecture(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

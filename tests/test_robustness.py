@@ -9,7 +9,6 @@ import pickle
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -34,33 +33,55 @@ def _losses(run_dir):
     return losses
 
 
-def _cli(config_path, run_dir):
-    return [sys.executable, "-m", "iomm.cli", "pretrain", "--config", str(config_path), "--out", str(run_dir),
-            "--no-progress"]
+def _cli_args(config_path, run_dir):
+    return ["pretrain", "--config", str(config_path), "--out", str(run_dir), "--no-progress"]
 
 
-def test_sigkill_then_same_command_continues_exactly(tiny_config, tmp_path):
-    cfg = tiny_config("train.steps=10", "train.checkpoint_every=2", "data.pairs=world:16", "train.mix_ratio=0.5")
+# `iomm pretrain` exactly as the CLI runs it, except that the process SIGKILLs itself (and its process group: no
+# data worker outlives it) the moment checkpoint step KILL_AT is on disk: the kill cannot race the end of the run.
+KILL_AT = 4
+_KILLED_AT_A_STEP = f"""
+import os, signal, sys
+from iomm.training.trainer import Trainer
+save = Trainer.save
+def save_then_die(self):
+    saved = save(self)
+    if self.step == {KILL_AT}:
+        os.killpg(0, signal.SIGKILL)
+    return saved
+Trainer.save = save_then_die
+from iomm.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_sigkill_then_same_command_continues_exactly(tiny_config, tmp_path, capsys):
+    steps = 10  # checkpoints every 2 steps: the kill leaves 6 steps that only a correct resume reproduces
+    cfg = tiny_config(f"train.steps={steps}", "train.checkpoint_every=2", "data.pairs=world:16", "train.mix_ratio=0.5")
     config_path = tmp_path / "tiny.yaml"
     save_config(cfg, config_path)
+    assert main(_cli_args(config_path, tmp_path / "straight")) == 0  # the uninterrupted run (in this process: fast)
+    straight = _losses(tmp_path / "straight")
+    assert sorted(straight) == list(range(1, steps + 1))
+
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run(_cli(config_path, tmp_path / "straight"), check=True, env=env, capture_output=True)
-    proc = subprocess.Popen(_cli(config_path, tmp_path / "killed"), env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and not (tmp_path / "killed/checkpoints/step_00000004/manifest.json").exists():
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    killed = subprocess.run([sys.executable, "-c", _KILLED_AT_A_STEP, *_cli_args(config_path, tmp_path / "killed")],
+                            env=env, capture_output=True, text=True, start_new_session=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     newest = ckpt.latest_checkpoint(tmp_path / "killed")
-    assert newest is not None and newest.name < "step_00000010", "the run was not interrupted"
-    resumed = subprocess.run(_cli(config_path, tmp_path / "killed"), check=True, env=env, capture_output=True,
-                             text=True)
-    assert f"resumed from {newest}" in resumed.stdout
-    a, b = _losses(tmp_path / "straight"), _losses(tmp_path / "killed")
-    assert sorted(a) == sorted(b) == list(range(1, 11))
-    for step in range(1, 11):
-        assert a[step] == pytest.approx(b[step], abs=1e-6), step
+    assert newest == tmp_path / f"killed/checkpoints/step_{KILL_AT:08d}"
+    before = _losses(tmp_path / "killed")
+    assert sorted(before) == list(range(1, KILL_AT + 1))
+    assert all(before[s] == pytest.approx(straight[s], abs=1e-6) for s in before)
+
+    capsys.readouterr()
+    assert main(_cli_args(config_path, tmp_path / "killed")) == 0  # the same command, in a fresh Trainer
+    assert f"resumed from {newest} at step {KILL_AT}" in capsys.readouterr().out
+    rows = [json.loads(line) for line in (tmp_path / "killed/metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == list(range(1, steps + 1))  # each step ran once, none again
+    after = _losses(tmp_path / "killed")
+    for step in range(1, steps + 1):  # weights, EMA, optimizer and schedule all came back, or these would differ
+        assert after[step] == pytest.approx(straight[step], abs=1e-6), step
 
 
 def test_resume_restores_optimizer_schedule_ema_and_counters(tiny_config, tmp_path):

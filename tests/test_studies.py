@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from conftest import TINY_OVERRIDES
 
 from iomm.commands.recipe import packaged_config
@@ -18,6 +19,7 @@ from iomm.nano.studies import (
     run_study,
     studies,
 )
+from iomm.nano.world import GENEVAL_TAGS
 
 
 def test_recipes_pretrain_once_per_stage1_setting(tmp_path: Path) -> None:
@@ -42,7 +44,12 @@ def test_tiny_study_end_to_end(tiny_mllm_dir: Path, tmp_path: Path) -> None:
                     common=common)
     record = json.loads((out / "results.json").read_text(encoding="utf-8"))
     assert [r["arm"] for r in record["results"]] == ["pair", "mix"]
-    assert all(0.0 <= r["overall"] <= 1.0 for r in record["results"])
+    for row in record["results"]:  # one prompt per tag, one sample: each tag passes or fails, overall is their mean
+        metrics = json.loads((out / row["arm"] / "seed0/metrics.json").read_text(encoding="utf-8"))
+        assert row == {"arm": row["arm"], "seed": 0,
+                       **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}}
+        assert all(row[tag] in (0.0, 1.0) for tag in GENEVAL_TAGS)
+        assert row["overall"] == pytest.approx(sum(row[tag] for tag in GENEVAL_TAGS) / 6)
     assert len(list((out / "pretrain").glob("*/seed0/done"))) == 1
     assert (out / "results.csv").is_file() and (out / "results.png").is_file() and (out / "curves.png").is_file()
     assert record["curves"]["mix"]["step"] == [1, 2] and len(record["curves"]["mix"]["recon_mse_own"]) == 2

@@ -1,6 +1,7 @@
 """Training loop: exact resume, checkpoints that survive damage, save -> load round trip."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -76,10 +77,14 @@ def test_ema_warm_up_forgets_the_initial_weights():
     assert ema.decay_at(0) == pytest.approx(0.1) and ema.decay_at(10**6) == 0.995
     with torch.no_grad():
         p.fill_(1.0)
+    # The shadow keeps prod_s decay_at(s) of its initial 0 and takes the rest from 1. While the warm-up
+    # (1 + s) / (10 + s) is below 0.995 (s < 1790) the product telescopes to 9! n! / (n + 9)! = 1 / C(n + 9, 9).
     for step in range(500):
         ema.update(step)
-    # Without warm-up 0.995**500 = 8% of the (zero) initial weights would remain.
-    assert torch.all(ema.shadow["p"] > 0.99)
+        if step < 20:
+            assert ema.shadow["p"].tolist() == pytest.approx([1 - 1 / math.comb(step + 10, 9)] * 3, abs=1e-6), step
+    # Without warm-up 0.995**500 = 8% of the (zero) initial weights would remain; with it 1 / C(509, 9) < 1e-17.
+    assert ema.shadow["p"].tolist() == pytest.approx([1.0] * 3, abs=1e-6)
 
 
 def test_lr_schedule_warms_up_holds_then_decays_to_zero():

@@ -11,7 +11,8 @@ from iomm.checkpointing.checkpoint import CheckpointError
 from iomm.config import ConfigError
 
 # Modules under iomm.commands each add their sub-commands with `register(subparsers)`.
-COMMAND_MODULES = ("train", "describe", "bench", "generate", "world", "eval_shapes", "mllm", "vae", "recipe", "study")
+COMMAND_MODULES = ("train", "describe", "bench", "generate", "world", "eval_shapes", "mllm", "vae", "recipe", "study",
+                   "eval_reconstruct")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"iomm: {err}", file=sys.stderr)
         return 2
     except RuntimeError as err:
-        from iomm.training.trainer import TrainingInterrupted, TrainingStopped
+        from iomm.training.stopping import TrainingInterrupted, TrainingStopped
 
         if not isinstance(err, TrainingStopped):
             raise

@@ -1,0 +1,68 @@
+"""`iomm eval reconstruct`: does stage 1 carry the image? Held-out world images regenerated from their own
+masked stage-1 condition, judged against their scene metadata (`iomm.nano.fidelity`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+GROUP = "eval"  # the sub-command group `iomm eval` (made by iomm.commands.eval_shapes)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add `reconstruct` under the existing `iomm eval` group (register after eval_shapes)."""
+    group = subparsers.choices.get(GROUP)
+    if group is None:
+        raise RuntimeError(f"eval_reconstruct: register it after the module that creates `iomm {GROUP}`")
+    register_under(next(a for a in group._actions if isinstance(a, argparse._SubParsersAction)))
+
+
+def register_under(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser("reconstruct", help="regenerate held-out world images from their own masked "
+                                                "stage-1 condition and score them against their scenes")
+    p.add_argument("--model", required=True, metavar="RUN_DIR_OR_CKPT")
+    p.add_argument("--ratio", type=float, nargs="+", default=None, metavar="R",
+                   help="masking ratios in [0, 1) (default: 0 and the run's masking.ratio)")
+    p.add_argument("--n", type=int, default=64, help="held-out images")
+    p.add_argument("--seed", type=int, default=0, help="masks and sampling noise")
+    p.add_argument("--steps", type=int, default=None, help="Euler steps (default: config)")
+    p.add_argument("--cfg", type=float, default=None, help="guidance scale (default: config)")
+    p.add_argument("--out", type=Path, required=True, help="metrics JSON file")
+    p.set_defaults(func=_reconstruct)
+
+
+def format_table(ratios: dict[str, dict[str, Any]]) -> str:
+    from iomm.nano.fidelity import ATTRIBUTES
+
+    keys = (*ATTRIBUTES, "mse_own", "mse_other")
+    rows = [f"{'ratio':<8}" + "".join(f"{k:>11}" for k in keys)]
+    rows += [f"{ratio:<8}" + "".join(f"{m[k]:>11.4f}" for k in keys) for ratio, m in ratios.items()]
+    return "\n".join(rows)
+
+
+def _reconstruct(args: argparse.Namespace) -> int:
+    from iomm.inference.pipeline import load_model
+    from iomm.nano.builtins import WORLD
+    from iomm.nano.fidelity import TOLERANCE, evaluate_reconstruction, tolerance_px
+
+    if args.n < 1:
+        raise SystemExit(f"--n: expected >= 1, got {args.n}")
+    for ratio in args.ratio or []:
+        if not 0.0 <= ratio < 1.0:
+            raise SystemExit(f"--ratio: expected values in [0, 1), got {ratio}")
+    model = load_model(args.model)
+    if model.cfg.data.source != WORLD:
+        raise SystemExit(f"eval reconstruct: {args.model} was trained on data.source={model.cfg.data.source!r}; "
+                         f"the scene metadata this needs exists for data.source={WORLD!r} only")
+    results = evaluate_reconstruction(model, args.ratio, args.n, args.seed, steps=args.steps,
+                                      guidance_scale=args.cfg)
+    ratios = {str(ratio): metrics for ratio, metrics in results.items()}
+    report = {"model": str(args.model), "n": args.n, "ratios": ratios,
+              "tolerance": {"fraction_of_extent": TOLERANCE, "px": tolerance_px(model.cfg.data.resolution)}}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    print(format_table(ratios))
+    print(f"wrote {args.out}")
+    return 0
