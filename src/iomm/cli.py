@@ -30,18 +30,35 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except ConfigError as err:
-        print(f"iomm: config error: {err}", file=sys.stderr)
+        _error(f"config error: {err}")
         return 2
     except (FileNotFoundError, NotADirectoryError, CheckpointError) as err:
-        print(f"iomm: {err}", file=sys.stderr)
+        _error(str(err))
         return 2
     except RuntimeError as err:
         from iomm.training.stopping import TrainingInterrupted, TrainingStopped
 
         if not isinstance(err, TrainingStopped):
             raise
-        print(f"iomm: {err}", file=sys.stderr)  # stopped on purpose (signal, bad data, non-finite steps), saved
+        _error(str(err))  # stopped on purpose (signal, bad data, non-finite steps) on every rank, saved
         return 130 if isinstance(err, TrainingInterrupted) else 1
+    finally:
+        _leave_process_group()
+
+
+def _error(message: str) -> None:
+    """Errors are the same on every rank of a torchrun launch: rank 0 says them."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"iomm: {message}", file=sys.stderr)
+
+
+def _leave_process_group() -> None:
+    """Ranks leave together, so that the launcher never sees one rank gone while another still works."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
