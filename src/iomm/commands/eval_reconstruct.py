@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +60,9 @@ def _reconstruct(args: argparse.Namespace) -> int:
     results = evaluate_reconstruction(model, args.ratio, args.n, args.seed, steps=args.steps,
                                       guidance_scale=args.cfg)
     ratios = {str(ratio): metrics for ratio, metrics in results.items()}
-    report = {"model": str(args.model), "n": args.n, "ratios": ratios,
+    command = ["iomm", "eval", "reconstruct", "--model", str(args.model), "--n", str(args.n), "--seed", str(args.seed),
+               *[arg for ratio in args.ratio or [] for arg in ("--ratio", str(ratio))], "--out", str(args.out)]
+    report = {"command": shlex.join(command), "model": str(args.model), "n": args.n, "ratios": ratios,
               "tolerance": {"fraction_of_extent": TOLERANCE, "px": tolerance_px(model.cfg.data.resolution)}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")

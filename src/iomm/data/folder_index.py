@@ -46,7 +46,8 @@ def indexed_images(root: str | Path, run_dir: Path | None, *, main: bool = True,
     if run_dir is None:
         return list_images(root)
     index = run_dir / INDEX_FILE
-    if main and _read(index, root) is None:
+    files = _read(index, root) if main else None
+    if main and files is None:
         files = list_images(root)
         run_dir.mkdir(parents=True, exist_ok=True)
         tmp = index.with_suffix(".tmp")
@@ -54,9 +55,8 @@ def indexed_images(root: str | Path, run_dir: Path | None, *, main: bool = True,
                                    "files": [str(p) for p in files]}), encoding="utf-8")
         tmp.replace(index)
     barrier()
-    files = _read(index, root)
-    if files is None:  # changed between the main rank's listing and now: list here, like the main rank did
-        files = list_images(root)
+    if files is None:  # another rank: the main rank's list (or, if the folder changed since, a listing of its own)
+        files = _read(index, root) or list_images(root)
     return files
 
 
