@@ -38,6 +38,9 @@ class AdapterConfig:
     num_queries: int = 256
     num_heads: int = 16
     mlp_ratio: float = 4.0
+    # Off in the paper. On: a learned embedding of each condition token's position is added to the RQA's keys and
+    # values, so that its queries can tell where an image token (or a word) is, not only what it is.
+    key_positions: bool = False
 
 
 @dataclass
@@ -53,6 +56,8 @@ class ConnectorConfig:
     num_layers: int = 2
     num_heads: int = 8
     width: int = 1536
+    # Off in the paper. On: a learned embedding of each token's index is added before the connector's blocks.
+    token_positions: bool = False
 
 
 UNET_NORM_GROUPS = 32  # group norm groups in the U-Net generator: its channel counts are multiples of this

@@ -102,7 +102,7 @@ class IOMM(nn.Module):
             hidden = self.mllm.forward_embeds(packed.embeds, packed.mask, packed.positions)
             tokens, pooled = self.connector(hidden, packed.mask)
             return Condition(tokens * packed.mask.unsqueeze(-1).to(tokens.dtype), pooled)
-        queries = self.adapter(packed.embeds, packed.mask)
+        queries = self.adapter(packed.embeds, packed.mask, packed.positions)
         hidden = self.mllm.forward_suffix(packed.embeds, packed.mask, packed.positions,
                                           queries, positions_after(packed, queries.shape[1]))
         mask = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)

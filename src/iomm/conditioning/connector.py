@@ -7,11 +7,17 @@ from torch import nn
 
 from iomm.config import ConnectorConfig
 
+MAX_TOKENS = 4096  # condition tokens an index embedding covers
+
 
 class Connector(nn.Module):
     def __init__(self, cfg: ConnectorConfig, in_width: int):
         super().__init__()
         self.proj_in = nn.Linear(in_width, cfg.width)
+        # Query tokens carry no index of their own: with token_positions each gets a learned one.
+        self.token_positions = nn.Embedding(MAX_TOKENS, cfg.width) if cfg.token_positions else None
+        if self.token_positions is not None:
+            nn.init.normal_(self.token_positions.weight, std=0.02)
         layer = nn.TransformerEncoderLayer(cfg.width, cfg.num_heads, 4 * cfg.width, dropout=0.0,
                                            activation="gelu", batch_first=True, norm_first=True)
         self.blocks = nn.TransformerEncoder(layer, cfg.num_layers, enable_nested_tensor=False)
@@ -21,7 +27,11 @@ class Connector(nn.Module):
 
     def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, L, D_llm), bool (B, L) -> tokens (B, L, W), pooled (B, W)."""
-        x = self.norm(self.blocks(self.proj_in(hidden), src_key_padding_mask=~mask))
+        x = self.proj_in(hidden)
+        if self.token_positions is not None:
+            index = torch.arange(x.shape[1], device=x.device).clamp(max=MAX_TOKENS - 1)
+            x = x + self.token_positions(index).to(x.dtype)
+        x = self.norm(self.blocks(x, src_key_padding_mask=~mask))
         weights = mask.unsqueeze(-1).to(x.dtype)
         pooled = (x * weights).sum(1) / weights.sum(1).clamp(min=1.0)
         return x, pooled
