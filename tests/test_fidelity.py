@@ -169,7 +169,7 @@ def test_a_perfect_regeneration_of_the_held_out_set_scores_one():
 
     from iomm.builtins import builtin_data
     from iomm.config import load_config
-    from iomm.nano.fidelity import held_out_scenes, records_for
+    from iomm.nano.regeneration import held_out_scenes, records_for
 
     cfg = load_config(None, ["data.resolution=32"])
     originals, scene_list = held_out_scenes(SimpleNamespace(cfg=cfg), 12)
@@ -186,7 +186,7 @@ def test_a_perfect_regeneration_of_the_held_out_set_scores_one():
 def test_eval_reconstruct_on_a_tiny_run_matches_a_direct_call(tiny_config, tmp_path, capsys):
     from iomm.cli import main
     from iomm.inference.pipeline import load_model
-    from iomm.nano.fidelity import evaluate_reconstruction
+    from iomm.nano.regeneration import evaluate_reconstruction
     from iomm.training.trainer import Trainer
 
     cfg = tiny_config("train.steps=1", "masking.ratio=0.45")

@@ -129,3 +129,12 @@ def test_held_out_files_are_spread_over_the_list():
     assert split.held_out == ["00", "05", "10", "14", "19"] and len(split.train) == 15
     assert split_held_out(files[:3], 8).held_out == ["00"]  # at most half of a small folder
     assert split_held_out(files, 0).held_out == []
+
+
+def test_world_sample_grids_log_the_fidelity_of_their_regenerations(tiny_config, tmp_path):
+    Trainer(tiny_config("train.steps=1", "train.sample_every=1"), tmp_path / "run", progress=False,
+            sample_fn=sample_grid).fit()
+    rows = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    grid = next(row for row in rows if "recon_mse_own" in row)
+    for key in ("exact", "shape", "color", "count", "position", "placement"):
+        assert 0.0 <= grid[f"fidelity_{key}"] <= 1.0 and (grid[f"fidelity_{key}"] * 8).is_integer()  # 8 images

@@ -39,6 +39,8 @@ class BuiltinData:
     pairs: Callable[[Config, int], Source]
     held_out: Callable[[Config, int], torch.Tensor]  # (n, 3, R, R) images never drawn for training
     validate: Callable[[Config, str], None] = lambda cfg, source: None  # raises ConfigError
+    # Scores the sample grid's regenerations of the first images of `held_out` against what those images show.
+    grid_metrics: Callable[[Config, torch.Tensor], dict[str, float]] | None = None
 
 
 @dataclass

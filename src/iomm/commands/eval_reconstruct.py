@@ -46,7 +46,8 @@ def format_table(ratios: dict[str, dict[str, Any]]) -> str:
 def _reconstruct(args: argparse.Namespace) -> int:
     from iomm.inference.pipeline import load_model
     from iomm.nano.builtins import WORLD
-    from iomm.nano.fidelity import TOLERANCE, evaluate_reconstruction, tolerance_px
+    from iomm.nano.fidelity import TOLERANCE, tolerance_px
+    from iomm.nano.regeneration import evaluate_reconstruction
 
     if args.n < 1:
         raise SystemExit(f"--n: expected >= 1, got {args.n}")

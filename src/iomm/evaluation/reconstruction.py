@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from iomm.builtins import builtin_data
 from iomm.config import Config
 from iomm.inference.sampling import sample_images
 from iomm.model import IOMM
@@ -53,6 +54,9 @@ def sample_grid(model: IOMM, cfg: Config, held_out: torch.Tensor) -> tuple[list[
     """The trainer's sample grid: held-out originals and their regenerations (when there are at least two),
     plus text-to-image samples for fixed prompts in stage 2 (when the run trains on pairs)."""
     panel, metrics = reconstruction_panel(model, cfg, held_out) if len(held_out) >= 2 else ([], {})
+    builtin = builtin_data(cfg.data.source)
+    if panel and builtin is not None and builtin.grid_metrics is not None:
+        metrics.update(builtin.grid_metrics(cfg, panel[1]))
     if cfg.train.mix_ratio < 1.0:
         row = prompt_row(model, cfg, PANEL_PROMPTS[:len(held_out)] if len(held_out) >= 2 else PANEL_PROMPTS)
         panel.append(row)

@@ -11,7 +11,7 @@ import torch
 
 from iomm.builtins import BuiltinData, BuiltinModel, Registry
 from iomm.config import Config
-from iomm.image_tensors import to_tensor
+from iomm.image_tensors import to_tensor, to_uint8
 from iomm.nano.world import World, WorldConfig
 from iomm.typed_config import ConfigError
 
@@ -25,7 +25,7 @@ def register(registry: Registry) -> None:
     registry.mllms[NAME] = BuiltinModel(ensure=_ensure_mllm, architecture=_mllm_architecture)
     registry.vaes[NAME] = BuiltinModel(ensure=_ensure_vae, architecture=_vae_architecture)
     registry.data[WORLD] = BuiltinData(images=_world_images, pairs=_world_pairs, held_out=_held_out,
-                                       validate=_validate_world)
+                                       validate=_validate_world, grid_metrics=_grid_fidelity)
 
 
 # ---- models ----------------------------------------------------------------------------------
@@ -104,6 +104,17 @@ def _world_pairs(cfg: Config, n: int) -> WorldPairs:
 def _held_out(cfg: Config, n: int) -> torch.Tensor:
     stream = _world(cfg).images(HELD_OUT_SEED)
     return to_tensor([next(stream)[0] for _ in range(n)])
+
+
+def _grid_fidelity(cfg: Config, regenerations: torch.Tensor) -> dict[str, float]:
+    """`iomm eval reconstruct`'s metrics for the sample grid's regenerations (few images: a trend, not a score)."""
+    from iomm.nano.fidelity import compare, summarize
+
+    stream = _world(cfg).images(HELD_OUT_SEED)
+    scenes = [next(stream)[1] for _ in range(len(regenerations))]
+    images = to_uint8(regenerations)
+    summary = summarize(compare(scene, image, cfg.data.resolution) for scene, image in zip(scenes, images))
+    return {f"fidelity_{key}": value for key, value in summary.items() if key != "n"}
 
 
 def _validate_world(cfg: Config, source: str) -> None:

@@ -31,28 +31,19 @@ Per image, two floats as in the training sample grid (`iomm.evaluation.reconstru
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
-import torch
 
-from iomm.image_tensors import to_tensor, to_uint8
-from iomm.inference.sampling import sample_images
-from iomm.nano.builtins import HELD_OUT_SEED, WORLD
 from iomm.nano.scorer import Detection, detect_objects
-from iomm.nano.world import SIZES, Scene, World, WorldConfig, WorldObject
-
-if TYPE_CHECKING:
-    from iomm.model import IOMM
+from iomm.nano.world import SIZES, Scene, WorldObject
 
 TOLERANCE = 0.5  # of the object's extent: the largest centre distance at which a detection is in place
 GRID = 3  # placement compares cells of a GRID x GRID grid
 ATTRIBUTES = ("exact", "shape", "color", "count", "position", "placement")
-BATCH = 32  # images regenerated at once
 
 
 def tolerance_px(resolution: int) -> dict[str, float]:
@@ -130,69 +121,3 @@ def summarize(records: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
     summary: dict[str, Any] = {key: float(np.mean([float(r[key]) for r in records])) for key in keys}
     summary["n"] = len(records)
     return summary
-
-
-def held_out_scenes(model: IOMM, n: int) -> tuple[torch.Tensor, list[Scene]]:
-    """The first n images of the world's held-out stream (the sample grid's originals first) and their scenes."""
-    cfg = model.cfg
-    if cfg.data.source != WORLD:
-        raise ValueError(f"eval reconstruct: expected a run trained on data.source={WORLD!r} (scene metadata "
-                         f"is needed), got data.source={cfg.data.source!r}")
-    stream = World(WorldConfig(resolution=cfg.data.resolution, max_objects=cfg.data.world_max_objects)).images(
-        HELD_OUT_SEED)
-    drawn = [next(stream) for _ in range(n)]
-    return to_tensor([image for image, _ in drawn]), [scene for _, scene in drawn]
-
-
-@torch.no_grad()
-def regenerate(model: IOMM, originals: torch.Tensor, ratio: float, seed: int, steps: int | None = None,
-               guidance_scale: float | None = None) -> torch.Tensor:
-    """Regenerations (B, 3, R, R) in [0, 1] of originals from their stage-1 condition masked at `ratio`."""
-    if not 0.0 <= ratio < 1.0:
-        raise ValueError(f"ratio: expected a value in [0, 1), got {ratio}")
-    cfg = model.cfg
-    steps = steps or cfg.flow.sample_steps
-    scale = cfg.flow.guidance_scale if guidance_scale is None else guidance_scale
-    device = next(model.generator.parameters()).device
-    masks = torch.Generator().manual_seed(seed)
-    was_training = model.training
-    model.eval()
-    model.cfg = dataclasses.replace(cfg, masking=dataclasses.replace(cfg.masking, ratio=ratio))
-    try:
-        out = []
-        for chunk, start in enumerate(range(0, originals.shape[0], BATCH)):
-            cond = model.condition_masked_images(originals[start:start + BATCH].to(device), masks)
-            out.append(sample_images(model, cond, seed=seed + chunk, steps=steps, guidance_scale=scale).cpu())
-    finally:
-        model.cfg = cfg
-        model.train(was_training)
-    return torch.cat(out)
-
-
-def records_for(scenes: Sequence[Scene], originals: torch.Tensor, recon: torch.Tensor) -> list[dict[str, Any]]:
-    """One record per image: the `compare` attributes plus `mse_own` and `mse_other`."""
-    resolution = originals.shape[-1]
-    own = ((recon - originals) ** 2).mean(dim=(1, 2, 3))
-    other = ((recon - originals.roll(1, dims=0)) ** 2).mean(dim=(1, 2, 3))
-    return [{**compare(scene, image, resolution), "mse_own": float(own[i]), "mse_other": float(other[i])}
-            for i, (scene, image) in enumerate(zip(scenes, to_uint8(recon)))]
-
-
-def default_ratios(model: IOMM) -> list[float]:
-    """0 (the whole image) and the run's training ratio `masking.ratio`."""
-    return sorted({0.0, float(model.cfg.masking.ratio)})
-
-
-def evaluate_reconstruction(model: IOMM, ratios: Sequence[float] | None = None, n: int = 64, seed: int = 0, *,
-                            steps: int | None = None, guidance_scale: float | None = None) -> dict[float, dict]:
-    """{ratio: summary} of the first n held-out world images regenerated at each masking ratio.
-
-    Masks and noise come from `seed` (the same for each ratio); the images are fixed (the held-out stream).
-    """
-    if n < 1:
-        raise ValueError(f"n: expected >= 1, got {n}")
-    ratios = default_ratios(model) if ratios is None else [float(r) for r in ratios]
-    originals, scenes = held_out_scenes(model, n)
-    return {ratio: summarize(records_for(scenes, originals, regenerate(model, originals, ratio, seed, steps,
-                                                                         guidance_scale)))
-            for ratio in ratios}
