@@ -103,7 +103,7 @@ def condition_stages(model: IOMM, images: torch.Tensor, ratio: float, seed: int,
     out.update(vision_mean=out["vision"].mean(1), llm_image=llm_image)
     if model.adapter is None:
         raise SystemExit("condition_probe: the run has no query adapter (adapter.kind: raw)")
-    queries = model.adapter(packed.embeds, packed.mask)
+    queries = model.adapter(packed.embeds, packed.mask, packed.positions)  # as IOMM.encode calls it
     hidden = model.mllm.forward_suffix(packed.embeds, packed.mask, packed.positions,
                                        queries, positions_after(packed, queries.shape[1]))
     tokens, pooled = model.connector(hidden, torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device))
