@@ -51,3 +51,14 @@ def test_training_with_both_options_saves_and_reloads_them(tiny_config, tmp_path
     resumed.resume()
     for name in ("adapter.key_positions.weight", "connector.token_positions.weight"):
         assert torch.equal(dict(resumed.model.named_parameters())[name], dict(trainer.model.named_parameters())[name])
+
+
+def test_query_scale_sets_the_rms_the_queries_start_at():
+    cond, mask, positions = _cond()
+    for kind in ("rqa", "free_queries"):
+        for scale in (1.0, 47.0):
+            torch.manual_seed(0)
+            adapter = build_adapter(AdapterConfig(kind=kind, num_queries=64, num_heads=2, query_scale=scale), 16,
+                                    embed_scale=0.1)
+            rms = adapter(cond, mask, positions).pow(2).mean().sqrt().item()
+            assert abs(rms - 0.1 * scale) < 0.02 * scale

@@ -41,6 +41,9 @@ class AdapterConfig:
     # Off in the paper. On: a learned embedding of each condition token's position is added to the RQA's keys and
     # values, so that its queries can tell where an image token (or a word) is, not only what it is.
     key_positions: bool = False
+    # The RMS the RQA's outputs start at, in units of the LLM's text-embedding RMS (the paper: 1). Image tokens
+    # can be far larger (the nano MLLM's: 47x), and small queries are swamped in the LLM's residual stream.
+    query_scale: float = 1.0
 
 
 @dataclass
@@ -250,6 +253,7 @@ def validate(cfg: Config, source: str = "<config>", *, check_paths: bool = True)
     _check(t.grad_clip >= 0, source, "train.grad_clip", ">= 0 (0 disables clipping)", t.grad_clip)
     _check(0.0 <= d.max_bad_fraction <= 1.0, source, "data.max_bad_fraction", "a value in [0, 1]", d.max_bad_fraction)
     _check(cfg.adapter.num_queries >= 1, source, "adapter.num_queries", ">= 1", cfg.adapter.num_queries)
+    _check(cfg.adapter.query_scale > 0, source, "adapter.query_scale", "> 0", cfg.adapter.query_scale)
     _check(cfg.connector.width % cfg.connector.num_heads == 0, source, "connector.width",
            f"a multiple of connector.num_heads={cfg.connector.num_heads}", cfg.connector.width)
     _check(d.resolution >= 8, source, "data.resolution", ">= 8", d.resolution)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from iomm.conditioning.sequence import sincos_positions
 from iomm.config import AdapterConfig
 
 MAX_POSITIONS = 4096  # condition positions a position embedding covers (256 image tokens + a long prompt fit)
@@ -23,7 +24,8 @@ class ResidualQueryAdapter(nn.Module):
         super().__init__()
         self.key_positions = nn.Embedding(MAX_POSITIONS, width) if key_positions else None
         if self.key_positions is not None:
-            nn.init.normal_(self.key_positions.weight, std=0.02)
+            with torch.no_grad():
+                self.key_positions.weight.copy_(sincos_positions(MAX_POSITIONS, width))
         self.queries = nn.Parameter(torch.randn(num_queries, width) * embed_scale)
         self.norm_q = nn.LayerNorm(width)
         self.norm_kv = nn.LayerNorm(width)
@@ -58,9 +60,10 @@ class FreeQueries(nn.Module):
 
 
 def build_adapter(cfg: AdapterConfig, width: int, embed_scale: float) -> nn.Module | None:
+    scale = embed_scale * cfg.query_scale
     if cfg.kind == "rqa":
-        return ResidualQueryAdapter(width, cfg.num_queries, cfg.num_heads, cfg.mlp_ratio, embed_scale,
+        return ResidualQueryAdapter(width, cfg.num_queries, cfg.num_heads, cfg.mlp_ratio, scale,
                                     key_positions=cfg.key_positions)
     if cfg.kind == "free_queries":
-        return FreeQueries(width, cfg.num_queries, embed_scale)
+        return FreeQueries(width, cfg.num_queries, scale)
     return None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from iomm.conditioning.sequence import sincos_positions
 from iomm.config import ConnectorConfig
 
 MAX_TOKENS = 4096  # condition tokens an index embedding covers
@@ -17,7 +18,8 @@ class Connector(nn.Module):
         # Query tokens carry no index of their own: with token_positions each gets a learned one.
         self.token_positions = nn.Embedding(MAX_TOKENS, cfg.width) if cfg.token_positions else None
         if self.token_positions is not None:
-            nn.init.normal_(self.token_positions.weight, std=0.02)
+            with torch.no_grad():
+                self.token_positions.weight.copy_(sincos_positions(MAX_TOKENS, cfg.width))
         layer = nn.TransformerEncoderLayer(cfg.width, cfg.num_heads, 4 * cfg.width, dropout=0.0,
                                            activation="gelu", batch_first=True, norm_first=True)
         self.blocks = nn.TransformerEncoder(layer, cfg.num_layers, enable_nested_tensor=False)

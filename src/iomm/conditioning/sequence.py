@@ -8,6 +8,7 @@ tokens removed by `drop` masking keep the positions they had.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -46,3 +47,14 @@ def pack_left(segments: list[Segment]) -> Packed:
 def positions_after(packed: Packed, n: int) -> torch.Tensor:
     """(B, n) positions of `n` tokens appended after the packed condition."""
     return packed.next_position.unsqueeze(1) + torch.arange(n, device=packed.positions.device)
+
+
+def sincos_positions(n: int, width: int) -> torch.Tensor:
+    """(n, width) Transformer sin-cos embeddings of positions 0..n-1 (RMS about 0.7): the start of the
+    learned position embeddings, so that positions are told apart from the first step."""
+    position = torch.arange(n, dtype=torch.float32).unsqueeze(1)
+    frequency = torch.exp(torch.arange(0, width, 2, dtype=torch.float32) * (-math.log(10000.0) / width))
+    table = torch.zeros(n, width)
+    table[:, 0::2] = torch.sin(position * frequency)
+    table[:, 1::2] = torch.cos(position * frequency)[:, : width // 2]
+    return table
