@@ -11,8 +11,7 @@ from iomm.checkpointing.checkpoint import CheckpointError
 from iomm.config import ConfigError
 
 # Modules under iomm.commands each add their sub-commands with `register(subparsers)`.
-COMMAND_MODULES = ("train", "describe", "bench", "generate", "world", "eval_shapes", "mllm", "vae", "recipe", "study",
-                   "eval_reconstruct")
+COMMAND_MODULES = ("train", "describe", "bench", "generate", "world", "eval_shapes", "mllm", "vae", "recipe", "study")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -9,16 +9,6 @@ import shlex
 from pathlib import Path
 from typing import Any
 
-GROUP = "eval"  # the sub-command group `iomm eval` (made by iomm.commands.eval_shapes)
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add `reconstruct` under the existing `iomm eval` group (register after eval_shapes)."""
-    group = subparsers.choices.get(GROUP)
-    if group is None:
-        raise RuntimeError(f"eval_reconstruct: register it after the module that creates `iomm {GROUP}`")
-    register_under(next(a for a in group._actions if isinstance(a, argparse._SubParsersAction)))
-
 
 def register_under(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser("reconstruct", help="regenerate held-out world images from their own masked "

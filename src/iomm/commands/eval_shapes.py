@@ -11,6 +11,7 @@ from typing import Any
 from PIL import Image
 
 from iomm.commands.eval_edits import register_under as register_edits
+from iomm.commands.eval_reconstruct import register_under as register_reconstruct
 from iomm.evaluation.geneval_export import (
     DEFAULT_SAMPLES,
     GenerateFn,
@@ -43,6 +44,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     shapes.add_argument("--results", type=Path, default=None, help="also write per-image results (JSONL)")
     shapes.set_defaults(func=run_shapes)
     register_edits(commands)
+    register_reconstruct(commands)
 
     export = commands.add_parser(
         "export", help="generate images in the layout an official scorer reads (GenEval, DPG-Bench, WISE)")
