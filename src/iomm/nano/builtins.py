@@ -12,7 +12,7 @@ import torch
 from iomm.builtins import BuiltinData, BuiltinModel, Registry
 from iomm.config import Config
 from iomm.image_tensors import to_tensor, to_uint8
-from iomm.nano.world import World, WorldConfig
+from iomm.nano.world import Scene, World, WorldConfig
 from iomm.typed_config import ConfigError
 
 NAME = "nano"
@@ -101,17 +101,22 @@ def _world_pairs(cfg: Config, n: int) -> WorldPairs:
     return WorldPairs(_world(cfg), n, cfg.train.seed)
 
 
-def _held_out(cfg: Config, n: int) -> torch.Tensor:
+def held_out_scenes(cfg: Config, n: int) -> tuple[torch.Tensor, list[Scene]]:
+    """The first n images of the world's held-out stream (what the sample grids regenerate) and their scenes."""
     stream = _world(cfg).images(HELD_OUT_SEED)
-    return to_tensor([next(stream)[0] for _ in range(n)])
+    drawn = [next(stream) for _ in range(n)]
+    return to_tensor([image for image, _ in drawn]), [scene for _, scene in drawn]
+
+
+def _held_out(cfg: Config, n: int) -> torch.Tensor:
+    return held_out_scenes(cfg, n)[0]
 
 
 def _grid_fidelity(cfg: Config, regenerations: torch.Tensor) -> dict[str, float]:
     """`iomm eval reconstruct`'s metrics for the sample grid's regenerations (few images: a trend, not a score)."""
     from iomm.nano.fidelity import compare, summarize
 
-    stream = _world(cfg).images(HELD_OUT_SEED)
-    scenes = [next(stream)[1] for _ in range(len(regenerations))]
+    scenes = held_out_scenes(cfg, len(regenerations))[1]
     images = to_uint8(regenerations)
     summary = summarize(compare(scene, image, cfg.data.resolution) for scene, image in zip(scenes, images))
     return {f"fidelity_{key}": value for key, value in summary.items() if key != "n"}

@@ -9,11 +9,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from iomm.image_tensors import to_tensor, to_uint8
+from iomm.image_tensors import to_uint8
 from iomm.inference.sampling import sample_images
-from iomm.nano.builtins import HELD_OUT_SEED, WORLD
+from iomm.nano.builtins import WORLD
+from iomm.nano.builtins import held_out_scenes as world_held_out_scenes
 from iomm.nano.fidelity import compare, summarize
-from iomm.nano.world import Scene, World, WorldConfig
+from iomm.nano.world import Scene
 
 BATCH = 32  # images regenerated at once
 
@@ -27,10 +28,7 @@ def held_out_scenes(model: IOMM, n: int) -> tuple[torch.Tensor, list[Scene]]:
     if cfg.data.source != WORLD:
         raise ValueError(f"eval reconstruct: expected a run trained on data.source={WORLD!r} (scene metadata "
                          f"is needed), got data.source={cfg.data.source!r}")
-    stream = World(WorldConfig(resolution=cfg.data.resolution, max_objects=cfg.data.world_max_objects)).images(
-        HELD_OUT_SEED)
-    drawn = [next(stream) for _ in range(n)]
-    return to_tensor([image for image, _ in drawn]), [scene for _, scene in drawn]
+    return world_held_out_scenes(cfg, n)
 
 
 @torch.no_grad()
