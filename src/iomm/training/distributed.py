@@ -31,13 +31,14 @@ class Distributed:
             dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
         return cls(int(os.environ.get("RANK", "0")), world, local_rank)
 
-    def stop_requested(self, reason: str | None) -> list[str] | None:
-        """Called by every rank before each step: None when no rank must stop, else every rank's reason."""
+    def stop_requested(self, reason: str | None) -> list[tuple[int, str]] | None:
+        """Called by every rank before each step: None when no rank must stop, else (rank, reason) of each
+        rank that must."""
         if self.world == 1:
-            return None if reason is None else [reason]
+            return None if reason is None else [(self.rank, reason)]
         if self.sum([float(reason is not None)])[0] == 0:
             return None
-        return [f"rank {rank}: {why}" for rank, why in enumerate(self.gather(reason)) if why is not None]
+        return [(rank, why) for rank, why in enumerate(self.gather(reason)) if why is not None]
 
     @property
     def main(self) -> bool:

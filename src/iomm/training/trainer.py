@@ -226,16 +226,17 @@ class Trainer:
         """Collective: when any rank has a reason to stop, every rank saves (rank 0 writes) and raises."""
         if signals.requested and self.pending_stop is None:
             self.pending_stop = f"{SIGNAL} {signals.requested}"
-        reasons = self.dist.stop_requested(self.pending_stop)
-        if reasons is None:
+        stops = self.dist.stop_requested(self.pending_stop)
+        if stops is None:
             return
         self.save()
         report = self._merged_report()
-        if any(SIGNAL in reason for reason in reasons):
-            self._print(f"{'; '.join(reasons)}: checkpoint saved at step {self.step}")
-            raise TrainingInterrupted(f"{'; '.join(reasons)}: checkpoint saved at step {self.step} in "
+        reasons = "; ".join(why if self.dist.world == 1 else f"rank {rank}: {why}" for rank, why in stops)
+        if any(why.startswith(f"{SIGNAL} ") for _, why in stops):
+            self._print(f"{reasons}: checkpoint saved at step {self.step}")
+            raise TrainingInterrupted(f"{reasons}: checkpoint saved at step {self.step} in "
                                       f"{self.run_dir}; rerun the same command to resume")
-        raise TrainingStopped("; ".join(reasons) + f"\n{report.summary()}")
+        raise TrainingStopped(f"{reasons}\n{report.summary()}")
 
     def _merged_report(self) -> DataReport:
         merged = DataReport()
