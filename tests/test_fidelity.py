@@ -74,20 +74,16 @@ def test_an_object_at_its_neighbours_place_fails_exact():
     assert failed(compare(ASYMMETRIC, world.render(swapped), 32)) == {"exact", "placement"}
 
 
-def test_recolouring_one_object_fails_color_and_exact():
-    world, originals = scenes(32, 40, seed=2)
+@pytest.mark.parametrize("field, values, failing, seed", [
+    ("color", tuple(COLORS), {"exact", "color"}, 2),
+    ("shape", SHAPES, {"exact", "shape"}, 3),
+], ids=["recolouring", "changing-the-shape"])
+def test_changing_one_attribute_of_one_object_fails_it_and_exact(field, values, failing, seed):
+    world, originals = scenes(32, 40, seed=seed)
     for scene in originals:
-        colour = next(c for c in COLORS if c != scene.objects[0].color)
-        result = compare(scene, world.render(replaced(scene, 0, color=colour)), 32)
-        assert failed(result) == {"exact", "color"}, (scene, result)
-
-
-def test_changing_one_shape_fails_shape_and_exact():
-    world, originals = scenes(32, 40, seed=3)
-    for scene in originals:
-        shape = next(s for s in SHAPES if s != scene.objects[0].shape)
-        result = compare(scene, world.render(replaced(scene, 0, shape=shape)), 32)
-        assert failed(result) == {"exact", "shape"}, (scene, result)
+        value = next(v for v in values if v != getattr(scene.objects[0], field))
+        result = compare(scene, world.render(replaced(scene, 0, **{field: value})), 32)
+        assert failed(result) == failing, (scene, result)
 
 
 def test_removing_one_object_fails_count_and_exact():
