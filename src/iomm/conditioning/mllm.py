@@ -24,7 +24,7 @@ from transformers import AutoConfig, AutoModelForImageTextToText, AutoTokenizer,
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-from iomm.conditioning.mllm_families import FAMILIES, family_for
+from iomm.conditioning.mllm_families import check_supported, family_for
 
 WEIGHT_FILES = (
     "model.safetensors",
@@ -89,14 +89,6 @@ def _family_settings(family: Any) -> str:
     return ", ".join(f"{name}={getattr(family, name)}" for name in FAMILY_SETTINGS if hasattr(family, name))
 
 
-def _check_family(path: Path, model_type: Any) -> None:
-    if model_type not in FAMILIES:
-        raise ValueError(
-            f"MLLM checkpoint {path} has model_type={model_type!r}; FrozenMLLM supports the HF-native model types "
-            f"{', '.join(sorted(FAMILIES))}. For InternVL use the '-hf' checkpoints (e.g. OpenGVLab/InternVL3-2B-hf)."
-        )
-
-
 # --------------------------------------------------------------------------------------------
 # the wrapper
 # --------------------------------------------------------------------------------------------
@@ -145,10 +137,10 @@ class FrozenMLLM(nn.Module):
         path = Path(path)
         raw = check_checkpoint_dir(path, trust_remote_code=trust_remote_code)
         if "auto_map" not in raw:  # unsupported family: fail before loading anything (custom code: below)
-            _check_family(path, raw.get("model_type"))
+            check_supported(raw.get("model_type"), f"MLLM checkpoint {path}")
         kwargs = {"local_files_only": True, "trust_remote_code": trust_remote_code}
         config = AutoConfig.from_pretrained(path, **kwargs)
-        _check_family(path, config.model_type)
+        check_supported(config.model_type, f"MLLM checkpoint {path}")
         model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
         preprocessing = read_preprocessing(path)

@@ -193,14 +193,18 @@ class _Qwen25VL(_Family):
 FAMILIES: dict[str, type[_Family]] = {"internvl": _InternVL, "qwen2_5_vl": _Qwen25VL}
 
 
-def family_for(config: PretrainedConfig, preprocessing: dict[str, Any]) -> _Family:
-    family = FAMILIES.get(config.model_type)
-    if family is None:
-        raise NotImplementedError(
-            f"FrozenMLLM supports the HF-native model types {sorted(FAMILIES)}; got {config.model_type!r}. "
-            "For InternVL use the '-hf' checkpoints (e.g. OpenGVLab/InternVL3-2B-hf)."
+def check_supported(model_type: Any, where: str = "the model") -> None:
+    """ValueError naming `where` and the supported model types unless `model_type` is one of them."""
+    if model_type not in FAMILIES:
+        raise ValueError(
+            f"{where} has model_type={model_type!r}; FrozenMLLM supports the HF-native model types "
+            f"{', '.join(sorted(FAMILIES))}. For InternVL use the '-hf' checkpoints (e.g. OpenGVLab/InternVL3-2B-hf)."
         )
-    return family(config, preprocessing)
+
+
+def family_for(config: PretrainedConfig, preprocessing: dict[str, Any]) -> _Family:
+    check_supported(config.model_type)
+    return FAMILIES[config.model_type](config, preprocessing)
 
 
 def _token_id(tokenizer: Any, token: str) -> int | None:
