@@ -82,6 +82,17 @@ class DataReport:
     def to_dict(self) -> dict:
         return {"seen": self.seen, "skipped": dict(self.skipped), "examples": self.examples}
 
+    @classmethod
+    def merged(cls, parts: list[dict]) -> "DataReport":
+        """One report from the `to_dict` of several (the ranks of a run): counts add, the first example stays."""
+        report = cls()
+        for part in parts:
+            report.seen += part["seen"]
+            report.skipped.update(part["skipped"])
+            for reason, where in part["examples"].items():
+                report.examples.setdefault(reason, where)
+        return report
+
 
 def _to_8bit(image: Image.Image) -> Image.Image:
     """16-bit, 32-bit integer or float grayscale as 8-bit "L". 16-bit modes span 0..65535; for "I" and "F"

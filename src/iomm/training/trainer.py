@@ -239,13 +239,7 @@ class Trainer:
         raise TrainingStopped(f"{reasons}\n{report.summary()}")
 
     def _merged_report(self) -> DataReport:
-        merged = DataReport()
-        for part in self.dist.gather(self.report.to_dict()):
-            merged.seen += part["seen"]
-            merged.skipped.update(part["skipped"])
-            for reason, where in part["examples"].items():
-                merged.examples.setdefault(reason, where)
-        return merged
+        return DataReport.merged(self.dist.gather(self.report.to_dict()))
 
     def _after_step(self, outcome: StepOutcome, started: float, first_step: int, bar: tqdm, plain: bool) -> None:
         t = self.cfg.train
