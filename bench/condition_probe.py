@@ -87,7 +87,7 @@ def condition_stages(model: IOMM, images: torch.Tensor, ratio: float, seed: int,
     b = images.shape[0]
     with masking_ratio(model, ratio):
         prompt = model._text_segment([model.cfg.masking.prompt] * b)
-        image = model._image_segment(images, torch.Generator().manual_seed(seed), masked=True)
+        image = model._image_segment(model.mllm.embed_images(images), torch.Generator().manual_seed(seed), masked=True)
     if perm is not None:
         take = perm.to(image.embeds.device)
         image = Segment(image.embeds.gather(1, take.unsqueeze(-1).expand_as(image.embeds)), image.valid.gather(1, take),

@@ -205,8 +205,16 @@ def test_eval_reconstruct_on_a_tiny_run_matches_a_direct_call(tiny_config, tmp_p
         assert metrics == pytest.approx(direct[float(ratio)])
     assert "mse_own" in printed and f"wrote {out}" in printed
 
+    results = tmp_path / "records.jsonl"
     assert main(["eval", "reconstruct", "--model", str(tmp_path / "run"), "--ratio", "0.2", "--n", "2",
-                 "--out", str(out)]) == 0
+                 "--out", str(out), "--results", str(results)]) == 0
     assert set(json.loads(out.read_text())["ratios"]) == {"0.2"}
+    records = [json.loads(line) for line in results.read_text().splitlines()]
+    assert [(r["ratio"], r["scene"]) for r in records] == [("0.2", 0), ("0.2", 1)]
+    assert np.mean([r["exact"] for r in records]) == json.loads(out.read_text())["ratios"]["0.2"]["exact"]
+    compared = tmp_path / "compare.json"
+    assert main(["eval", "compare", str(results), str(results), "--out", str(compared)]) == 0
+    same = json.loads(compared.read_text())["results"]["overall"]
+    assert same["diff"] == 0 and same["ci95"] == [0, 0] and same["verdict"] == "inconclusive"
     with pytest.raises(SystemExit, match="--ratio: expected values in"):
         main(["eval", "reconstruct", "--model", str(tmp_path / "run"), "--ratio", "1.0", "--out", str(out)])

@@ -36,12 +36,12 @@ def test_recipes_pretrain_once_per_stage1_setting(tmp_path: Path) -> None:
 
 def test_tiny_study_end_to_end(tiny_mllm_dir: Path, tmp_path: Path) -> None:
     study = Study("tiny", [Arm("pair", (), ("finetune.mix_ratio=0.0",)), Arm("mix", (), ("finetune.mix_ratio=0.5",))],
-                  "two fine-tuning arms on one shared pre-training", common=["train.sample_every=1"], curves=True)
+                  "two fine-tuning arms on one shared pre-training", "mix", common=["train.sample_every=1"], curves=True)
     tiny = [o for o in TINY_OVERRIDES if not o.startswith("train.sample_every")]  # the study's own setting counts
     common = [f"mllm.path={tiny_mllm_dir}", *tiny, "data.pairs=world:16",
               "train.steps=2", "finetune.steps=2"]
     out = run_study(study, str(packaged_config("nano")), 1, tmp_path / "study", parallel=2, per_category=1,
-                    common=common)
+                    common=common, samples=2)
     record = json.loads((out / "results.json").read_text(encoding="utf-8"))
     assert [r["arm"] for r in record["results"]] == ["pair", "mix"]
     for row in record["results"]:  # one prompt per tag, one sample: each tag passes or fails, overall is their mean
@@ -57,7 +57,13 @@ def test_tiny_study_end_to_end(tiny_mllm_dir: Path, tmp_path: Path) -> None:
     mix = next(line for line in table if line.startswith("| mix |"))
     assert f"{record['summary']['mix']['overall'][0]:.3f} ± 0.000 |" in mix and not record["resumed"]
     assert any(line.startswith("| mix | 2 |") for line in table)  # the regeneration table, at the last step
-    rerun = run_study(study, str(packaged_config("nano")), 1, out, parallel=2, per_category=1, common=common)
+    paired = record["paired"]["pair"]["overall"]  # pair (b) against the reference mix (a), 6 prompts x 2 images
+    assert paired["n"] == 12 and paired["a"] == pytest.approx(record["summary"]["mix"]["overall"][0])
+    assert paired["diff"] == pytest.approx(record["summary"]["pair"]["overall"][0] - paired["a"])
+    assert record["finding"] in ("reproduced", "contradicted", "inconclusive") and record["samples"] == 2
+    assert any(line.startswith("| pair |") and "[" in line for line in table)
+    rerun = run_study(study, str(packaged_config("nano")), 1, out, parallel=2, per_category=1, common=common,
+                      samples=2)
     assert json.loads((rerun / "results.json").read_text(encoding="utf-8"))["resumed"]
 
 
@@ -79,3 +85,17 @@ def test_adapter_and_mask_ratio_studies_record_regeneration_curves() -> None:
         assert study.curves and any(c.startswith("train.sample_every=") for c in study.common)
     adapter = studies()["adapter"]
     assert [a.name for a in adapter.arms] == ["raw", "free_queries", "rqa"]
+
+
+def test_a_finding_is_decided_by_the_intervals_against_the_reference() -> None:
+    from iomm.nano.study_comparisons import finding
+
+    def arm(verdict: str) -> dict:
+        return {"overall": {"verdict": verdict}}
+
+    assert finding({"x": arm("a_better"), "y": arm("a_better")}) == "reproduced"
+    assert finding({"x": arm("a_better"), "y": arm("inconclusive")}) == "inconclusive"
+    assert finding({"x": arm("a_better"), "y": arm("b_better")}) == "contradicted"
+    assert {s.reference for s in studies().values()} <= {a.name for s in studies().values() for a in s.arms}
+    for study in studies().values():
+        assert study.reference in [a.name for a in study.arms]

@@ -44,6 +44,9 @@ class AdapterConfig:
     # The RMS the RQA's outputs start at, in units of the LLM's text-embedding RMS (the paper: 1). Image tokens
     # can be far larger (the nano MLLM's: 47x), and small queries are swamped in the LLM's residual stream.
     query_scale: float = 1.0
+    # Off in the paper (0). > 0: weight of an auxiliary stage-1 loss: condition token k predicts unmasked image
+    # token k (a linear read-out), so the queries keep each image token's content, and so the layout, in order.
+    token_loss: float = 0.0
 
 
 @dataclass
@@ -254,6 +257,10 @@ def validate(cfg: Config, source: str = "<config>", *, check_paths: bool = True)
     _check(0.0 <= d.max_bad_fraction <= 1.0, source, "data.max_bad_fraction", "a value in [0, 1]", d.max_bad_fraction)
     _check(cfg.adapter.num_queries >= 1, source, "adapter.num_queries", ">= 1", cfg.adapter.num_queries)
     _check(cfg.adapter.query_scale > 0, source, "adapter.query_scale", "> 0", cfg.adapter.query_scale)
+    _check(math.isfinite(cfg.adapter.token_loss) and cfg.adapter.token_loss >= 0, source, "adapter.token_loss",
+           "a finite number >= 0", cfg.adapter.token_loss)
+    _check(cfg.adapter.token_loss == 0 or cfg.adapter.kind != "raw", source, "adapter.token_loss",
+           "0 with adapter.kind=raw (the loss reads the query tokens)", cfg.adapter.token_loss)
     _check(cfg.connector.width % cfg.connector.num_heads == 0, source, "connector.width",
            f"a multiple of connector.num_heads={cfg.connector.num_heads}", cfg.connector.width)
     _check(d.resolution >= 8, source, "data.resolution", ">= 8", d.resolution)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from iomm.builtins import builtin_mllm, builtin_vae
 from iomm.conditioning.adapter import build_adapter
@@ -22,13 +23,17 @@ from iomm.generator.flow import TIMESTEP_SCALE, flow_matching_loss, output_to_ve
 from iomm.generator.network import build_generator, run_generator
 from iomm.training.phases import PhaseTimer
 
-TRAINABLE = ("adapter", "connector", "generator")
+TRAINABLE = ("adapter", "connector", "generator", "token_head")
 
 
 @dataclass
 class Condition:
     tokens: torch.Tensor  # (B, L, W) generator condition tokens
     pooled: torch.Tensor  # (B, W)
+    # The batch rows conditioned on their own masked image, and those images' unmasked tokens (B_img, N, D):
+    # the targets of `adapter.token_loss`.
+    image_rows: list[int] | None = None
+    image_tokens: torch.Tensor | None = None
 
 
 def load_mllm(cfg: Config) -> FrozenMLLM:
@@ -60,8 +65,20 @@ class IOMM(nn.Module):
         self.generator = generator if generator is not None else build_generator(
             cfg.generator, in_channels=codec.channels, sample_size=cfg.data.resolution // codec.factor,
             cond_width=cfg.connector.width)
+        self.token_head = self._build_token_head(cfg, mllm)
         self._prompt_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.timer = PhaseTimer()  # off: `iomm bench train-step` turns it on to time the real step
+
+    @staticmethod
+    def _build_token_head(cfg: Config, mllm: FrozenMLLM) -> nn.Linear | None:
+        """The read-out of `adapter.token_loss`: condition token k -> image token k (training only)."""
+        if cfg.adapter.token_loss == 0:
+            return None
+        n_image = mllm.num_image_tokens(cfg.data.resolution)
+        if cfg.adapter.num_queries < n_image:
+            raise ValueError(f"adapter.token_loss: expected adapter.num_queries >= the {n_image} image tokens of one "
+                             f"{cfg.data.resolution}-px image, got {cfg.adapter.num_queries}")
+        return nn.Linear(cfg.connector.width, mllm.hidden_size)
 
     @classmethod
     def from_config(cls, cfg: Config) -> "IOMM":
@@ -84,8 +101,8 @@ class IOMM(nn.Module):
         embeds, mask = self.mllm.embed_text(texts)
         return Segment(embeds, mask)
 
-    def _image_segment(self, images: torch.Tensor, generator: torch.Generator | None, masked: bool) -> Segment:
-        tokens = self.mllm.embed_images(images)
+    def _image_segment(self, tokens: torch.Tensor, generator: torch.Generator | None, masked: bool) -> Segment:
+        """The segment of image tokens (B, N, D) from `mllm.embed_images`, masked at `masking.ratio` if `masked`."""
         valid = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
         if not masked or self.cfg.masking.ratio == 0.0:
             return Segment(tokens, valid)
@@ -111,14 +128,18 @@ class IOMM(nn.Module):
     def condition_masked_images(self, images: torch.Tensor, generator: torch.Generator | None = None) -> Condition:
         """Stage 1: c = concat(c_aux, mask(v(x)))."""
         prompt = self._text_segment([self.cfg.masking.prompt] * images.shape[0])
-        return self.encode([prompt, self._image_segment(images, generator, masked=True)])
+        tokens = self.mllm.embed_images(images)
+        cond = self.encode([prompt, self._image_segment(tokens, generator, masked=True)])
+        cond.image_rows, cond.image_tokens = list(range(images.shape[0])), tokens
+        return cond
 
     def condition_texts(self, texts: list[str]) -> Condition:
         return self.encode([self._text_segment(texts)])
 
     def condition_edit(self, images: torch.Tensor, instructions: list[str]) -> Condition:
         """Zero-shot editing: the instruction and the unmasked reference image, as in stage 1's layout."""
-        return self.encode([self._text_segment(instructions), self._image_segment(images, None, masked=False)])
+        tokens = self.mllm.embed_images(images)
+        return self.encode([self._text_segment(instructions), self._image_segment(tokens, None, masked=False)])
 
     def null_condition(self, batch: int, length: int) -> Condition:
         return Condition(*self.connector.null_condition(batch, length))
@@ -134,8 +155,11 @@ class IOMM(nn.Module):
         image_idx = [i for i in range(b) if captions[i] is None and not dropped[i]]
         text_idx = [i for i in range(b) if captions[i] is not None and not dropped[i]]
         parts: list[tuple[list[int], Condition]] = []
+        image_tokens = None
         if image_idx:
-            parts.append((image_idx, self.condition_masked_images(images[image_idx], generator)))
+            image_cond = self.condition_masked_images(images[image_idx], generator)
+            parts.append((image_idx, image_cond))
+            image_tokens = image_cond.image_tokens
         if text_idx:
             parts.append((text_idx, self.condition_texts([captions[i] for i in text_idx])))
         length = max([c.tokens.shape[1] for _, c in parts], default=self._null_length())
@@ -144,7 +168,7 @@ class IOMM(nn.Module):
         for idx, cond in parts:
             tokens[idx, : cond.tokens.shape[1]] = cond.tokens.to(tokens.dtype)
             pooled[idx] = cond.pooled.to(pooled.dtype)
-        return Condition(tokens, pooled)
+        return Condition(tokens, pooled, image_idx, image_tokens)
 
     def _null_length(self) -> int:
         return self.cfg.adapter.num_queries if self.adapter is not None else 1
@@ -165,7 +189,17 @@ class IOMM(nn.Module):
             latents = self.codec.encode(images, generator)
         self.timer.mark_gradient(cond.tokens, cond.pooled)
         with self.timer("generator_forward"):
-            return self.flow_loss(latents, cond, generator)
+            loss = self.flow_loss(latents, cond, generator)
+        if self.token_head is not None and cond.image_rows:
+            loss = loss + self.cfg.adapter.token_loss * self.token_loss(cond)
+        return loss
+
+    def token_loss(self, cond: Condition) -> torch.Tensor:
+        """MSE of the read-out of condition tokens 0..N-1 against the N unmasked image tokens, layer-normed
+        (scale-free: image tokens can be far larger than text embeddings)."""
+        targets = cond.image_tokens
+        predicted = self.token_head(cond.tokens[cond.image_rows, : targets.shape[1]])
+        return F.mse_loss(predicted, F.layer_norm(targets.to(predicted.dtype), targets.shape[-1:]))
 
     def flow_loss(self, latents: torch.Tensor, cond: Condition, generator: torch.Generator) -> torch.Tensor:
         """Flow-matching loss of latents under their conditions, `flow.samples_per_condition` draws each."""

@@ -1,4 +1,4 @@
-"""Trainable weights on disk: the generator in diffusers format, adapter + connector, and their EMA."""
+"""Trainable weights on disk: the generator in diffusers format, adapter + connector (+ token head), and their EMA."""
 
 from __future__ import annotations
 
@@ -21,11 +21,14 @@ def step_seed(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint64)[0] >> np.uint64(1))
 
 
+def _conditioner_modules(model: IOMM) -> dict[str, torch.nn.Module]:
+    """The trainable modules besides the generator (adapter, connector, token head), saved together."""
+    return {name: module for name, module in model.trainable().items() if name != "generator"}
+
+
 def _conditioner_state(model: IOMM) -> dict[str, torch.Tensor]:
-    state = {f"connector.{k}": v for k, v in model.connector.state_dict().items()}
-    if model.adapter is not None:
-        state.update({f"adapter.{k}": v for k, v in model.adapter.state_dict().items()})
-    return state
+    return {f"{name}.{k}": v for name, module in _conditioner_modules(model).items()
+            for k, v in module.state_dict().items()}
 
 
 def trainable_state(model: IOMM, ema: EMA | None, out: Path) -> None:
@@ -40,11 +43,8 @@ def load_trainable(model: IOMM, path: Path, *, use_ema: bool, ema: EMA | None = 
     generator = type(model.generator).from_pretrained(path / GENERATOR_DIR)
     model.generator.load_state_dict(generator.state_dict())
     conditioner = load_tensors(path / CONDITIONER)
-    model.connector.load_state_dict({k[len("connector."):]: v for k, v in conditioner.items()
-                                     if k.startswith("connector.")})
-    if model.adapter is not None:
-        model.adapter.load_state_dict({k[len("adapter."):]: v for k, v in conditioner.items()
-                                       if k.startswith("adapter.")})
+    for name, module in _conditioner_modules(model).items():
+        module.load_state_dict({k[len(name) + 1:]: v for k, v in conditioner.items() if k.startswith(f"{name}.")})
     if not (path / EMA_FILE).is_file():
         return
     shadow = load_tensors(path / EMA_FILE)

@@ -21,6 +21,8 @@ def register_under(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=None, help="Euler steps (default: config)")
     p.add_argument("--cfg", type=float, default=None, help="guidance scale (default: config)")
     p.add_argument("--out", type=Path, required=True, help="metrics JSON file")
+    p.add_argument("--results", type=Path, default=None,
+                   help="also write per-image records (JSONL: ratio, scene, attributes; for iomm eval compare)")
     p.set_defaults(func=_reconstruct)
 
 
@@ -37,7 +39,7 @@ def _reconstruct(args: argparse.Namespace) -> int:
     from iomm.inference.pipeline import load_model
     from iomm.nano.builtins import WORLD
     from iomm.nano.fidelity import TOLERANCE, tolerance_px
-    from iomm.nano.regeneration import evaluate_reconstruction
+    from iomm.nano.regeneration import reconstruction_records, summaries
 
     if args.n < 1:
         raise SystemExit(f"--n: expected >= 1, got {args.n}")
@@ -48,15 +50,18 @@ def _reconstruct(args: argparse.Namespace) -> int:
     if model.cfg.data.source != WORLD:
         raise SystemExit(f"eval reconstruct: {args.model} was trained on data.source={model.cfg.data.source!r}; "
                          f"the scene metadata this needs exists for data.source={WORLD!r} only")
-    results = evaluate_reconstruction(model, args.ratio, args.n, args.seed, steps=args.steps,
-                                      guidance_scale=args.cfg)
-    ratios = {str(ratio): metrics for ratio, metrics in results.items()}
+    records = reconstruction_records(model, args.ratio, args.n, args.seed, steps=args.steps, guidance_scale=args.cfg)
+    ratios = {str(ratio): metrics for ratio, metrics in summaries(records).items()}
     command = ["iomm", "eval", "reconstruct", "--model", str(args.model), "--n", str(args.n), "--seed", str(args.seed),
                *[arg for ratio in args.ratio or [] for arg in ("--ratio", str(ratio))], "--out", str(args.out)]
     report = {"command": shlex.join(command), "model": str(args.model), "n": args.n, "ratios": ratios,
               "tolerance": {"fraction_of_extent": TOLERANCE, "px": tolerance_px(model.cfg.data.resolution)}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    if args.results is not None:
+        args.results.parent.mkdir(parents=True, exist_ok=True)
+        args.results.write_text("".join(json.dumps({"ratio": str(ratio), **r}) + "\n"
+                                        for ratio, rows in records.items() for r in rows), encoding="utf-8")
     print(format_table(ratios))
     print(f"wrote {args.out}")
     return 0

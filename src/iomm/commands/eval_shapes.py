@@ -10,6 +10,7 @@ from typing import Any
 
 from PIL import Image
 
+from iomm.commands.eval_compare import register_under as register_compare
 from iomm.commands.eval_edits import register_under as register_edits
 from iomm.commands.eval_reconstruct import register_under as register_reconstruct
 from iomm.evaluation.geneval_export import (
@@ -45,6 +46,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     shapes.set_defaults(func=run_shapes)
     register_edits(commands)
     register_reconstruct(commands)
+    register_compare(commands)
 
     export = commands.add_parser(
         "export", help="generate images in the layout an official scorer reads (GenEval, DPG-Bench, WISE)")

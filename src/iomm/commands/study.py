@@ -17,7 +17,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="applied to every arm (e.g. a shorter budget: --set train.steps=500)")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--parallel", type=int, default=2, help="arms run at once, one thread each")
-    p.add_argument("--per-category", type=int, default=16, help="held-out prompts per GenEval category")
+    p.add_argument("--per-category", type=int, default=64, help="held-out prompts per GenEval category")
+    p.add_argument("--samples", type=int, default=4, help="images per prompt (same noise in every arm)")
     p.add_argument("--out", required=True)
     p.set_defaults(func=_study)
 
@@ -29,6 +30,7 @@ def _study(args: argparse.Namespace) -> int:
     config = str(args.config or packaged_config("nano"))
     study = studies()[args.name]
     load_config(config, [*study.common, *args.overrides])  # fail before any compute
-    out = run_study(study, config, args.seeds, Path(args.out), args.parallel, args.per_category, args.overrides)
+    out = run_study(study, config, args.seeds, Path(args.out), args.parallel, args.per_category, args.overrides,
+                    args.samples)
     print(f"wrote {out}/results.json, results.csv, results.png")
     return 0

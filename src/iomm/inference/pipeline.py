@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -9,18 +10,19 @@ from PIL import Image
 
 from iomm.checkpointing.checkpoint import resolve_checkpoint
 from iomm.checkpointing.weights import load_trainable
-from iomm.config import load_config
+from iomm.config import Config, load_config
 from iomm.data.images import prepare_image
 from iomm.image_tensors import to_pil
 from iomm.inference.sampling import sample_images
 from iomm.model import IOMM
 
 
-def load_model(path: str | Path, *, use_ema: bool = True, device: str | torch.device = "cpu") -> IOMM:
+def load_model(path: str | Path, *, use_ema: bool = True, device: str | torch.device = "cpu",
+               model_fn: Callable[[Config], IOMM] = IOMM.from_config) -> IOMM:
     """A checkpoint dir, or a run dir (its newest intact checkpoint), with EMA weights by default."""
     checkpoint = resolve_checkpoint(path)
     cfg = load_config(checkpoint / "config.yaml")
-    model = IOMM.from_config(cfg)
+    model = model_fn(cfg)
     load_trainable(model, checkpoint, use_ema=use_ema)
     return model.to(device).eval()
 

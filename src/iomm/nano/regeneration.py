@@ -70,16 +70,32 @@ def default_ratios(model: IOMM) -> list[float]:
     return sorted({0.0, float(model.cfg.masking.ratio)})
 
 
-def evaluate_reconstruction(model: IOMM, ratios: Sequence[float] | None = None, n: int = 64, seed: int = 0, *,
-                            steps: int | None = None, guidance_scale: float | None = None) -> dict[float, dict]:
-    """{ratio: summary} of the first n held-out world images regenerated at each masking ratio.
+def reconstruction_records(model: IOMM, ratios: Sequence[float] | None = None, n: int = 64, seed: int = 0, *,
+                           steps: int | None = None, guidance_scale: float | None = None) -> dict[float, list[dict]]:
+    """{ratio: per-image records (`records_for`, plus `scene`, its index)} of the first n held-out world images
+    regenerated at each masking ratio.
 
-    Masks and noise come from `seed` (the same for each ratio); the images are fixed (the held-out stream).
+    Masks and noise come from `seed` (the same for each ratio); the images are fixed (the held-out stream), so
+    two models evaluated with the same n and seed are compared on the same scenes, masks and noise.
     """
     if n < 1:
         raise ValueError(f"n: expected >= 1, got {n}")
     ratios = default_ratios(model) if ratios is None else [float(r) for r in ratios]
     originals, scenes = held_out_scenes(model, n)
-    return {ratio: summarize(records_for(scenes, originals, regenerate(model, originals, ratio, seed, steps,
-                                                                         guidance_scale)))
-            for ratio in ratios}
+    out = {}
+    for ratio in ratios:
+        recon = regenerate(model, originals, ratio, seed, steps, guidance_scale)
+        out[ratio] = [{"scene": i, **record} for i, record in enumerate(records_for(scenes, originals, recon))]
+    return out
+
+
+def evaluate_reconstruction(model: IOMM, ratios: Sequence[float] | None = None, n: int = 64, seed: int = 0, *,
+                            steps: int | None = None, guidance_scale: float | None = None) -> dict[float, dict]:
+    """{ratio: summary} of `reconstruction_records`."""
+    return summaries(reconstruction_records(model, ratios, n, seed, steps=steps, guidance_scale=guidance_scale))
+
+
+def summaries(records: dict[float, list[dict]]) -> dict[float, dict]:
+    """{ratio: the mean of each attribute over its records} (the scene index left out)."""
+    return {ratio: summarize({k: v for k, v in r.items() if k != "scene"} for r in rows)
+            for ratio, rows in records.items()}

@@ -17,6 +17,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from iomm.nano.study_comparisons import SHAPES_RESULTS, compare_to_reference, finding, markdown_table
+
 CATEGORIES = ("single_object", "two_object", "counting", "colors", "position", "color_attr", "overall")
 
 
@@ -34,6 +36,7 @@ class Study:
     name: str
     arms: list[Arm]
     description: str
+    reference: str  # the paper's best arm: every other arm is compared with it, pair by pair
     common: list[str] = field(default_factory=list)  # overrides for every arm, before the command line's
     curves: bool = False  # also record stage-1 regeneration error against training steps
 
@@ -47,21 +50,21 @@ def studies() -> dict[str, Study]:
         "recipes": Study("recipes", [
             Arm(f"{pre}+{ft}", (IMAGE if pre == "image" else PAIR,), FT[ft])
             for pre in ("image", "pair") for ft in ("image", "pair", "mix")],
-            "pre-train on images or pairs x fine-tune on images, pairs or the mix (lambda = 0.5)"),
+            "pre-train on images or pairs x fine-tune on images, pairs or the mix (lambda = 0.5)", "image+mix"),
         "mask-ratio": Study("mask-ratio", [
             Arm(f"r={r}", (f"masking.ratio={r}",), FT["mix"]) for r in (0.0, 0.25, 0.45, 0.65, 0.85, 0.95)],
-            "stage-1 mask ratio r, then the same mix fine-tuning",
+            "stage-1 mask ratio r, then the same mix fine-tuning", "r=0.45",
             common=["train.sample_every=100"], curves=True),
         "mix-ratio": Study("mix-ratio", [
             Arm(f"lambda={lam}", (), (f"finetune.mix_ratio={lam}",)) for lam in (0.0, 0.25, 0.5, 0.75, 1.0)],
-            "fraction of image-only samples in fine-tuning batches"),
+            "fraction of image-only samples in fine-tuning batches", "lambda=0.5"),
         "adapter": Study("adapter", [
             Arm(kind, (f"adapter.kind={kind}",), FT["mix"]) for kind in ("raw", "free_queries", "rqa")],
-            "no adapter vs MetaQuery-style free queries vs the Residual Query Adapter",
+            "no adapter vs MetaQuery-style free queries vs the Residual Query Adapter", "rqa",
             common=["train.sample_every=100"], curves=True),
         "editing": Study("editing", [
             Arm(f"{pre}-pretrain", (IMAGE if pre == "image" else PAIR,), None, edit=True) for pre in ("image", "pair")],
-            "zero-shot editing success after image-only vs pair pre-training (no editing data)"),
+            "zero-shot editing success after image-only vs pair pre-training (no editing data)", "image-pretrain"),
     }
 
 
@@ -94,7 +97,7 @@ def pretrain_command(arm: Arm, config: str, common: list[str], seed: int, out: P
 
 
 def arm_commands(arm: Arm, config: str, common: list[str], seed: int, out: Path, pretrained: Path | None,
-                 per_category: int) -> list[list[str]]:
+                 per_category: int, samples: int = 4) -> list[list[str]]:
     """The iomm commands of one arm and seed after its pre-training, in order (each resumable)."""
     cmds = []
     if arm.finetune is not None:
@@ -102,7 +105,8 @@ def arm_commands(arm: Arm, config: str, common: list[str], seed: int, out: Path,
         cmds.append([*_iomm(), "finetune", "--config", config, *_sets(common, seed, (*arm.pretrain, *arm.finetune)),
                      "--init", init, "--out", str(out / "finetune"), "--no-progress"])
         cmds.append([*_iomm(), "eval", "shapes", "--model", str(out / "finetune"), "--out", str(out / "metrics.json"),
-                     "--per-category", str(per_category), "--samples", "1", "--seed", "0"])
+                     "--per-category", str(per_category), "--samples", str(samples), "--seed", "0",
+                     "--results", str(out / SHAPES_RESULTS)])
     if arm.edit:
         cmds.append([*_iomm(), "eval", "edits", "--model", str(pretrained), "--out", str(out / "metrics.json")])
     return cmds
@@ -118,12 +122,12 @@ def run_pretrain(arm: Arm, config: str, common: list[str], seed: int, out: Path)
 
 
 def run_arm(arm: Arm, config: str, common: list[str], seed: int, out: Path, pretrained: Path | None,
-            per_category: int) -> dict:
+            per_category: int, samples: int) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     if (out / "metrics.json").is_file():
         return json.loads((out / "metrics.json").read_text(encoding="utf-8"))
     start = time.time()
-    for argv in arm_commands(arm, config, common, seed, out, pretrained, per_category):
+    for argv in arm_commands(arm, config, common, seed, out, pretrained, per_category, samples):
         _run(argv, out / "log.txt")
     metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
     metrics["wall_s"] = time.time() - start
@@ -132,7 +136,7 @@ def run_arm(arm: Arm, config: str, common: list[str], seed: int, out: Path, pret
 
 
 def run_study(study: Study, config: str, seeds: int, out: Path, parallel: int, per_category: int,
-              common: list[str]) -> Path:
+              common: list[str], samples: int = 4) -> Path:
     """Pre-training runs first (one per distinct stage-1 setting and seed), then every arm's stage 2."""
     from concurrent.futures import ThreadPoolExecutor
 
@@ -148,7 +152,8 @@ def run_study(study: Study, config: str, seeds: int, out: Path, parallel: int, p
             future.result()
         print(f"[{study.name}] {len(stage1)} pre-training runs done in {time.time() - start:.0f} s", flush=True)
         futures = {pool.submit(run_arm, arm, config, common, seed, arm_dir(out, arm) / f"seed{seed}",
-                               None if arm.skip_pretrain else pretrain_dir(out, arm, seed), per_category): (arm, seed)
+                               None if arm.skip_pretrain else pretrain_dir(out, arm, seed), per_category,
+                               samples): (arm, seed)
                    for arm, seed in jobs}
         results = []
         for future, (arm, seed) in futures.items():
@@ -159,9 +164,12 @@ def run_study(study: Study, config: str, seeds: int, out: Path, parallel: int, p
             results.append({"arm": arm.name, "seed": seed,
                             **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}})
     summary = summarize(results)
+    edit = any(arm.edit for arm in study.arms)
+    paired = compare_to_reference({arm.name: arm_dir(out, arm) for arm in study.arms}, study.reference, seeds, edit)
     record = {"study": study.name, "description": study.description, "config": config, "common": common,
-              "seeds": seeds, "wall_s": time.time() - start, "resumed": resumed, "results": results,
-              "summary": summary}
+              "seeds": seeds, "per_category": per_category, "samples": samples, "wall_s": time.time() - start,
+              "resumed": resumed, "results": results, "summary": summary, "reference": study.reference,
+              "paired": paired, "finding": finding(paired)}
     if study.curves:
         record["curves"] = {arm.name: mean_curve([reconstruction_curve(pretrain_dir(out, arm, seed))
                                                   for seed in range(seeds)]) for arm in study.arms}
@@ -236,6 +244,8 @@ def markdown_summary(record: dict) -> str:
              "| arm | " + " | ".join(metrics) + " |", "|---|" + "---|" * len(metrics)]
     lines += [f"| {arm} | " + " | ".join(f"{values[m][0]:.3f} ± {values[m][1]:.3f}" for m in metrics) + " |"
               for arm, values in summary.items()]
+    if record.get("paired"):
+        lines += ["", *markdown_table(record["paired"], record["reference"])]
     if record.get("curves"):
         lines += ["", "Stage-1 regenerations: MSE against their own originals and against other images "
                   "(the gap is how much they follow their condition), by stage-1 step.", "",

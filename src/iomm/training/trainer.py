@@ -67,6 +67,8 @@ class Trainer:
     progress: bool = True
     dist: Distributed = field(default_factory=Distributed.from_env)
     sample_fn: SampleFn | None = None
+    # Builds the model from the config; a probe can pass a subclass of IOMM (bench/oracle_arms.py).
+    model_fn: Callable[[Config], IOMM] = IOMM.from_config
 
     def __post_init__(self) -> None:
         self.run_dir = Path(self.run_dir)
@@ -74,7 +76,7 @@ class Trainer:
             torch.set_num_threads(self.cfg.train.threads)
         self.device = self.dist.device()
         torch.manual_seed(self.cfg.train.seed)  # the same initial weights on every rank and every rerun
-        self.model = IOMM.from_config(self.cfg).to(self.device)
+        self.model = self.model_fn(self.cfg).to(self.device)
         if self.init is not None:
             load_trainable(self.model, ckpt.resolve_checkpoint(self.init), use_ema=False)
         self.params = {f"{name}.{n}": p for name, m in self.model.trainable().items()
