@@ -36,7 +36,8 @@ def test_recipes_pretrain_once_per_stage1_setting(tmp_path: Path) -> None:
 
 def test_tiny_study_end_to_end(tiny_mllm_dir: Path, tmp_path: Path) -> None:
     study = Study("tiny", [Arm("pair", (), ("finetune.mix_ratio=0.0",)), Arm("mix", (), ("finetune.mix_ratio=0.5",))],
-                  "two fine-tuning arms on one shared pre-training", "mix", common=["train.sample_every=1"], curves=True)
+                  "two fine-tuning arms on one shared pre-training", "mix", common=["train.sample_every=1"],
+                  curves=True)
     tiny = [o for o in TINY_OVERRIDES if not o.startswith("train.sample_every")]  # the study's own setting counts
     common = [f"mllm.path={tiny_mllm_dir}", *tiny, "data.pairs=world:16",
               "train.steps=2", "finetune.steps=2"]

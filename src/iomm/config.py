@@ -18,8 +18,7 @@ from iomm.typed_config import ConfigError, apply_overrides, build_dataclass
 
 @dataclass
 class MLLMConfig:
-    # A local directory holding a Hugging Face VLM checkpoint, or the name of a built-in model (iomm.builtins;
-    # "nano": the testbed's nano MLLM, trained on first use and cached in `nano_dir`).
+    # A local Hugging Face VLM checkpoint, or a built-in model (iomm.builtins; "nano": trained on first use)
     path: str = "nano"
     nano_dir: str = ".cache/nano-mllm"
     # A built-in architecture name (see iomm.describe) used by `iomm describe` when no weights are at hand.
@@ -71,8 +70,7 @@ UNET_NORM_GROUPS = 32  # group norm groups in the U-Net generator: its channel c
 
 @dataclass
 class GeneratorConfig:
-    # sd3: diffusers SD3Transformer2DModel (the paper's MM-DiT); unet: diffusers UNet2DConditionModel with
-    # cross-attention to the condition tokens at every level
+    # sd3: diffusers SD3Transformer2DModel (the paper's MM-DiT); unet: UNet2DConditionModel (cross-attn every level)
     kind: Literal["sd3", "unet"] = "sd3"
     pretrained: str | None = None
     attention_head_dim: int = 32  # both kinds
@@ -90,8 +88,7 @@ class GeneratorConfig:
 @dataclass
 class CodecConfig:
     kind: Literal["pixel", "vae"] = "pixel"
-    # For kind=vae: a local diffusers AutoencoderKL directory, or the name of a built-in model (iomm.builtins;
-    # "nano": the testbed's nano VAE, trained on first use and cached in `nano_dir`).
+    # kind=vae: a local diffusers AutoencoderKL, or a built-in model (iomm.builtins; "nano": trained on first use)
     path: str | None = None
     nano_dir: str = ".cache/nano-vae"
     architecture: str | None = None
