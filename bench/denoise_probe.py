@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import shlex
 import sys
 from pathlib import Path
 
@@ -24,6 +22,9 @@ import torch
 
 from iomm.inference.pipeline import load_model
 from iomm.nano.builtins import held_out_scenes
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from report import write_report  # noqa: E402
 
 TIMES = (0.98, 0.9, 0.8, 0.7, 0.5, 0.3)
 
@@ -62,17 +63,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     if args.oracle_arm is not None:
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
         from oracle_arms import oracle_model_fn
 
         model = load_model(args.model, model_fn=oracle_model_fn(args.oracle_arm))
     else:
         model = load_model(args.model)
     result = probe(model, args.n, args.seed)
-    command = shlex.join(["python", "bench/denoise_probe.py", *(argv if argv is not None else sys.argv[1:])])
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"command": command, "cwd": str(Path.cwd()), "model": args.model,
-                                    "n": args.n, "seed": args.seed, "times": result}, indent=2) + "\n")
+    write_report(args.out, "denoise_probe.py", argv, {"cwd": str(Path.cwd()), "model": args.model, "n": args.n,
+                                                       "seed": args.seed, "times": result})
     print(f"{'t':>5} {'own cond: own':>14} {'other':>7} {'null cond: own':>15} {'other':>7}")
     for t, r in result.items():
         print(f"{t:>5} {r['own_condition_mse_own']:>14.3f} {r['own_condition_mse_other']:>7.3f} "

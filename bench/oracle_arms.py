@@ -21,8 +21,6 @@ the unmasked condition, train.steps=2200 for a longer generator budget).
 from __future__ import annotations
 
 import argparse
-import json
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -36,6 +34,9 @@ from iomm.inference.pipeline import load_model
 from iomm.model import IOMM, Condition
 from iomm.nano.regeneration import evaluate_reconstruction
 from iomm.training.trainer import Trainer
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from report import write_report  # noqa: E402
 
 ARMS = ("vision", "llm_image")
 NANO = Path(__file__).resolve().parents[1] / "configs" / "nano.yaml"
@@ -86,11 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     train_s = time.time() - started
     model = load_model(args.out, model_fn=model_fn)
     ratios = evaluate_reconstruction(model, n=args.n, seed=0)
-    report = {"command": shlex.join(["python", "bench/oracle_arms.py", *(argv if argv is not None else sys.argv[1:])]),
-              "arm": args.arm, "overrides": overrides, "train_seconds": round(train_s, 1), "n": args.n,
-              "ratios": {str(r): m for r, m in ratios.items()}}
-    args.result.parent.mkdir(parents=True, exist_ok=True)
-    args.result.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    write_report(args.result, "oracle_arms.py", argv, {"arm": args.arm, "overrides": overrides, "n": args.n,
+                                                        "train_seconds": round(train_s, 1),
+                                                        "ratios": {str(r): m for r, m in ratios.items()}})
     for ratio, m in ratios.items():
         print(f"ratio {ratio}: exact {m['exact']:.3f}  placement {m['placement']:.3f}  position {m['position']:.3f}  "
               f"mse own/other {m['mse_own']:.4f}/{m['mse_other']:.4f}")
