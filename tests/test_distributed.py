@@ -67,7 +67,8 @@ def test_bad_data_on_the_ranks_stops_every_rank_with_one_report(tiny_config, tmp
     done = _torchrun(_write_config(cfg, tmp_path / "c.yaml"), tmp_path / "run")
     out = done.stdout + done.stderr
     assert done.returncode != 0
-    assert "Connection closed by peer" not in out and 'iomm/' not in out.split("Traceback")[-1], out[-4000:]
+    # no traceback from iomm's own code (its files live under src/iomm/; the checkout may be named iomm too)
+    assert "Connection closed by peer" not in out and "src/iomm/" not in out.split("Traceback")[-1], out[-4000:]
     assert out.count("iomm: ") == 1, out[-4000:]  # one message, from rank 0
     message = next(line for line in out.splitlines() if line.startswith("iomm: "))
     assert "stopped instead of training on garbage" in message and ("rank 0:" in message or "rank 1:" in message)
