@@ -66,5 +66,5 @@ def test_eval_compare_reads_shapes_results_and_names_a_bad_line(tmp_path, capsys
     assert report["results"]["overall"]["diff"] == 0.5 and report["results"]["overall"]["verdict"] == "b_better"
     assert "b_better" in capsys.readouterr().out
     b.write_text("{not json\n")
-    with pytest.raises(SystemExit, match=r"b.jsonl:1: not a JSON line"):
+    with pytest.raises(SystemExit, match=r"b.jsonl:1: invalid JSON"):
         main(["eval", "compare", str(a), str(b), "--out", str(out)])

@@ -30,15 +30,12 @@ def register_under(commands: argparse._SubParsersAction) -> None:
 
 
 def read_records(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        raise SystemExit(f"eval compare: {path} does not exist")
-    records = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as error:
-                raise SystemExit(f"eval compare: {path}:{number}: not a JSON line ({error.msg})") from None
+    from iomm.evaluation.prompt_images import read_jsonl
+
+    try:
+        records = [record for _, record in read_jsonl(path)]
+    except (FileNotFoundError, ValueError) as error:
+        raise SystemExit(f"eval compare: {error}") from None
     if not records:
         raise SystemExit(f"eval compare: {path} holds no records")
     return records

@@ -83,11 +83,12 @@ def paired_bootstrap(items: Sequence[PairedItem], n_boot: int = 2000, seed: int 
 
 
 def pair_records(a: Sequence[Mapping[str, Any]], b: Sequence[Mapping[str, Any]], value: str,
-                 category: str | None, cluster: str) -> list[PairedItem]:
+                 category: str | None, cluster: str | None) -> list[PairedItem]:
     """Items from two per-item result lists written in the same order by the same evaluation.
 
     Records are matched by position and must agree on `cluster` (and `category`): otherwise the two
-    evaluations did not use the same items, and a paired comparison would be meaningless.
+    evaluations did not use the same items, and a paired comparison would be meaningless. With no
+    `cluster` field every item is its own cluster.
     """
     if len(a) != len(b):
         raise ValueError(f"paired comparison: the two result files have {len(a)} and {len(b)} items: "
@@ -101,6 +102,6 @@ def pair_records(a: Sequence[Mapping[str, Any]], b: Sequence[Mapping[str, Any]],
             if field is not None and ra[field] != rb[field]:
                 raise ValueError(f"paired comparison: item {i} differs in {field!r}: {ra[field]!r} vs "
                                  f"{rb[field]!r}: the two evaluations did not use the same items")
-        items.append(PairedItem(str(ra[category]) if category else "all", str(ra[cluster]),
+        items.append(PairedItem(str(ra[category]) if category else "all", str(ra[cluster]) if cluster else f"item{i}",
                                 float(ra[value]), float(rb[value])))
     return items

@@ -12,11 +12,11 @@ the paper's best setting; the finding is
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-from iomm.evaluation.paired import OVERALL, PairedItem, paired_bootstrap
+from iomm.evaluation.paired import OVERALL, PairedItem, pair_records, paired_bootstrap
+from iomm.evaluation.prompt_images import read_jsonl
 
 SHAPES_RESULTS = "results.jsonl"  # per image, written by `iomm eval shapes --results`
 EDITS_RESULTS = Path("metrics_edits") / "edits.jsonl"  # per edit case, written by `iomm eval edits`
@@ -25,22 +25,16 @@ EDITS_RESULTS = Path("metrics_edits") / "edits.jsonl"  # per edit case, written 
 def _read(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: the per-item results of an arm are missing (rerun the study command)")
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [record for _, record in read_jsonl(path)]
 
 
 def _items(rows_ref: list[dict], rows_arm: list[dict], edit: bool, where: Path) -> list[PairedItem]:
-    if len(rows_ref) != len(rows_arm):
-        raise ValueError(f"{where}: {len(rows_arm)} items against the reference's {len(rows_ref)}: "
-                         "the arms were not evaluated on the same prompts and samples")
-    items = []
-    for i, (ref, arm) in enumerate(zip(rows_ref, rows_arm)):
-        if edit:
-            items.append(PairedItem(ref["kind"], f"case{i}", float(ref["success"]), float(arm["success"])))
-        else:
-            if ref["prompt"] != arm["prompt"]:
-                raise ValueError(f"{where}: item {i} is {arm['prompt']!r}, the reference's {ref['prompt']!r}")
-            items.append(PairedItem(ref["tag"], ref["prompt"], float(ref["correct"]), float(arm["correct"])))
-    return items
+    """Edit cases pair by case (each its own cluster); GenEval images by prompt."""
+    fields = ("success", "kind", None) if edit else ("correct", "tag", "prompt")
+    try:
+        return pair_records(rows_ref, rows_arm, *fields)
+    except ValueError as error:
+        raise ValueError(f"{where} against the reference arm: {error}") from None
 
 
 def compare_to_reference(arm_dirs: dict[str, Path], reference: str, seeds: int, edit: bool,
