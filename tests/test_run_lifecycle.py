@@ -39,7 +39,8 @@ def test_a_corrupt_file_among_the_held_out_ones_never_ends_the_run(tiny_config, 
     trainer = Trainer(cfg, tmp_path / "run", progress=False, sample_fn=sample_grid)
     split = split_held_out(indexed_images(folder, None), 4)
     assert folder / "zzz_broken.png" in split.held_out
-    training_files = {p for p, _ in trainer.batches.images.items}
+    samples = trainer.batches.images
+    training_files = {samples.items.files[i][0] for i in samples.keep}
     assert training_files == set(split.train) and not training_files & set(split.held_out)
     assert len(trainer.held_out) == 3  # the broken one is skipped and counted
     assert trainer.report.skipped["unreadable image (UnidentifiedImageError)"] == 1

@@ -179,7 +179,8 @@ def test_finetune_without_pairs_names_the_config_file_and_the_stage(tmp_path, ca
     monkeypatch.setattr(iomm.model, "load_mllm", refuse)
     path = tmp_path / "x.yaml"
     path.write_text("train:\n  steps: 3\n")
-    expected = "field 'data.pairs': expected a pair source (JSONL path or NAME:N) when train.mix_ratio < 1"
+    expected = ("field 'data.pairs': expected a pair source (KIND:LOCATION, a JSONL path or NAME:N) "
+                "when train.mix_ratio < 1")
     assert main(["finetune", "--config", str(path), "--init", "none", "--out", str(tmp_path / "run")]) == 2
     assert f"{path} (fine-tuning): {expected}" in capsys.readouterr().err
     assert main(["finetune", "--config", str(path), "--set", "train.seed=1", "--init", "none",

@@ -11,7 +11,8 @@ from iomm.checkpointing.checkpoint import CheckpointError
 from iomm.config import ConfigError
 
 # Modules under iomm.commands each add their sub-commands with `register(subparsers)`.
-COMMAND_MODULES = ("train", "describe", "bench", "generate", "world", "eval_shapes", "mllm", "vae", "recipe", "study")
+COMMAND_MODULES = ("train", "data", "describe", "bench", "generate", "world", "eval_shapes", "mllm", "vae", "recipe",
+                   "study")
 
 
 def build_parser() -> argparse.ArgumentParser:

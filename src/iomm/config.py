@@ -12,7 +12,8 @@ from typing import Any, Literal
 
 import yaml
 
-from iomm.builtins import builtin_data, builtin_mllm, builtin_vae, registry, split_pairs_spec
+from iomm.builtins import builtin_mllm, builtin_vae, registry
+from iomm.data.spec import DataConfig, check_data, check_data_paths, path_exists
 from iomm.typed_config import ConfigError, apply_overrides, build_dataclass
 
 
@@ -46,6 +47,8 @@ class AdapterConfig:
     # Off in the paper (0). > 0: weight of an auxiliary stage-1 loss: condition token k predicts unmasked image
     # token k (a linear read-out), so the queries keep each image token's content, and so the layout, in order.
     token_loss: float = 0.0
+    # Off in the paper (0). > 0: the same read-out on pairs: a caption's condition token k predicts its image's token k.
+    caption_token_loss: float = 0.0
 
 
 @dataclass
@@ -114,21 +117,6 @@ class FlowConfig:
     # Training draws this many (noise, t) per image and condition. The frozen-MLLM pass is shared, so where
     # conditioning is a large part of the step the generator sees more samples per second.
     samples_per_condition: int = 1
-
-
-@dataclass
-class DataConfig:
-    # "folder" (an image folder at `path`) or a built-in source (iomm.builtins; "world": the nano testbed)
-    source: str = "world"
-    path: str | None = None
-    resolution: int = 32
-    world_max_objects: int = 4
-    num_workers: int = 0
-    # Stage 2: text-image pairs, a JSONL file of {"image", "caption"} or "NAME:N", N pairs of a built-in source.
-    pairs: str | None = None
-    max_bad_fraction: float = 0.01
-    # Image folders: this many files (spread over the sorted list) never train; the sample grids regenerate them.
-    holdout: int = 8
 
 
 @dataclass
@@ -238,8 +226,6 @@ def validate(cfg: Config, source: str = "<config>", *, check_paths: bool = True)
     _check(math.isfinite(t.lr) and t.lr > 0, source, "train.lr", "a finite number > 0", t.lr)
     _check(math.isfinite(t.weight_decay) and t.weight_decay >= 0, source, "train.weight_decay", "a finite number >= 0",
            t.weight_decay)
-    _check(d.num_workers >= 0, source, "data.num_workers", ">= 0", d.num_workers)
-    _check(d.holdout >= 0, source, "data.holdout", ">= 0", d.holdout)
     _check(cfg.flow.sample_steps >= 1, source, "flow.sample_steps", ">= 1", cfg.flow.sample_steps)
     _check(cfg.flow.samples_per_condition >= 1, source, "flow.samples_per_condition", ">= 1",
            cfg.flow.samples_per_condition)
@@ -251,31 +237,18 @@ def validate(cfg: Config, source: str = "<config>", *, check_paths: bool = True)
         value = getattr(getattr(cfg, section), name)
         _check(value >= 1, source, f"{section}.{name}", ">= 1", value)
     _check(t.grad_clip >= 0, source, "train.grad_clip", ">= 0 (0 disables clipping)", t.grad_clip)
-    _check(0.0 <= d.max_bad_fraction <= 1.0, source, "data.max_bad_fraction", "a value in [0, 1]", d.max_bad_fraction)
     _check(cfg.adapter.num_queries >= 1, source, "adapter.num_queries", ">= 1", cfg.adapter.num_queries)
     _check(cfg.adapter.query_scale > 0, source, "adapter.query_scale", "> 0", cfg.adapter.query_scale)
-    _check(math.isfinite(cfg.adapter.token_loss) and cfg.adapter.token_loss >= 0, source, "adapter.token_loss",
-           "a finite number >= 0", cfg.adapter.token_loss)
-    _check(cfg.adapter.token_loss == 0 or cfg.adapter.kind != "raw", source, "adapter.token_loss",
-           "0 with adapter.kind=raw (the loss reads the query tokens)", cfg.adapter.token_loss)
+    for name in ("token_loss", "caption_token_loss"):
+        weight = getattr(cfg.adapter, name)
+        _check(math.isfinite(weight) and weight >= 0, source, f"adapter.{name}", "a finite number >= 0", weight)
+        _check(weight == 0 or cfg.adapter.kind != "raw", source, f"adapter.{name}",
+               "0 with adapter.kind=raw (the loss reads the query tokens)", weight)
     _check(cfg.connector.width % cfg.connector.num_heads == 0, source, "connector.width",
            f"a multiple of connector.num_heads={cfg.connector.num_heads}", cfg.connector.width)
-    _check(d.resolution >= 8, source, "data.resolution", ">= 8", d.resolution)
-    builtin_names = ", ".join(repr(name) for name in registry().data)
-    source_data = builtin_data(d.source)
-    _check(d.source == "folder" or source_data is not None, source, "data.source",
-           f"'folder' or a built-in source ({builtin_names})", d.source)
     _check_generator(cfg.generator, codec_factor(cfg, source), d.resolution, source)
-    _check(t.mix_ratio == 1.0 or d.pairs is not None, source, "data.pairs",
-           "a pair source (JSONL path or NAME:N) when train.mix_ratio < 1", d.pairs)
-    builtin_pairs = split_pairs_spec(d.pairs) if d.pairs is not None else None
-    if builtin_pairs is not None:
-        count = builtin_pairs[1]
-        _check(count.isdecimal() and int(count) > 0, source, "data.pairs", "NAME:N with N a positive integer", d.pairs)
-    for data in {source_data, builtin_pairs[0] if builtin_pairs else None} - {None}:
+    for data in dict.fromkeys(check_data(d, t.mix_ratio, source)):
         data.validate(cfg, source)
-    if d.source == "folder":
-        _check(d.path is not None, source, "data.path", "an image folder for data.source=folder", d.path)
     if check_paths:
         _check_paths(cfg, source)
 
@@ -314,7 +287,7 @@ def codec_factor(cfg: Config, source: str = "<config>") -> int:
     if builtin is not None:  # built or not, the architecture it has or will be built with
         return vae_factor(builtin.architecture(cfg)["block_out_channels"])
     config_file = Path(codec.path or "") / "config.json"
-    if not _exists(str(config_file), "file"):
+    if not path_exists(str(config_file), "file"):
         return 8  # SD / SD3 / FLUX VAEs; a missing path or config.json is reported by the path checks
     try:
         vae = json.loads(config_file.read_text(encoding="utf-8"))
@@ -326,40 +299,28 @@ def codec_factor(cfg: Config, source: str = "<config>") -> int:
     return vae_factor(blocks)
 
 
-def _exists(path: str, kind: str) -> bool:
-    """Path.is_dir / is_file that say False instead of raising for names no file can have (too long, NUL)."""
-    try:
-        return Path(path).is_dir() if kind == "dir" else Path(path).is_file()
-    except (OSError, ValueError):
-        return False
-
-
 def _check_paths(cfg: Config, source: str) -> None:
     models = registry()
     if builtin_mllm(cfg.mllm.path) is None:
-        _check(_exists(cfg.mllm.path, "dir"), source, "mllm.path",
+        _check(path_exists(cfg.mllm.path, "dir"), source, "mllm.path",
                f"an existing local model directory or a built-in model ({', '.join(map(repr, models.mllms))})",
                cfg.mllm.path)
         _check_mllm_dir(Path(cfg.mllm.path), cfg.mllm.trust_remote_code, source)
     if cfg.codec.kind == "vae":
         builtin = builtin_vae(cfg.codec.path)
-        _check(builtin is not None or (cfg.codec.path is not None and _exists(cfg.codec.path, "dir")), source,
+        _check(builtin is not None or (cfg.codec.path is not None and path_exists(cfg.codec.path, "dir")), source,
                "codec.path", f"an existing AutoencoderKL directory or a built-in model "
                f"({', '.join(map(repr, models.vaes))}) for codec.kind=vae", cfg.codec.path)
-        _check(builtin is not None or _exists(str(Path(cfg.codec.path or "") / "config.json"), "file"), source,
+        _check(builtin is not None or path_exists(str(Path(cfg.codec.path or "") / "config.json"), "file"), source,
                "codec.path", VAE_DIR, f"{cfg.codec.path} (no config.json)")
         built = builtin.architecture(cfg).get("sample_size") if builtin is not None else None
         _check(builtin is None or built == cfg.data.resolution, source, "codec.nano_dir",
                f"a built-in VAE built for data.resolution={cfg.data.resolution} px (or a new directory)",
                f"{cfg.codec.nano_dir} (built for {built} px)")
     if cfg.generator.pretrained is not None:
-        _check(_exists(cfg.generator.pretrained, "dir"), source, "generator.pretrained", "an existing directory",
+        _check(path_exists(cfg.generator.pretrained, "dir"), source, "generator.pretrained", "an existing directory",
                cfg.generator.pretrained)
-    if cfg.data.source == "folder" and cfg.data.path is not None:
-        _check(_exists(cfg.data.path, "dir"), source, "data.path", "an existing image folder", cfg.data.path)
-    pairs = cfg.data.pairs
-    if pairs is not None and split_pairs_spec(pairs) is None:
-        _check(_exists(pairs, "file"), source, "data.pairs", "an existing JSONL file or NAME:N", pairs)
+    check_data_paths(cfg.data, source)
 
 
 def _check_mllm_dir(path: Path, trusted: bool, source: str) -> None:

@@ -31,9 +31,12 @@ class Condition:
     tokens: torch.Tensor  # (B, L, W) generator condition tokens
     pooled: torch.Tensor  # (B, W)
     # The batch rows conditioned on their own masked image, and those images' unmasked tokens (B_img, N, D):
-    # the targets of `adapter.token_loss`.
+    # the targets of `adapter.token_loss`; likewise the caption rows and their images' tokens, for
+    # `adapter.caption_token_loss`.
     image_rows: list[int] | None = None
     image_tokens: torch.Tensor | None = None
+    caption_rows: list[int] | None = None
+    caption_tokens: torch.Tensor | None = None
 
 
 def load_mllm(cfg: Config) -> FrozenMLLM:
@@ -71,13 +74,14 @@ class IOMM(nn.Module):
 
     @staticmethod
     def _build_token_head(cfg: Config, mllm: FrozenMLLM) -> nn.Linear | None:
-        """The read-out of `adapter.token_loss`: condition token k -> image token k (training only)."""
-        if cfg.adapter.token_loss == 0:
+        """The read-out of the token losses: condition token k -> image token k (training only)."""
+        if cfg.adapter.token_loss == 0 and cfg.adapter.caption_token_loss == 0:
             return None
         n_image = mllm.num_image_tokens(cfg.data.resolution)
         if cfg.adapter.num_queries < n_image:
-            raise ValueError(f"adapter.token_loss: expected adapter.num_queries >= the {n_image} image tokens of one "
-                             f"{cfg.data.resolution}-px image, got {cfg.adapter.num_queries}")
+            raise ValueError(f"adapter.token_loss / caption_token_loss: expected adapter.num_queries >= the "
+                             f"{n_image} image tokens of one {cfg.data.resolution}-px image, "
+                             f"got {cfg.adapter.num_queries}")
         return nn.Linear(cfg.connector.width, mllm.hidden_size)
 
     @classmethod
@@ -155,20 +159,22 @@ class IOMM(nn.Module):
         image_idx = [i for i in range(b) if captions[i] is None and not dropped[i]]
         text_idx = [i for i in range(b) if captions[i] is not None and not dropped[i]]
         parts: list[tuple[list[int], Condition]] = []
-        image_tokens = None
+        image_tokens = caption_tokens = None
         if image_idx:
             image_cond = self.condition_masked_images(images[image_idx], generator)
             parts.append((image_idx, image_cond))
             image_tokens = image_cond.image_tokens
         if text_idx:
             parts.append((text_idx, self.condition_texts([captions[i] for i in text_idx])))
+            if self.cfg.adapter.caption_token_loss > 0:
+                caption_tokens = self.mllm.embed_images(images[text_idx])
         length = max([c.tokens.shape[1] for _, c in parts], default=self._null_length())
         tokens = self.connector.null.to(images.dtype).expand(b, length, -1).clone()
         pooled = tokens[:, 0].clone()
         for idx, cond in parts:
             tokens[idx, : cond.tokens.shape[1]] = cond.tokens.to(tokens.dtype)
             pooled[idx] = cond.pooled.to(pooled.dtype)
-        return Condition(tokens, pooled, image_idx, image_tokens)
+        return Condition(tokens, pooled, image_idx, image_tokens, text_idx, caption_tokens)
 
     def _null_length(self) -> int:
         return self.cfg.adapter.num_queries if self.adapter is not None else 1
@@ -190,15 +196,18 @@ class IOMM(nn.Module):
         self.timer.mark_gradient(cond.tokens, cond.pooled)
         with self.timer("generator_forward"):
             loss = self.flow_loss(latents, cond, generator)
-        if self.token_head is not None and cond.image_rows:
-            loss = loss + self.cfg.adapter.token_loss * self.token_loss(cond)
+        adapter = self.cfg.adapter
+        if adapter.token_loss > 0 and cond.image_rows:
+            loss = loss + adapter.token_loss * self.token_loss(cond.tokens[cond.image_rows], cond.image_tokens)
+        if adapter.caption_token_loss > 0 and cond.caption_tokens is not None:
+            loss = loss + adapter.caption_token_loss * self.token_loss(cond.tokens[cond.caption_rows],
+                                                                       cond.caption_tokens)
         return loss
 
-    def token_loss(self, cond: Condition) -> torch.Tensor:
-        """MSE of the read-out of condition tokens 0..N-1 against the N unmasked image tokens, layer-normed
+    def token_loss(self, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """MSE of the read-out of condition tokens 0..N-1 against N image tokens (B, N, D), layer-normed
         (scale-free: image tokens can be far larger than text embeddings)."""
-        targets = cond.image_tokens
-        predicted = self.token_head(cond.tokens[cond.image_rows, : targets.shape[1]])
+        predicted = self.token_head(tokens[:, : targets.shape[1]])
         return F.mse_loss(predicted, F.layer_norm(targets.to(predicted.dtype), targets.shape[-1:]))
 
     def flow_loss(self, latents: torch.Tensor, cond: Condition, generator: torch.Generator) -> torch.Tensor:

@@ -15,14 +15,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from iomm.data.images import list_images
+from iomm.data.run_index import main_rank_builds
 
 INDEX_FILE = "data_index.json"
 
 
 @dataclass(frozen=True)
-class FolderSplit:
-    train: list[Path]
-    held_out: list[Path]
+class HeldOutSplit:
+    train: list
+    held_out: list
 
 
 def _mtime(root: Path) -> int:
@@ -46,23 +47,23 @@ def indexed_images(root: str | Path, run_dir: Path | None, *, main: bool = True,
     if run_dir is None:
         return list_images(root)
     index = run_dir / INDEX_FILE
-    files = _read(index, root) if main else None
-    if main and files is None:
+
+    def build() -> list[Path]:
         files = list_images(root)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        tmp = index.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"root": str(root.resolve()), "mtime_ns": _mtime(root),
-                                   "files": [str(p) for p in files]}), encoding="utf-8")
-        tmp.replace(index)
-    barrier()
-    if files is None:  # another rank: the main rank's list (or, if the folder changed since, a listing of its own)
-        files = _read(index, root) or list_images(root)
-    return files
+        if main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            tmp = index.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"root": str(root.resolve()), "mtime_ns": _mtime(root),
+                                       "files": [str(p) for p in files]}), encoding="utf-8")
+            tmp.replace(index)
+        return files
+
+    return main_rank_builds(lambda: _read(index, root), build, main=main, barrier=barrier)
 
 
-def split_held_out(files: list[Path], n: int) -> FolderSplit:
-    """`n` files spread evenly over the list are held out (fewer when the folder is small); the rest train."""
+def split_held_out(files: list, n: int) -> HeldOutSplit:
+    """`n` items spread evenly over the list are held out (fewer when the list is small); the rest train."""
     n = min(n, len(files) // 2)
     chosen = {round(i * (len(files) - 1) / max(n - 1, 1)) for i in range(n)} if n else set()
-    return FolderSplit([p for i, p in enumerate(files) if i not in chosen],
+    return HeldOutSplit([p for i, p in enumerate(files) if i not in chosen],
                        [p for i, p in enumerate(files) if i in chosen])

@@ -12,6 +12,7 @@ import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 import torch
@@ -128,8 +129,8 @@ def resize_center_crop(image: Image.Image, resolution: int) -> Image.Image:
     return image.resize((resolution, resolution), Image.BICUBIC, box=(left, top, left + side, top + side))
 
 
-def load_image(path: str | Path, resolution: int) -> torch.Tensor:
-    """(3, R, R) float in [0, 1]; raises BadSample with the reason."""
+def load_image(path: str | Path | IO[bytes], resolution: int) -> torch.Tensor:
+    """(3, R, R) float in [0, 1] from a file (or a file object: a shard member's bytes); raises BadSample."""
     ImageFile.LOAD_TRUNCATED_IMAGES = False
     try:
         with warnings.catch_warnings():

@@ -1,24 +1,31 @@
-"""Step-indexed batch sources.
+"""Step-indexed batches of image-only samples and pairs.
 
-A batch is a pure function of (seed, step, rank): resuming at step s needs no data state beyond s,
-and every rank draws different samples. Image and pair sources are sampled with replacement.
+A micro-batch is a pure function of (seed, index, rank) and of where the run's two sample streams stand
+before it (`DataPosition`, saved in each checkpoint): its samples are image-only with probability
+`mix_ratio` (the paper's lambda), else pairs, and each takes the next position of its stream. A finite
+source (files, shards, a dataset) reads its positions in epochs (`EpochOrder`); a procedural one (the
+nano world) draws a fresh sample from the batch's random generator.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 import torch
 
-from iomm.builtins import builtin_data, split_pairs_spec
+from iomm.builtins import builtin_data
 from iomm.config import Config
+from iomm.data.epochs import IMAGE_STREAM, PAIR_STREAM, EpochOrder
 from iomm.data.folder_index import indexed_images, split_held_out
+from iomm.data.hf_dataset import DEFAULT_CAPTION_COLUMN, HFItems
 from iomm.data.images import BadSample, DataReport, TooMuchBadData, load_image
 from iomm.data.pairs import read_pairs
+from iomm.data.shards import ShardItems, expand_shards, shard_index
+from iomm.data.spec import FileSpec, pair_spec
 
 MAX_RETRIES = 16
 
@@ -31,44 +38,115 @@ class Batch:
 
 
 class Source(Protocol):
-    def draw(self, rng: np.random.Generator, bad: list[tuple[str, str]]) -> tuple[torch.Tensor, str | None]: ...
+    def take(self, position: int, rng: np.random.Generator,
+             bad: list[tuple[str, str]]) -> tuple[torch.Tensor, str | None]: ...
 
 
-class FileSamples:
-    """Images from a folder (caption None) or pairs from JSONL; bad files are retried and reported."""
+class Items(Protocol):
+    """A finite sample set by number; `load` raises BadSample."""
 
-    def __init__(self, items: list[tuple[Path, str | None]], resolution: int, where: str):
-        if not items:
+    def __len__(self) -> int: ...
+    def where(self, i: int) -> str: ...
+    def load(self, i: int) -> tuple[torch.Tensor, str | None]: ...
+
+
+@dataclass
+class FileItems:
+    """Image files, with their captions for pairs."""
+
+    files: list[tuple[Path, str | None]]
+    resolution: int
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def where(self, i: int) -> str:
+        return str(self.files[i][0])
+
+    def load(self, i: int) -> tuple[torch.Tensor, str | None]:
+        path, caption = self.files[i]
+        return load_image(path, self.resolution), caption
+
+
+class EpochSamples:
+    """The items `keep` of a sample set, read in epochs; a bad item's slot is filled by a random good one."""
+
+    def __init__(self, items: Items, keep: list[int], order: EpochOrder, where: str):
+        if not keep:
             raise FileNotFoundError(f"{where}: no usable samples")
-        self.items, self.resolution = items, resolution
+        self.items, self.keep, self.order = items, keep, order
 
-    def draw(self, rng: np.random.Generator, bad: list[tuple[str, str]]) -> tuple[torch.Tensor, str | None]:
+    def take(self, position: int, rng: np.random.Generator,
+             bad: list[tuple[str, str]]) -> tuple[torch.Tensor, str | None]:
+        index = self.keep[self.order.item(position)]
         for _ in range(MAX_RETRIES):
-            path, caption = self.items[int(rng.integers(len(self.items)))]
             try:
-                return load_image(path, self.resolution), caption
+                return self.items.load(index)
             except BadSample as err:
-                bad.append((str(path), str(err)))
+                bad.append((self.items.where(index), str(err)))
+                index = self.keep[int(rng.integers(len(self.keep)))]
         raise TooMuchBadData(f"{MAX_RETRIES} bad samples in a row (last: {bad[-1][0]}: {bad[-1][1]})", bad)
 
 
-class MixedBatches(torch.utils.data.Dataset):
-    """Each sample is image-only with probability `mix_ratio` (the paper's lambda), else a pair."""
+@dataclass(frozen=True)
+class DataPosition:
+    """Where a rank's data stands: micro-batches drawn, and samples taken from each stream."""
 
+    micro_batch: int = 0
+    images: int = 0
+    pairs: int = 0
+
+
+class MixedBatches(torch.utils.data.Dataset):
     def __init__(self, images: Source, pairs: Source | None, batch_size: int, mix_ratio: float, seed: int,
-                 rank: int = 0):
+                 rank: int = 0, start: DataPosition = DataPosition()):
         self.images, self.pairs = images, pairs
         self.batch_size, self.mix_ratio, self.seed, self.rank = batch_size, mix_ratio, seed, rank
+        self.start = self._cursor = start
 
     def __len__(self) -> int:
         return 2**62
 
-    def __getitem__(self, step: int) -> Batch:
-        rng = np.random.default_rng([self.seed, step, self.rank])
+    def _draws(self, index: int) -> tuple[np.random.Generator, np.ndarray]:
+        rng = np.random.default_rng([self.seed, index, self.rank])
         image_only = rng.random(self.batch_size) < self.mix_ratio
+        return rng, image_only if self.pairs is not None else np.ones_like(image_only)
+
+    def position(self, index: int) -> DataPosition:
+        """Where the streams stand before micro-batch `index` (>= `start`), counted on from the last call."""
+        if index < self.start.micro_batch:
+            raise IndexError(f"micro-batch {index} comes before this run's data position {self.start}")
+        cursor = self._cursor if self._cursor.micro_batch <= index else self.start
+        images, pairs = cursor.images, cursor.pairs
+        for i in range(cursor.micro_batch, index):
+            n = int(self._draws(i)[1].sum())
+            images, pairs = images + n, pairs + self.batch_size - n
+        self._cursor = DataPosition(index, images, pairs)
+        return self._cursor
+
+    def __getitem__(self, index: int) -> Batch:
+        at = self.position(index)
+        rng, image_only = self._draws(index)
         bad: list[tuple[str, str]] = []
-        samples = [(self.images if flag or self.pairs is None else self.pairs).draw(rng, bad) for flag in image_only]
+        samples = []
+        images, pairs = at.images, at.pairs
+        for flag in image_only:
+            if flag:
+                samples.append(self.images.take(images, rng, bad))
+                images += 1
+            else:
+                samples.append(self.pairs.take(pairs, rng, bad))
+                pairs += 1
         return Batch(torch.stack([s[0] for s in samples]), [s[1] for s in samples], bad)
+
+    def state(self, index: int) -> dict:
+        """The data position before micro-batch `index`, and each finite stream's epoch, for a checkpoint."""
+        at = self.position(index)
+        state = asdict(at)
+        for name, source, position in (("images", self.images, at.images), ("pairs", self.pairs, at.pairs)):
+            if isinstance(source, EpochSamples):
+                state[f"{name}_epoch"] = source.order.epoch(position)
+        return state
 
 
 @dataclass
@@ -79,35 +157,67 @@ class DataSources:
 
 
 def build_sources(cfg: Config, report: DataReport | None = None, run_dir: Path | None = None, *, main: bool = True,
-                  barrier: Callable[[], None] = lambda: None, held_out: int = 8) -> DataSources:
-    """The run's image and pair sources. An image folder is listed once, by the main rank, into `run_dir`."""
+                  barrier: Callable[[], None] = lambda: None, held_out: int = 8, rank: int = 0,
+                  world: int = 1) -> DataSources:
+    """The run's image and pair sources for one rank of `world`. Folders and shards are listed once, by the
+    main rank, into `run_dir`."""
     d, report = cfg.data, report if report is not None else DataReport()
+    lister = _Lister(cfg, report, run_dir, main, barrier)
     builtin = builtin_data(d.source)
     if builtin is not None:
         images: Source = builtin.images(cfg)
         held = builtin.held_out(cfg, held_out)
     else:
-        split = split_held_out(indexed_images(d.path, run_dir, main=main, barrier=barrier), d.holdout)
-        images = FileSamples([(p, None) for p in split.train], d.resolution, d.path)
-        held = _load_held_out(split.held_out, d.resolution, report)
+        items = lister.items(FileSpec(d.source, d.path or ""), captions=False)
+        split = split_held_out(list(range(len(items))), d.holdout)
+        images = EpochSamples(items, split.train, EpochOrder(len(split.train), cfg.train.seed, IMAGE_STREAM, rank,
+                                                             world), d.path or "")
+        held = _load_held_out(items, split.held_out, d.resolution, report)
     pairs: Source | None = None
     if d.pairs is not None and cfg.train.mix_ratio < 1.0:
-        if (spec := split_pairs_spec(d.pairs)) is not None:
+        spec = pair_spec(d.pairs)
+        if isinstance(spec, tuple):
             pairs = spec[0].pairs(cfg, int(spec[1]))
         else:
-            listed = read_pairs(d.pairs, report)
-            pairs = FileSamples([(p.image, p.caption) for p in listed], d.resolution, d.pairs)
+            items = lister.items(spec, captions=True)
+            keep = list(range(len(items)))
+            pairs = EpochSamples(items, keep, EpochOrder(len(keep), cfg.train.seed, PAIR_STREAM, rank, world),
+                                 d.pairs)
     return DataSources(images, pairs, held[:held_out])
 
 
-def _load_held_out(paths: list[Path], resolution: int, report: DataReport) -> torch.Tensor:
-    """The held-out files that load; a bad one is skipped and counted like any training sample."""
+@dataclass
+class _Lister:
+    cfg: Config
+    report: DataReport
+    run_dir: Path | None
+    main: bool
+    barrier: Callable[[], None]
+
+    def items(self, spec: FileSpec, captions: bool) -> Items:
+        d, where = self.cfg.data, spec.location
+        if spec.kind == "folder":
+            files = indexed_images(where, self.run_dir, main=self.main, barrier=self.barrier)
+            return FileItems([(p, None) for p in files], d.resolution)
+        if spec.kind == "jsonl":
+            listed = read_pairs(where, self.report)
+            return FileItems([(p.image, p.caption if captions else None) for p in listed], d.resolution)
+        if spec.kind == "webdataset":
+            shards = expand_shards(where)
+            index = shard_index(shards, self.run_dir, main=self.main, barrier=self.barrier)
+            return ShardItems(shards, index, d.resolution, captions, d.caption_field)
+        caption_column = (d.caption_field or DEFAULT_CAPTION_COLUMN) if captions else None
+        return HFItems.open(where, d.resolution, d.image_column, caption_column)
+
+
+def _load_held_out(items: Items, indices: list[int], resolution: int, report: DataReport) -> torch.Tensor:
+    """The held-out items that load; a bad one is skipped and counted like any training sample."""
     loaded = []
-    for path in paths:
+    for i in indices:
         try:
-            loaded.append(load_image(path, resolution))
+            loaded.append(items.load(i)[0])
         except BadSample as err:
-            report.bad(str(path), str(err))
+            report.bad(items.where(i), str(err))
     return torch.stack(loaded) if loaded else torch.zeros(0, 3, resolution, resolution)
 
 

@@ -73,22 +73,25 @@ def _world(cfg: Config) -> World:
 
 
 class WorldImages:
-    """The unlabeled stream: a fresh scene per draw."""
+    """The unlabeled stream: a fresh scene per draw (procedural: the position plays no part)."""
 
     def __init__(self, world: World):
         self.world = world
 
-    def draw(self, rng: np.random.Generator, bad: list[tuple[str, str]]) -> tuple[torch.Tensor, str | None]:
+    def take(self, position: int, rng: np.random.Generator,
+             bad: list[tuple[str, str]]) -> tuple[torch.Tensor, str | None]:
         return to_tensor(self.world.render(self.world.sample_scene(rng))), None
 
 
 class WorldPairs:
-    """A finite set of N captioned training pairs (no held-out colour/shape combination among them)."""
+    """A finite set of N captioned training pairs (no held-out colour/shape combination among them), drawn
+    with replacement by the batch's generator, as the nano recipe's results were made."""
 
     def __init__(self, world: World, n: int, seed: int):
         self.pairs = [(image, caption) for image, caption, _ in world.pairs(n, seed)]
 
-    def draw(self, rng: np.random.Generator, bad: list[tuple[str, str]]) -> tuple[torch.Tensor, str | None]:
+    def take(self, position: int, rng: np.random.Generator,
+             bad: list[tuple[str, str]]) -> tuple[torch.Tensor, str | None]:
         image, caption = self.pairs[int(rng.integers(len(self.pairs)))]
         return to_tensor(image), caption
 

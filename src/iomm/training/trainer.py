@@ -24,7 +24,7 @@ from iomm.checkpointing import checkpoint as ckpt
 from iomm.checkpointing.weights import load_trainable, step_seed, trainable_state
 from iomm.config import Config, load_config, save_config
 from iomm.data.images import DataReport, TooMuchBadData
-from iomm.data.mixed_batches import Batch, MixedBatches, batch_loader, build_sources
+from iomm.data.mixed_batches import Batch, DataPosition, MixedBatches, batch_loader, build_sources
 from iomm.image_tensors import image_grid
 from iomm.model import IOMM
 from iomm.training.distributed import Distributed
@@ -89,7 +89,7 @@ class Trainer:
         self.ema = EMA(self.params, t.ema_decay)
         self.report = DataReport()
         sources = build_sources(self.cfg, self.report, self.run_dir, main=self.dist.main, barrier=self.dist.barrier,
-                                held_out=PANEL_SIZE)
+                                held_out=PANEL_SIZE, rank=self.dist.rank, world=self.dist.world)
         self.held_out = sources.held_out
         self.batches = MixedBatches(sources.images, sources.pairs, t.batch_size, t.mix_ratio, t.seed, self.dist.rank)
         self.step = 0
@@ -108,13 +108,15 @@ class Trainer:
         trainable_state(self.model, self.ema, tmp)
         ckpt.save_torch({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
                         tmp / "optimizer.pt")
-        state = {"step": self.step, "nonfinite_total": self.nonfinite_total, "data": self.report.to_dict()}
+        state = {"step": self.step, "nonfinite_total": self.nonfinite_total, "data": self.report.to_dict(),
+                 "data_position": self._positions}
         (tmp / "state.json").write_text(json.dumps(state, indent=1), encoding="utf-8")
         save_config(self.cfg, tmp / "config.yaml")
 
     def save(self) -> Path | None:
         """Rank 0 writes the checkpoint; every rank waits for it (a rank that left early would end the launch)."""
         path = None
+        self._positions = self.dist.gather(self.batches.state(self.step * self.cfg.train.grad_accum))
         if self.dist.main:
             path = ckpt.save_checkpoint(self.run_dir, self.step, self._write_checkpoint,
                                         keep_last=self.cfg.train.keep_last, keep_every=self.cfg.train.keep_every)
@@ -132,11 +134,22 @@ class Trainer:
         self.scheduler.load_state_dict(opt["scheduler"])
         state = json.loads((found / "state.json").read_text(encoding="utf-8"))
         self.step, self.nonfinite_total = state["step"], state["nonfinite_total"]
+        self._resume_data_position(state.get("data_position"))
         self._apply_schedule()
         self._print(f"resumed from {found} at step {self.step}")
         for name, old, new in changes:
             self._print(f"  {name}: {old!r} -> {new!r} (applies from step {self.step})")
         return True
+
+    def _resume_data_position(self, saved: list[dict] | None) -> None:
+        """Each rank continues its streams where the checkpoint left them. Without one position per rank (another
+        world size, or a checkpoint from before data positions) they are counted again from the run's start."""
+        if saved is not None and len(saved) == self.dist.world:
+            mine = saved[self.dist.rank]
+            self.batches.start = DataPosition(mine["micro_batch"], mine["images"], mine["pairs"])
+        elif saved is not None:
+            self._print(f"data position: saved for {len(saved)} ranks, resuming on {self.dist.world}: the streams are "
+                        "counted from the start with this world size (the samples read differ from the saved run's)")
 
     def _apply_schedule(self) -> None:
         """The optimizer's hyper-parameters and LR schedule from this config (a resume may change them)."""

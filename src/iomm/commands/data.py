@@ -1,0 +1,57 @@
+"""`iomm data shards`: an image folder or a JSONL pair list as WebDataset tar shards."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    data = subparsers.add_parser("data", help="prepare training data: WebDataset shards")
+    commands = data.add_subparsers(dest="data_command", required=True)
+    shards = commands.add_parser("shards", help="write a folder of images or a JSONL of pairs as tar shards "
+                                                "(resized and centre-cropped; a bad file is skipped and counted)")
+    shards.add_argument("--input", type=Path, required=True,
+                        help="an image folder (a caption beside an image as NAME.txt is kept) or a JSONL of "
+                             '{"image", "caption"} lines')
+    shards.add_argument("--out", type=Path, required=True, help="output folder for 000000.tar, 000001.tar, ...")
+    shards.add_argument("--resolution", type=int, default=256, help="side of the square images written")
+    shards.add_argument("--per-shard", type=int, default=1000, help="samples per shard")
+    shards.add_argument("--format", choices=("jpg", "png"), default="jpg", help="image encoding (jpg: quality 95)")
+    shards.add_argument("--no-progress", action="store_true")
+    shards.set_defaults(func=run_shards)
+
+
+def _samples(source: Path, report) -> list[tuple[Path, str | None]]:
+    from iomm.data.images import list_images
+    from iomm.data.pairs import read_pairs
+
+    if source.is_dir():
+        files = list_images(source)
+        captions = [f.with_suffix(".txt") for f in files]
+        return [(f, c.read_text(encoding="utf-8").strip() if c.is_file() else None) for f, c in zip(files, captions)]
+    if not source.is_file():
+        raise FileNotFoundError(f"{source}: no such image folder or JSONL file")
+    return [(pair.image, pair.caption) for pair in read_pairs(source, report)]
+
+
+def run_shards(args: argparse.Namespace) -> int:
+    from iomm.data.images import DataReport
+    from iomm.data.shards import write_shards
+
+    if args.resolution < 8 or args.per_shard < 1:
+        raise SystemExit(f"iomm data shards: expected --resolution >= 8 and --per-shard >= 1, got "
+                         f"{args.resolution} and {args.per_shard}")
+    report = DataReport()
+    samples = _samples(args.input, report)
+    shards = write_shards(samples, args.out, args.resolution, args.per_shard, args.format, report,
+                          progress=not args.no_progress)
+    written = report.seen - sum(report.skipped.values())
+    command = (f"iomm data shards --input {args.input} --out {args.out} --resolution {args.resolution} "
+               f"--per-shard {args.per_shard} --format {args.format}")
+    summary = {"command": command, "shards": len(shards), "samples": written, "data": report.to_dict()}
+    (args.out / "shards.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
+    print(f"{written} samples in {len(shards)} shards -> {args.out}")
+    print(report.summary())
+    return 0

@@ -1,0 +1,102 @@
+"""The data section of a config: where images and pairs come from, and its checks (before any compute).
+
+An image source is `data.source` with `data.path`; a pair set is `data.pairs`, written `KIND:LOCATION`
+(`jsonl:pairs.jsonl`, `webdataset:shards/{000000..000999}.tar`, `hf:DIR`), `NAME:N` for N pairs of a
+built-in source, or a bare JSONL path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from iomm.builtins import BuiltinData, builtin_data, registry, split_pairs_spec
+from iomm.typed_config import ConfigError
+
+FILE_KINDS = ("folder", "jsonl", "webdataset", "hf")
+PAIR_KINDS = ("jsonl", "webdataset", "hf")  # a folder has no captions
+
+
+@dataclass
+class DataConfig:
+    # "folder" (image files below `path`), "jsonl", "webdataset" (tar shards: a brace pattern, a directory or a
+    # comma-separated list), "hf" (a `save_to_disk` directory or a folder of parquet / arrow files), or a
+    # built-in source (iomm.builtins; "world": the nano testbed)
+    source: str = "world"
+    path: str | None = None
+    resolution: int = 32
+    world_max_objects: int = 4
+    num_workers: int = 0
+    # Stage 2: text-image pairs: KIND:LOCATION (KIND jsonl, webdataset or hf), a JSONL path, or "NAME:N".
+    pairs: str | None = None
+    # Captions: None reads a shard's `txt` member and an HF dataset's `text` column; a name reads that field of
+    # a shard's `json` member, or that column.
+    caption_field: str | None = None
+    image_column: str = "image"  # HF datasets: the column holding the images
+    max_bad_fraction: float = 0.01
+    # Files and shards: this many samples (spread over the list) never train; the sample grids regenerate them.
+    holdout: int = 8
+
+
+@dataclass(frozen=True)
+class FileSpec:
+    kind: str  # one of FILE_KINDS
+    location: str
+
+
+def pair_spec(spec: str) -> FileSpec | tuple[BuiltinData, str]:
+    """`data.pairs` -> a file spec, or (built-in source, "N")."""
+    kind, sep, location = spec.partition(":")
+    if sep and kind in PAIR_KINDS:
+        return FileSpec(kind, location)
+    return split_pairs_spec(spec) or FileSpec("jsonl", spec)
+
+
+def _check(ok: bool, source: str, field_path: str, expected: str, got: Any) -> None:
+    if not ok:
+        raise ConfigError(source, field_path, expected, got)
+
+
+def check_data(d: DataConfig, mix_ratio: float, source: str) -> list[BuiltinData]:
+    """Range and consistency checks of the data section; returns the built-in sources it names."""
+    _check(d.num_workers >= 0, source, "data.num_workers", ">= 0", d.num_workers)
+    _check(d.holdout >= 0, source, "data.holdout", ">= 0", d.holdout)
+    _check(0.0 <= d.max_bad_fraction <= 1.0, source, "data.max_bad_fraction", "a value in [0, 1]", d.max_bad_fraction)
+    _check(d.resolution >= 8, source, "data.resolution", ">= 8", d.resolution)
+    builtins = [data for data in [builtin_data(d.source)] if data is not None]
+    kinds = ", ".join(repr(k) for k in (*FILE_KINDS, *registry().data))
+    _check(d.source in FILE_KINDS or builtins, source, "data.source", f"one of {kinds}", d.source)
+    _check(d.source not in FILE_KINDS or bool(d.path), source, "data.path", f"a location for data.source={d.source}",
+           d.path)
+    _check(mix_ratio == 1.0 or d.pairs is not None, source, "data.pairs",
+           "a pair source (KIND:LOCATION, a JSONL path or NAME:N) when train.mix_ratio < 1", d.pairs)
+    if d.pairs is not None:
+        spec = pair_spec(d.pairs)
+        if isinstance(spec, tuple):
+            _check(spec[1].isdecimal() and int(spec[1]) > 0, source, "data.pairs", "NAME:N with N a positive integer",
+                   d.pairs)
+            builtins.append(spec[0])
+        else:
+            _check(bool(spec.location), source, "data.pairs", f"a location after '{spec.kind}:'", d.pairs)
+    return builtins
+
+
+def path_exists(path: str, kind: str) -> bool:
+    """Path.is_dir / is_file that say False instead of raising for names no file can have (too long, NUL)."""
+    try:
+        return Path(path).is_dir() if kind == "dir" else Path(path).is_file()
+    except (OSError, ValueError):
+        return False
+
+
+def check_data_paths(d: DataConfig, source: str) -> None:
+    """The data locations exist (shard patterns are expanded when the run lists them)."""
+    expected = {"folder": ("dir", "an existing image folder"), "jsonl": ("file", "an existing JSONL file"),
+                "hf": ("dir", "an existing dataset directory")}
+    if d.source in expected and d.path is not None:
+        kind, what = expected[d.source]
+        _check(path_exists(d.path, kind), source, "data.path", what, d.path)
+    if d.pairs is not None and isinstance(spec := pair_spec(d.pairs), FileSpec) and spec.kind in expected:
+        kind, what = expected[spec.kind]
+        _check(path_exists(spec.location, kind), source, "data.pairs", f"{what} (or NAME:N)", d.pairs)

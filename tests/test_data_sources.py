@@ -1,0 +1,184 @@
+"""Data at scale: WebDataset shards and Hugging Face datasets as sources, exact epochs across ranks and
+workers, the data position in checkpoints, and `iomm data shards`."""
+
+import io
+import json
+import tarfile
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from iomm.cli import main
+from iomm.config import ConfigError
+from iomm.data.epochs import EpochOrder
+from iomm.data.images import DataReport, load_image
+from iomm.data.mixed_batches import DataPosition, MixedBatches, batch_loader, build_sources
+from iomm.training.trainer import Trainer
+
+N_IMAGES = 12
+
+
+def _images(tmp_path, n=N_IMAGES):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(folder / f"{i:03d}.png")
+        (folder / f"{i:03d}.txt").write_text(f"caption {i}")
+    return folder
+
+
+def _fingerprint(image: torch.Tensor) -> float:
+    return round(float(image.sum()), 3)
+
+
+def test_each_epoch_visits_every_item_once_across_ranks():
+    n, world = 10, 3
+    orders = [EpochOrder(n, seed=5, rank=r, world=world) for r in range(world)]
+    for epoch in range(3):
+        seen = [o.item(epoch * o.share + k) for o in orders for k in range(o.share)]
+        assert sorted(seen) == list(range(n))
+    assert [orders[0].item(k) for k in range(4)] != [orders[0].item(4 + k) for k in range(4)]  # reshuffled
+    assert [EpochOrder(n, seed=5).item(k) for k in range(n)] == [EpochOrder(n, seed=5).item(k) for k in range(n)]
+    with pytest.raises(ValueError, match="3 samples cannot be shared by 4 ranks"):
+        EpochOrder(3, seed=0, world=4)
+
+
+def test_a_folder_epoch_reads_every_training_image_once_on_two_ranks(tiny_config, tmp_path):
+    folder = _images(tmp_path)
+    cfg = tiny_config("data.source=folder", f"data.path={folder}", "data.holdout=2", "train.batch_size=5")
+    reference = {_fingerprint(load_image(f, 32)) for f in sorted(folder.glob("*.png"))}
+    seen = []
+    for rank in range(2):
+        sources = build_sources(cfg, rank=rank, world=2)
+        batches = MixedBatches(sources.images, None, 5, 1.0, seed=0, rank=rank)
+        seen += [_fingerprint(image) for image in batches[0].images]  # 5 of each rank's 5 training images
+        held = {_fingerprint(image) for image in sources.held_out}
+    assert len(seen) == len(set(seen)) == N_IMAGES - 2
+    assert set(seen) | held == reference and not set(seen) & held
+
+
+def test_resuming_at_a_saved_position_reads_what_the_whole_run_reads(tiny_config, tmp_path):
+    folder = _images(tmp_path)
+    cfg = tiny_config("data.source=folder", f"data.path={folder}", "train.mix_ratio=0.5",
+                      f"data.pairs=jsonl:{_pairs_jsonl(folder)}")
+    sources = build_sources(cfg)
+    whole = MixedBatches(sources.images, sources.pairs, 4, 0.5, seed=1)
+    expected = [whole[i] for i in range(6)]
+    saved = whole.position(3)
+    assert saved.images + saved.pairs == 12 and saved.micro_batch == 3
+    resumed = MixedBatches(sources.images, sources.pairs, 4, 0.5, seed=1, start=saved)
+    for i in range(3, 6):
+        assert torch.equal(resumed[i].images, expected[i].images) and resumed[i].captions == expected[i].captions
+    loaded = list(batch_loader(MixedBatches(sources.images, sources.pairs, 4, 0.5, seed=1), 0, 6, num_workers=2))
+    assert all(torch.equal(a.images, b.images) for a, b in zip(loaded, expected))  # workers read the same
+    with pytest.raises(IndexError, match="comes before this run's data position"):
+        resumed[2]
+
+
+def test_the_checkpoint_holds_each_ranks_data_position_and_a_resume_continues_from_it(tiny_config, tmp_path):
+    folder = _images(tmp_path)
+    cfg = tiny_config("data.source=folder", f"data.path={folder}", "train.steps=2", "train.checkpoint_every=1",
+                      "data.holdout=6")  # 6 training images: the 8 samples of 2 steps start a second epoch
+    trainer = Trainer(cfg, tmp_path / "run", progress=False)
+    trainer.fit()
+    state = json.loads((tmp_path / "run/checkpoints/step_00000002/state.json").read_text())
+    assert state["data_position"] == [{"micro_batch": 2, "images": 8, "pairs": 0, "images_epoch": 1}]
+    longer = tiny_config("data.source=folder", f"data.path={folder}", "train.steps=3", "data.holdout=6")
+    resumed = Trainer(longer, tmp_path / "run", progress=False)
+    resumed.resume()
+    assert resumed.batches.start == DataPosition(2, 8, 0)
+
+
+def _pairs_jsonl(folder):
+    path = folder.parent / "pairs.jsonl"
+    path.write_text("".join(json.dumps({"image": str(f), "caption": f.with_suffix(".txt").read_text()}) + "\n"
+                            for f in sorted(folder.glob("*.png"))))
+    return path
+
+
+def test_iomm_data_shards_writes_shards_that_train_as_images_and_as_pairs(tiny_config, tmp_path, capsys):
+    folder = _images(tmp_path)
+    (folder / "zz_broken.png").write_bytes(b"not an image")
+    out = tmp_path / "shards"
+    assert main(["data", "shards", "--input", str(folder), "--out", str(out), "--resolution", "32",
+                 "--per-shard", "5", "--format", "png", "--no-progress"]) == 0
+    assert sorted(p.name for p in out.glob("*.tar")) == ["000000.tar", "000001.tar", "000002.tar"]
+    summary = json.loads((out / "shards.json").read_text())
+    assert summary["samples"] == N_IMAGES
+    assert summary["data"]["skipped"] == {"unreadable image (UnidentifiedImageError)": 1}
+    assert "1 skipped" in capsys.readouterr().out
+    cfg = tiny_config("data.source=webdataset", f"data.path={out}/{{000000..000002}}.tar", "data.holdout=0",
+                      "train.mix_ratio=0.0", f"data.pairs=webdataset:{out}")
+    sources = build_sources(cfg, run_dir=tmp_path / "run")
+    originals = {_fingerprint(load_image(f, 32)): f"caption {int(f.stem)}" for f in sorted(folder.glob("0*.png"))}
+    batch = MixedBatches(sources.images, sources.pairs, N_IMAGES, 0.0, seed=0)[0]
+    assert {_fingerprint(image): caption for image, caption in zip(batch.images, batch.captions)} == originals
+    assert list((tmp_path / "run").glob("shard_index_*.npz"))  # listed once, by the main rank
+
+
+def _tar(path, members):
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def _png(value):
+    buffer = io.BytesIO()
+    Image.new("RGB", (32, 32), (value, 0, 0)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_bad_samples_inside_shards_are_skipped_and_counted(tiny_config, tmp_path):
+    shard = tmp_path / "bad.tar"
+    _tar(shard, [("a.png", _png(10)), ("a.json", b'{"caption": "a red square"}'),
+                 ("b.png", b"not a png"), ("b.json", b'{"caption": "x"}'),
+                 ("c.png", _png(30)), ("c.json", b'{"other": 1}'),
+                 ("d.txt", b"no image here")])
+    cfg = tiny_config("data.source=webdataset", f"data.path={shard}", "data.holdout=0", "train.mix_ratio=0.0",
+                      f"data.pairs=webdataset:{shard}", "data.caption_field=caption")
+    sources = build_sources(cfg)
+    bad: list = []
+    samples = [sources.pairs.take(k, np.random.default_rng(0), bad) for k in range(4)]
+    assert {caption for _, caption in samples} == {"a red square"}
+    reasons = {reason for _, reason in bad}
+    assert reasons == {"unreadable image (UnidentifiedImageError)", "empty or missing caption",
+                       "sample has no image (jpg/jpeg/png/webp)"}
+    assert all(str(shard) in where for where, _ in bad)
+
+
+def test_a_hugging_face_dataset_on_disk_or_as_parquet_trains(tiny_config, tmp_path):
+    images = [Image.new("RGB", (40, 36), (20 * i, 0, 0)) for i in range(6)]
+    table = datasets.Dataset.from_dict({"picture": images, "label": [f"caption {i}" for i in range(6)]},
+                                       features=datasets.Features({"picture": datasets.Image(),
+                                                                   "label": datasets.Value("string")}))
+    table.save_to_disk(str(tmp_path / "saved"))
+    (tmp_path / "parquet").mkdir()
+    table.to_parquet(str(tmp_path / "parquet/part-0.parquet"))
+    for location in (tmp_path / "saved", tmp_path / "parquet"):
+        cfg = tiny_config("data.source=hf", f"data.path={location}", "data.image_column=picture", "data.holdout=0",
+                          "train.mix_ratio=0.0", f"data.pairs=hf:{location}", "data.caption_field=label")
+        sources = build_sources(cfg)
+        batch = MixedBatches(sources.images, sources.pairs, 6, 0.0, seed=0)[0]
+        reds = sorted(round(float(image[0].mean()) * 255) for image in batch.images)
+        assert reds == [0, 20, 40, 60, 80, 100]
+        assert sorted(batch.captions) == [f"caption {i}" for i in range(6)]
+    cfg = tiny_config("data.source=hf", f"data.path={tmp_path / 'saved'}")
+    with pytest.raises(ValueError, match="no column 'image' \\(columns: picture, label\\); set data.image_column"):
+        build_sources(cfg, DataReport())
+
+
+def test_bad_data_settings_fail_before_any_compute(tiny_config, tmp_path):
+    with pytest.raises(ConfigError, match="data.path.*a location for data.source=webdataset"):
+        tiny_config("data.source=webdataset")
+    with pytest.raises(ConfigError, match="data.pairs.*a location after 'hf:'"):
+        tiny_config("data.pairs='hf:'", "train.mix_ratio=0.5")
+    with pytest.raises(ConfigError, match="data.path.*an existing dataset directory"):
+        tiny_config("data.source=hf", f"data.path={tmp_path / 'missing'}")
+    with pytest.raises(ConfigError, match="data.source.*one of 'folder', 'jsonl', 'webdataset', 'hf'"):
+        tiny_config("data.source=tfrecord")
