@@ -14,7 +14,7 @@ from PIL import Image
 from iomm.cli import main
 from iomm.config import ConfigError
 from iomm.data.epochs import EpochOrder
-from iomm.data.images import DataReport, load_image
+from iomm.data.images import BadSource, load_image
 from iomm.data.mixed_batches import DataPosition, MixedBatches, batch_loader, build_sources
 from iomm.training.trainer import Trainer
 
@@ -31,8 +31,8 @@ def _images(tmp_path, n=N_IMAGES):
     return folder
 
 
-def _fingerprint(image: torch.Tensor) -> float:
-    return round(float(image.sum()), 3)
+def _fingerprint(image: torch.Tensor) -> int:
+    return int((image * 255).round().sum())  # an exact integer: the same in any batch
 
 
 def test_each_epoch_visits_every_item_once_across_ranks():
@@ -96,7 +96,7 @@ def test_the_checkpoint_holds_each_ranks_data_position_and_a_resume_continues_fr
 def _pairs_jsonl(folder):
     path = folder.parent / "pairs.jsonl"
     path.write_text("".join(json.dumps({"image": str(f), "caption": f.with_suffix(".txt").read_text()}) + "\n"
-                            for f in sorted(folder.glob("*.png"))))
+                            for f in sorted(folder.glob("0*.png"))))
     return path
 
 
@@ -148,15 +148,24 @@ def test_bad_samples_inside_shards_are_skipped_and_counted(tiny_config, tmp_path
     assert {caption for _, caption in samples} == {"a red square"}
     reasons = {reason for _, reason in bad}
     assert reasons == {"unreadable image (UnidentifiedImageError)", "empty or missing caption",
-                       "sample has no image (jpg/jpeg/png/webp)"}
+                       "sample has no jpg/jpeg/png/webp member"}
     assert all(str(shard) in where for where, _ in bad)
 
 
+def _png_bytes(image):
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def test_a_hugging_face_dataset_on_disk_or_as_parquet_trains(tiny_config, tmp_path):
-    images = [Image.new("RGB", (40, 36), (20 * i, 0, 0)) for i in range(6)]
-    table = datasets.Dataset.from_dict({"picture": images, "label": [f"caption {i}" for i in range(6)]},
+    images = [{"bytes": _png_bytes(Image.new("RGB", (40, 36), (20 * i, 0, 0))), "path": None} for i in range(6)]
+    images.append({"bytes": b"not an image", "path": None})
+    table = datasets.Dataset.from_dict({"picture": images, "label": [f"caption {i}" for i in range(7)],
+                                        "score": list(range(7))},
                                        features=datasets.Features({"picture": datasets.Image(),
-                                                                   "label": datasets.Value("string")}))
+                                                                   "label": datasets.Value("string"),
+                                                                   "score": datasets.Value("int64")}))
     table.save_to_disk(str(tmp_path / "saved"))
     (tmp_path / "parquet").mkdir()
     table.to_parquet(str(tmp_path / "parquet/part-0.parquet"))
@@ -164,13 +173,40 @@ def test_a_hugging_face_dataset_on_disk_or_as_parquet_trains(tiny_config, tmp_pa
         cfg = tiny_config("data.source=hf", f"data.path={location}", "data.image_column=picture", "data.holdout=0",
                           "train.mix_ratio=0.0", f"data.pairs=hf:{location}", "data.caption_field=label")
         sources = build_sources(cfg)
-        batch = MixedBatches(sources.images, sources.pairs, 6, 0.0, seed=0)[0]
-        reds = sorted(round(float(image[0].mean()) * 255) for image in batch.images)
-        assert reds == [0, 20, 40, 60, 80, 100]
-        assert sorted(batch.captions) == [f"caption {i}" for i in range(6)]
-    cfg = tiny_config("data.source=hf", f"data.path={tmp_path / 'saved'}")
-    with pytest.raises(ValueError, match="no column 'image' \\(columns: picture, label\\); set data.image_column"):
-        build_sources(cfg, DataReport())
+        bad: list = []
+        taken = [sources.pairs.take(k, np.random.default_rng(0), bad) for k in range(7)]  # one epoch
+        assert bad == [(f"{location} (row 6)", "unreadable image (UnidentifiedImageError)")]
+        good = {(round(float(image[0].mean()) * 255), caption) for image, caption in taken}
+        assert {(20 * i, f"caption {i}") for i in range(6)} <= good  # the bad row's slot holds a good one
+    with pytest.raises(BadSource, match="no column 'image' \\(columns: picture, label, score\\); set data.image_col"):
+        build_sources(tiny_config("data.source=hf", f"data.path={tmp_path / 'saved'}"))
+    with pytest.raises(BadSource, match="caption column 'score' is not text"):
+        build_sources(tiny_config("data.source=hf", f"data.path={tmp_path / 'saved'}", "data.image_column=picture",
+                                  "train.mix_ratio=0.5", f"data.pairs=hf:{tmp_path / 'saved'}",
+                                  "data.caption_field=score"))
+
+
+def test_a_shard_that_is_not_a_tar_or_an_empty_pattern_names_the_source(tiny_config, tiny_mllm_dir, tmp_path, capsys,
+                                                                         monkeypatch):
+    (tmp_path / "000000.tar").write_bytes(b"not a tar at all" * 100)
+    with pytest.raises(BadSource, match="000000.tar: not a readable \\(uncompressed\\) tar shard"):
+        build_sources(tiny_config("data.source=webdataset", f"data.path={tmp_path}/000000.tar"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="empty: no .tar shards found"):
+        build_sources(tiny_config("data.source=webdataset", f"data.path={tmp_path / 'empty'}"))
+    with pytest.raises(FileNotFoundError, match="no such shard .*000001.tar \\(3 missing\\)"):
+        build_sources(tiny_config("data.source=webdataset", f"data.path={tmp_path}/{{000000..000003}}.tar"))
+    config = tmp_path / "c.yaml"
+    config.write_text(f"data:\n  source: webdataset\n  path: {tmp_path}/000000.tar\n")
+    import iomm.model
+
+    def refuse(cfg):
+        raise AssertionError("the model was built before the data was opened")
+
+    monkeypatch.setattr(iomm.model, "load_mllm", refuse)
+    argv = ["pretrain", "--config", str(config), "--set", f"mllm.path={tiny_mllm_dir}", "--out", str(tmp_path / "r")]
+    assert main(argv) == 2
+    assert "not a readable (uncompressed) tar shard" in capsys.readouterr().err
 
 
 def test_bad_data_settings_fail_before_any_compute(tiny_config, tmp_path):
@@ -182,3 +218,49 @@ def test_bad_data_settings_fail_before_any_compute(tiny_config, tmp_path):
         tiny_config("data.source=hf", f"data.path={tmp_path / 'missing'}")
     with pytest.raises(ConfigError, match="data.source.*one of 'folder', 'jsonl', 'webdataset', 'hf'"):
         tiny_config("data.source=tfrecord")
+
+
+@pytest.fixture(scope="module")
+def tiny_vae_dir(tmp_path_factory):
+    from iomm.nano.vae import tiny_config as tiny_vae_config
+    from iomm.nano.vae import train_nano_vae
+
+    return train_nano_vae(tmp_path_factory.mktemp("vae"), steps=2, config=tiny_vae_config(), progress=False)
+
+
+def test_a_latent_cache_trains_with_the_online_loss(tiny_mllm_dir, tiny_vae_dir, tmp_path, capsys):
+    from conftest import TINY_OVERRIDES
+
+    from iomm.config import load_config
+    from iomm.model import IOMM
+
+    folder = _images(tmp_path)
+    (folder / "zz_broken.png").write_bytes(b"not an image")  # held out by the split: the grids skip it
+    overrides = [f"mllm.path={tiny_mllm_dir}", *TINY_OVERRIDES, "codec.kind=vae", f"codec.path={tiny_vae_dir}",
+                 "generator.patch_size=2", "data.source=folder", f"data.path={folder}", "data.holdout=3",
+                 "train.mix_ratio=0.5", f"data.pairs={_pairs_jsonl(folder)}"]
+    cache = tmp_path / "cache"
+    assert main(["data", "cache", *(f"--set={o}" for o in overrides), "--out", str(cache), "--no-progress"]) == 0
+    info = json.loads((cache / "cache.json").read_text())
+    assert info["samples"] == {"images": N_IMAGES + 1 - 3, "pairs": N_IMAGES} and "--out" in info["command"]
+    online, cached = load_config(None, overrides), load_config(None, [*overrides, f"data.latents={cache}"])
+    torch.manual_seed(0)
+    model = IOMM.from_config(online)
+    for step in range(3):
+        a = build_sources(online)
+        b = build_sources(cached)
+        assert torch.equal(a.held_out, b.held_out)  # pixels for the grids, from data.source
+        pixels = MixedBatches(a.images, a.pairs, 6, 0.5, seed=0)[step]
+        encoded = MixedBatches(b.images, b.pairs, 6, 0.5, seed=0)[step]
+        assert pixels.captions == encoded.captions and not isinstance(encoded.images, torch.Tensor)
+        loss = model.loss(pixels.images, pixels.captions, torch.Generator().manual_seed(step))
+        torch.testing.assert_close(model.loss(encoded.images, encoded.captions, torch.Generator().manual_seed(step)),
+                                   loss)
+    trainer = Trainer(load_config(None, [*overrides, f"data.latents={cache}", "train.steps=2"]), tmp_path / "run",
+                      progress=False)
+    trainer.fit()
+    assert (tmp_path / "run/checkpoints/step_00000002").is_dir()
+    with pytest.raises(ConfigError, match="data.latents.*a cache made with data.resolution=64"):
+        load_config(None, [*overrides, f"data.latents={cache}", "data.resolution=64"])
+    with pytest.raises(ConfigError, match="data.latents.*a directory written by `iomm data cache`"):
+        load_config(None, [*overrides, f"data.latents={tmp_path}"])

@@ -76,3 +76,60 @@ def test_bad_data_on_the_ranks_stops_every_rank_with_one_report(tiny_config, tmp
     assert f"data: {state['data']['seen']} samples read" not in out or "rank 1:" not in message  # counts merged
     assert out.count("x unreadable image") == 1
     assert any((tmp_path / "run/checkpoints").glob("step_*/manifest.json"))
+
+
+# Reads STEPS micro-batches on each rank through the real sources and DataLoader workers; rank 0 writes what
+# every rank saw (a fingerprint per image: its pixel sum, an exact integer) to argv[2].
+_EPOCH_PROBE = """
+import json, sys
+from pathlib import Path
+from iomm.config import load_config
+from iomm.data.mixed_batches import MixedBatches, batch_loader, build_sources
+from iomm.training.distributed import Distributed
+dist = Distributed.from_env()
+cfg = load_config(sys.argv[1])
+out = Path(sys.argv[2])
+sources = build_sources(cfg, run_dir=out.parent / "run", main=dist.main, barrier=dist.barrier, rank=dist.rank,
+                        world=dist.world)
+batches = MixedBatches(sources.images, None, cfg.train.batch_size, 1.0, cfg.train.seed, dist.rank)
+loader = batch_loader(batches, 0, int(sys.argv[3]), num_workers=cfg.data.num_workers)
+seen = [[int((image * 255).round().sum()) for image in batch.images] for batch in loader]
+every = dist.gather(seen)
+if dist.main:
+    out.write_text(json.dumps(every))
+import torch.distributed
+torch.distributed.destroy_process_group()
+"""
+
+
+def test_two_ranks_with_two_workers_each_read_every_shard_sample_once_per_epoch(tiny_config, tmp_path):
+    from iomm.data.images import DataReport, load_image
+    from iomm.data.shards import write_shards
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(12):
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(folder / f"{i:02d}.png")
+    files = sorted(folder.glob("*.png"))
+    write_shards([(f, None) for f in files], tmp_path / "shards", 32, 5, "png", DataReport(), progress=False)
+    # 2 held out, 10 train: each rank's share of an epoch is 5 samples, one micro-batch, read by one worker
+    cfg = tiny_config("data.source=webdataset", f"data.path={tmp_path / 'shards'}", "data.holdout=2",
+                      "train.batch_size=5", "data.num_workers=2")
+    probe = tmp_path / "probe.py"
+    probe.write_text(_EPOCH_PROBE)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    steps = 4
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                           "127.0.0.1", "--master_port", str(_port()), str(probe),
+                           str(_write_config(cfg, tmp_path / "c.yaml")), str(tmp_path / "seen.json"), str(steps)],
+                          env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    seen = json.loads((tmp_path / "seen.json").read_text())  # [rank][micro-batch][image]
+    everything = {int((load_image(f, 32) * 255).round().sum()) for f in files}
+    held_out = {int((load_image(files[i], 32) * 255).round().sum()) for i in (0, 11)}  # spread: first and last
+    assert len(everything) == 12  # the fingerprints tell the images apart
+    epochs = [sorted(seen[0][e] + seen[1][e]) for e in range(steps)]
+    for epoch in epochs:
+        assert len(epoch) == len(set(epoch)) == 10 and set(epoch) == everything - held_out
+    assert seen[0][0] != seen[0][1]  # each epoch in a new order

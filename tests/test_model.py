@@ -71,3 +71,20 @@ def test_samples_per_condition_reuses_each_condition_for_several_draws(tiny_conf
     assert not torch.equal(latents[0], latents[1])  # one image, two (noise, t) draws
     assert torch.equal(tokens[0], tokens[2]) and not torch.equal(tokens[2], tokens[3])
     assert model.adapter.queries.grad.abs().sum() > 0
+
+
+def test_building_a_builtin_model_leaves_the_random_state_alone(tmp_path):
+    """A run whose cache is cold (the built-in model is trained first) starts from the same weights as a warm one."""
+    from iomm.builtins import BuiltinModel
+    from iomm.model import ensure_builtin
+
+    def train_then_return(cfg):
+        torch.nn.Linear(64, 64)  # training draws random numbers
+        torch.rand(1000)
+        return tmp_path
+
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    assert ensure_builtin(BuiltinModel(ensure=train_then_return, architecture=lambda cfg: None), None) == str(tmp_path)
+    assert torch.equal(torch.rand(3), expected)

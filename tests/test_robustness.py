@@ -21,6 +21,8 @@ import iomm
 from iomm.checkpointing import checkpoint as ckpt
 from iomm.cli import main
 from iomm.config import save_config
+from iomm.data.images import DataReport
+from iomm.data.shards import write_shards
 from iomm.training.trainer import Trainer, TrainingInterrupted, TrainingStopped
 
 
@@ -55,9 +57,29 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def test_sigkill_then_same_command_continues_exactly(tiny_config, tmp_path, capsys):
+def _shards(tmp_path):
+    """12 captioned images as 3 WebDataset shards."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(12):
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(folder / f"{i:02d}.png")
+    samples = [(f, f"caption {f.stem}") for f in sorted(folder.glob("*.png"))]
+    write_shards(samples, tmp_path / "shards", 32, 5, "png", DataReport(), progress=False)
+    return tmp_path / "shards"
+
+
+DATA = {  # the nano world; and shards read in epochs by 2 DataLoader workers, images and pairs from the same shards
+    "world": lambda tmp_path: ("data.pairs=world:16",),
+    "shards": lambda tmp_path: ("data.source=webdataset", f"data.path={_shards(tmp_path)}",
+                                f"data.pairs=webdataset:{tmp_path / 'shards'}", "data.num_workers=2", "data.holdout=2"),
+}
+
+
+@pytest.mark.parametrize("data", sorted(DATA))
+def test_sigkill_then_same_command_continues_exactly(tiny_config, tmp_path, capsys, data):
     steps = 10  # checkpoints every 2 steps: the kill leaves 6 steps that only a correct resume reproduces
-    cfg = tiny_config(f"train.steps={steps}", "train.checkpoint_every=2", "data.pairs=world:16", "train.mix_ratio=0.5")
+    cfg = tiny_config(f"train.steps={steps}", "train.checkpoint_every=2", "train.mix_ratio=0.5", *DATA[data](tmp_path))
     config_path = tmp_path / "tiny.yaml"
     save_config(cfg, config_path)
     assert main(_cli_args(config_path, tmp_path / "straight")) == 0  # the uninterrupted run (in this process: fast)
@@ -80,8 +102,11 @@ def test_sigkill_then_same_command_continues_exactly(tiny_config, tmp_path, caps
     rows = [json.loads(line) for line in (tmp_path / "killed/metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == list(range(1, steps + 1))  # each step ran once, none again
     after = _losses(tmp_path / "killed")
-    for step in range(1, steps + 1):  # weights, EMA, optimizer and schedule all came back, or these would differ
+    for step in range(1, steps + 1):  # weights, EMA, optimizer, schedule and data all came back, or these would differ
         assert after[step] == pytest.approx(straight[step], abs=1e-6), step
+    final = [json.loads((tmp_path / run / f"checkpoints/step_{steps:08d}/state.json").read_text())["data_position"]
+             for run in ("straight", "killed")]
+    assert final[0] == final[1]  # the same samples taken from each stream
 
 
 def test_resume_restores_optimizer_schedule_ema_and_counters(tiny_config, tmp_path):

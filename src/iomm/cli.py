@@ -9,6 +9,7 @@ import sys
 
 from iomm.checkpointing.checkpoint import CheckpointError
 from iomm.config import ConfigError
+from iomm.data.images import BadSource
 
 # Modules under iomm.commands each add their sub-commands with `register(subparsers)`.
 COMMAND_MODULES = ("train", "data", "describe", "bench", "generate", "world", "eval_shapes", "mllm", "vae", "recipe",
@@ -32,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         _error(f"config error: {err}")
         return 2
-    except (FileNotFoundError, NotADirectoryError, CheckpointError) as err:
+    except (FileNotFoundError, NotADirectoryError, CheckpointError, BadSource) as err:
         _error(str(err))
         return 2
     except RuntimeError as err:

@@ -13,7 +13,7 @@ from typing import Any, Literal
 import yaml
 
 from iomm.builtins import builtin_mllm, builtin_vae, registry
-from iomm.data.spec import DataConfig, check_data, check_data_paths, path_exists
+from iomm.data.spec import CACHE_FILE, DataConfig, check_data, check_data_paths, path_exists
 from iomm.typed_config import ConfigError, apply_overrides, build_dataclass
 
 
@@ -321,6 +321,28 @@ def _check_paths(cfg: Config, source: str) -> None:
         _check(path_exists(cfg.generator.pretrained, "dir"), source, "generator.pretrained", "an existing directory",
                cfg.generator.pretrained)
     check_data_paths(cfg.data, source)
+    if cfg.data.latents is not None:
+        _check_latent_cache(cfg, Path(cfg.data.latents), source)
+
+
+# What a latent cache's content depends on: a cache made with other values cannot stand in for the online path.
+CACHE_FIELDS = ("mllm.path", "mllm.nano_dir", "codec.kind", "codec.path", "codec.nano_dir", "data.source", "data.path",
+                "data.pairs", "data.resolution", "data.holdout", "data.caption_field", "data.image_column")
+
+
+def latent_cache_fingerprint(cfg: Config) -> dict[str, Any]:
+    return {name: getattr(getattr(cfg, name.split(".")[0]), name.split(".")[1]) for name in CACHE_FIELDS}
+
+
+def _check_latent_cache(cfg: Config, cache: Path, source: str) -> None:
+    try:
+        made = json.loads((cache / CACHE_FILE).read_text(encoding="utf-8"))["fingerprint"]
+    except (OSError, ValueError, KeyError):
+        raise ConfigError(source, "data.latents", f"a directory written by `iomm data cache` (with {CACHE_FILE})",
+                          str(cache)) from None
+    for name, value in latent_cache_fingerprint(cfg).items():
+        _check(made.get(name) == value, source, "data.latents", f"a cache made with {name}={value!r}",
+               f"{cache} made with {name}={made.get(name)!r}")
 
 
 def _check_mllm_dir(path: Path, trusted: bool, source: str) -> None:

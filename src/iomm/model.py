@@ -11,19 +11,21 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from iomm.builtins import builtin_mllm, builtin_vae
+from iomm.builtins import BuiltinModel, builtin_mllm, builtin_vae
 from iomm.conditioning.adapter import build_adapter
 from iomm.conditioning.connector import Connector
 from iomm.conditioning.masking import random_keep_mask, zero_masked
 from iomm.conditioning.mllm import FrozenMLLM
 from iomm.conditioning.sequence import Segment, pack_left, positions_after
 from iomm.config import Config
+from iomm.data.encoded import EncodedImages
 from iomm.generator.codec import PixelCodec, VAECodec
 from iomm.generator.flow import TIMESTEP_SCALE, flow_matching_loss, output_to_velocity
 from iomm.generator.network import build_generator, run_generator
 from iomm.training.phases import PhaseTimer
 
 TRAINABLE = ("adapter", "connector", "generator", "token_head")
+Images = torch.Tensor | EncodedImages  # (B, 3, R, R) pixels in [0, 1], or the frozen encoders' outputs
 
 
 @dataclass
@@ -39,9 +41,16 @@ class Condition:
     caption_tokens: torch.Tensor | None = None
 
 
+def ensure_builtin(builtin: BuiltinModel, cfg: Config) -> str:
+    """A built-in model's directory, built there first if need be; building one (training it) leaves the caller's
+    random state as it was, so that a run's initial weights do not depend on whether the cache was warm."""
+    with torch.random.fork_rng():
+        return str(builtin.ensure(cfg))
+
+
 def load_mllm(cfg: Config) -> FrozenMLLM:
     builtin = builtin_mllm(cfg.mllm.path)
-    path = builtin.ensure(cfg) if builtin is not None else cfg.mllm.path
+    path = ensure_builtin(builtin, cfg) if builtin is not None else cfg.mllm.path
     mllm = FrozenMLLM.from_pretrained(path, trust_remote_code=cfg.mllm.trust_remote_code)
     if cfg.mllm.gradient_checkpointing:
         mllm.enable_gradient_checkpointing()
@@ -53,7 +62,7 @@ def build_codec(cfg: Config) -> nn.Module:
     if cfg.codec.kind == "pixel":
         return PixelCodec()
     builtin = builtin_vae(cfg.codec.path)
-    path = builtin.ensure(cfg) if builtin is not None else cfg.codec.path
+    path = ensure_builtin(builtin, cfg) if builtin is not None else cfg.codec.path
     return VAECodec.from_pretrained(path, sample_posterior=cfg.codec.sample_posterior)
 
 
@@ -129,12 +138,24 @@ class IOMM(nn.Module):
         mask = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
         return Condition(*self.connector(hidden, mask))
 
-    def condition_masked_images(self, images: torch.Tensor, generator: torch.Generator | None = None) -> Condition:
+    def image_tokens(self, images: Images) -> torch.Tensor:
+        """The frozen MLLM's image tokens v(x) (B, N, D), computed, or read from a latent cache."""
+        if isinstance(images, EncodedImages):
+            return images.tokens.to(self.mllm.device, self.mllm.dtype)
+        return self.mllm.embed_images(images)
+
+    def latents(self, images: Images, generator: torch.Generator | None) -> torch.Tensor:
+        """The codec's latents of the images, encoded, or drawn from a latent cache's posterior moments."""
+        if isinstance(images, EncodedImages):
+            return self.codec.latents(images.moments, generator)
+        return self.codec.encode(images, generator)
+
+    def condition_masked_images(self, images: Images, generator: torch.Generator | None = None) -> Condition:
         """Stage 1: c = concat(c_aux, mask(v(x)))."""
-        prompt = self._text_segment([self.cfg.masking.prompt] * images.shape[0])
-        tokens = self.mllm.embed_images(images)
+        prompt = self._text_segment([self.cfg.masking.prompt] * len(images))
+        tokens = self.image_tokens(images)
         cond = self.encode([prompt, self._image_segment(tokens, generator, masked=True)])
-        cond.image_rows, cond.image_tokens = list(range(images.shape[0])), tokens
+        cond.image_rows, cond.image_tokens = list(range(len(images))), tokens
         return cond
 
     def condition_texts(self, texts: list[str]) -> Condition:
@@ -148,13 +169,13 @@ class IOMM(nn.Module):
     def null_condition(self, batch: int, length: int) -> Condition:
         return Condition(*self.connector.null_condition(batch, length))
 
-    def condition_batch(self, images: torch.Tensor, captions: list[str | None], generator: torch.Generator,
+    def condition_batch(self, images: Images, captions: list[str | None], generator: torch.Generator,
                         dropout: float) -> Condition:
         """Mixed batch: image-only samples (caption None) are masked self-conditions, the rest use captions.
 
         Samples hit by condition dropout get the null condition and skip the LLM.
         """
-        b = images.shape[0]
+        b = len(images)
         dropped = (torch.rand(b, generator=generator) < dropout).tolist()
         image_idx = [i for i in range(b) if captions[i] is None and not dropped[i]]
         text_idx = [i for i in range(b) if captions[i] is not None and not dropped[i]]
@@ -167,7 +188,7 @@ class IOMM(nn.Module):
         if text_idx:
             parts.append((text_idx, self.condition_texts([captions[i] for i in text_idx])))
             if self.cfg.adapter.caption_token_loss > 0:
-                caption_tokens = self.mllm.embed_images(images[text_idx])
+                caption_tokens = self.image_tokens(images[text_idx])
         length = max([c.tokens.shape[1] for _, c in parts], default=self._null_length())
         tokens = self.connector.null.to(images.dtype).expand(b, length, -1).clone()
         pooled = tokens[:, 0].clone()
@@ -184,15 +205,15 @@ class IOMM(nn.Module):
         out = run_generator(self.generator, latents, t * TIMESTEP_SCALE, cond.tokens, cond.pooled)
         return output_to_velocity(self.cfg.flow, latents, out, t)
 
-    def forward(self, images: torch.Tensor, captions: list[str | None], generator: torch.Generator) -> torch.Tensor:
+    def forward(self, images: Images, captions: list[str | None], generator: torch.Generator) -> torch.Tensor:
         return self.loss(images, captions, generator)
 
-    def loss(self, images: torch.Tensor, captions: list[str | None], generator: torch.Generator) -> torch.Tensor:
+    def loss(self, images: Images, captions: list[str | None], generator: torch.Generator) -> torch.Tensor:
         """Flow-matching loss of one (mixed) batch; all randomness comes from `generator`."""
         with self.timer("conditioning_forward"):
             cond = self.condition_batch(images, captions, generator, self.cfg.train.cond_dropout)
         with self.timer("codec_encode"):
-            latents = self.codec.encode(images, generator)
+            latents = self.latents(images, generator)
         self.timer.mark_gradient(cond.tokens, cond.pooled)
         with self.timer("generator_forward"):
             loss = self.flow_loss(latents, cond, generator)

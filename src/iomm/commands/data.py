@@ -1,4 +1,5 @@
-"""`iomm data shards`: an image folder or a JSONL pair list as WebDataset tar shards."""
+"""`iomm data shards`: an image folder or a JSONL pair list as WebDataset tar shards; `iomm data cache`: a
+config's training images encoded once by its frozen codec and MLLM (`data.latents`)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     shards.add_argument("--no-progress", action="store_true")
     shards.set_defaults(func=run_shards)
 
+    cache = commands.add_parser("cache", help="encode every training image of a config once (VAE posterior + "
+                                              "MLLM image tokens); then train with --set data.latents=OUT")
+    cache.add_argument("--config", help="YAML config (default: built-in defaults)")
+    cache.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    cache.add_argument("--out", type=Path, required=True, help="cache directory (images/, pairs/, cache.json)")
+    cache.add_argument("--batch-size", type=int, default=64)
+    cache.add_argument("--per-shard", type=int, default=1000, help="samples per shard")
+    cache.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                       help="storage type (float32: the online loss exactly; bfloat16 halves the size)")
+    cache.add_argument("--no-progress", action="store_true")
+    cache.set_defaults(func=run_cache)
+
 
 def _samples(source: Path, report) -> list[tuple[Path, str | None]]:
     from iomm.data.images import list_images
@@ -43,15 +56,37 @@ def run_shards(args: argparse.Namespace) -> int:
     if args.resolution < 8 or args.per_shard < 1:
         raise SystemExit(f"iomm data shards: expected --resolution >= 8 and --per-shard >= 1, got "
                          f"{args.resolution} and {args.per_shard}")
-    report = DataReport()
-    samples = _samples(args.input, report)
-    shards = write_shards(samples, args.out, args.resolution, args.per_shard, args.format, report,
-                          progress=not args.no_progress)
-    written = report.seen - sum(report.skipped.values())
+    lines = DataReport()  # JSONL lines: a bad one is a sample skipped; a good one is counted when its image is read
+    samples = _samples(args.input, lines)
+    images = DataReport()
+    shards, written = write_shards(samples, args.out, args.resolution, args.per_shard, args.format, images,
+                                   progress=not args.no_progress)
+    report = DataReport.merged([{**lines.to_dict(), "seen": sum(lines.skipped.values())}, images.to_dict()])
     command = (f"iomm data shards --input {args.input} --out {args.out} --resolution {args.resolution} "
                f"--per-shard {args.per_shard} --format {args.format}")
     summary = {"command": command, "shards": len(shards), "samples": written, "data": report.to_dict()}
     (args.out / "shards.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
     print(f"{written} samples in {len(shards)} shards -> {args.out}")
     print(report.summary())
+    return 0
+
+
+def run_cache(args: argparse.Namespace) -> int:
+    import torch
+
+    from iomm.config import load_config
+    from iomm.data.latent_cache import write_latent_cache
+    from iomm.model import build_codec, load_mllm
+
+    cfg = load_config(args.config, args.overrides)
+    if cfg.data.latents is not None:
+        raise SystemExit("iomm data cache: the config already reads a cache (data.latents); unset it")
+    mllm = load_mllm(cfg)
+    codec = build_codec(cfg).to(mllm.device)
+    command = " ".join(["iomm data cache", *([f"--config {args.config}"] if args.config else []),
+                        *(f"--set {o}" for o in args.overrides), f"--out {args.out}", f"--dtype {args.dtype}"])
+    info = write_latent_cache(cfg, args.out, codec, mllm, command=command, batch_size=args.batch_size,
+                              dtype=getattr(torch, args.dtype), per_shard=args.per_shard,
+                              progress=not args.no_progress)
+    print(f"cached {info['samples']} -> {args.out}; train with --set data.latents={args.out}")
     return 0

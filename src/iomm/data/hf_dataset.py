@@ -15,7 +15,7 @@ from pathlib import Path
 import datasets
 import torch
 
-from iomm.data.images import BadSample, load_image
+from iomm.data.images import BadSample, BadSource, load_image
 
 DEFAULT_CAPTION_COLUMN = "text"
 
@@ -26,14 +26,14 @@ def load_hf_dataset(location: str | Path) -> datasets.Dataset:
         loaded = datasets.load_from_disk(str(path))
         if isinstance(loaded, datasets.DatasetDict):
             if "train" not in loaded:
-                raise ValueError(f"{path}: a DatasetDict without a 'train' split (splits: {sorted(loaded)})")
+                raise BadSource(f"{path}: a DatasetDict without a 'train' split (splits: {sorted(loaded)})")
             loaded = loaded["train"]
         return loaded
     for builder in ("parquet", "arrow"):
         files = sorted(str(p) for p in path.rglob(f"*.{builder}"))
         if files:
             return datasets.load_dataset(builder, data_files=files, split="train")
-    raise FileNotFoundError(f"{path}: neither a save_to_disk directory nor a folder of .parquet / .arrow files")
+    raise BadSource(f"{path}: neither a save_to_disk directory nor a folder of .parquet / .arrow files")
 
 
 @dataclass
@@ -51,8 +51,12 @@ class HFItems:
         dataset = load_hf_dataset(location)
         for column in (image_column, caption_column):
             if column is not None and column not in dataset.column_names:
-                raise ValueError(f"{location}: no column {column!r} (columns: {', '.join(dataset.column_names)}); "
-                                 "set data.image_column / data.caption_field")
+                raise BadSource(f"{location}: no column {column!r} (columns: {', '.join(dataset.column_names)}); "
+                                "set data.image_column / data.caption_field")
+        caption_type = getattr(dataset.features.get(caption_column), "dtype", None) if caption_column else "string"
+        if caption_type not in ("string", "large_string"):
+            raise BadSource(f"{location}: caption column {caption_column!r} is not text "
+                            f"(its type: {dataset.features[caption_column]}); set data.caption_field")
         dataset = dataset.select_columns([c for c in (image_column, caption_column) if c is not None])
         if isinstance(dataset.features[image_column], datasets.Image):
             dataset = dataset.cast_column(image_column, datasets.Image(decode=False))

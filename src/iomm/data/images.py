@@ -32,6 +32,10 @@ class BadSample(ValueError):
     """A sample that cannot be used; the message says why."""
 
 
+class BadSource(ValueError):
+    """A data source that cannot be read at all (not a tar, a missing column); the message names it."""
+
+
 class TooMuchBadData(RuntimeError):
     """Too many bad samples in a row to make a batch; `bad` holds their (where, reason) for the report."""
 

@@ -19,20 +19,22 @@ import torch
 
 from iomm.builtins import builtin_data
 from iomm.config import Config
+from iomm.data.encoded import EncodedImages, stack_images
 from iomm.data.epochs import IMAGE_STREAM, PAIR_STREAM, EpochOrder
-from iomm.data.folder_index import indexed_images, split_held_out
+from iomm.data.folder_index import HeldOutSplit, indexed_images, split_held_out
 from iomm.data.hf_dataset import DEFAULT_CAPTION_COLUMN, HFItems
 from iomm.data.images import BadSample, DataReport, TooMuchBadData, load_image
 from iomm.data.pairs import read_pairs
 from iomm.data.shards import ShardItems, expand_shards, shard_index
-from iomm.data.spec import FileSpec, pair_spec
+from iomm.data.spec import CACHED_IMAGES, CACHED_PAIRS, FileSpec, pair_spec
 
 MAX_RETRIES = 16
+CACHE_KIND = "latent cache"  # shards written by `iomm data cache`
 
 
 @dataclass
 class Batch:
-    images: torch.Tensor  # (B, 3, R, R) in [0, 1]
+    images: torch.Tensor | EncodedImages  # (B, 3, R, R) in [0, 1], or cached encodings (`data.latents`)
     captions: list[str | None]  # None: an image-only sample (masked self-conditioning)
     bad: list[tuple[str, str]] = field(default_factory=list)  # (where, reason) of skipped samples
 
@@ -72,9 +74,7 @@ class EpochSamples:
     """The items `keep` of a sample set, read in epochs; a bad item's slot is filled by a random good one."""
 
     def __init__(self, items: Items, keep: list[int], order: EpochOrder, where: str):
-        if not keep:
-            raise FileNotFoundError(f"{where}: no usable samples")
-        self.items, self.keep, self.order = items, keep, order
+        self.items, self.keep, self.order, self.where = items, keep, order, where
 
     def take(self, position: int, rng: np.random.Generator,
              bad: list[tuple[str, str]]) -> tuple[torch.Tensor, str | None]:
@@ -137,7 +137,7 @@ class MixedBatches(torch.utils.data.Dataset):
             else:
                 samples.append(self.pairs.take(pairs, rng, bad))
                 pairs += 1
-        return Batch(torch.stack([s[0] for s in samples]), [s[1] for s in samples], bad)
+        return Batch(stack_images([s[0] for s in samples]), [s[1] for s in samples], bad)
 
     def state(self, index: int) -> dict:
         """The data position before micro-batch `index`, and each finite stream's epoch, for a checkpoint."""
@@ -160,39 +160,55 @@ def build_sources(cfg: Config, report: DataReport | None = None, run_dir: Path |
                   barrier: Callable[[], None] = lambda: None, held_out: int = 8, rank: int = 0,
                   world: int = 1) -> DataSources:
     """The run's image and pair sources for one rank of `world`. Folders and shards are listed once, by the
-    main rank, into `run_dir`."""
+    main rank, into `run_dir`. With `data.latents`, both stream from the cache; the held-out images (pixels,
+    for the sample grids) still come from `data.source`."""
     d, report = cfg.data, report if report is not None else DataReport()
-    lister = _Lister(cfg, report, run_dir, main, barrier)
+    lister = SampleSets(cfg, report, run_dir, main, barrier)
     builtin = builtin_data(d.source)
     if builtin is not None:
         images: Source = builtin.images(cfg)
         held = builtin.held_out(cfg, held_out)
     else:
-        items = lister.items(FileSpec(d.source, d.path or ""), captions=False)
-        split = split_held_out(list(range(len(items))), d.holdout)
-        images = EpochSamples(items, split.train, EpochOrder(len(split.train), cfg.train.seed, IMAGE_STREAM, rank,
-                                                             world), d.path or "")
+        items, split = lister.image_set()
+        images = _epochs(items, split.train, cfg.train.seed, IMAGE_STREAM, rank, world, d.path or "")
         held = _load_held_out(items, split.held_out, d.resolution, report)
+    if d.latents is not None:
+        items = lister.items(FileSpec(CACHE_KIND, str(Path(d.latents) / CACHED_IMAGES)), captions=False)
+        images = _epochs(items, list(range(len(items))), cfg.train.seed, IMAGE_STREAM, rank, world, d.latents)
     pairs: Source | None = None
     if d.pairs is not None and cfg.train.mix_ratio < 1.0:
         spec = pair_spec(d.pairs)
+        if d.latents is not None:
+            spec = FileSpec(CACHE_KIND, str(Path(d.latents) / CACHED_PAIRS))
         if isinstance(spec, tuple):
             pairs = spec[0].pairs(cfg, int(spec[1]))
         else:
             items = lister.items(spec, captions=True)
-            keep = list(range(len(items)))
-            pairs = EpochSamples(items, keep, EpochOrder(len(keep), cfg.train.seed, PAIR_STREAM, rank, world),
-                                 d.pairs)
+            pairs = _epochs(items, list(range(len(items))), cfg.train.seed, PAIR_STREAM, rank, world, spec.location)
     return DataSources(images, pairs, held[:held_out])
 
 
+def _epochs(items: Items, keep: list[int], seed: int, stream: int, rank: int, world: int, where: str) -> EpochSamples:
+    if not keep:
+        raise FileNotFoundError(f"{where}: no usable samples")
+    return EpochSamples(items, keep, EpochOrder(len(keep), seed, stream, rank, world), where)
+
+
 @dataclass
-class _Lister:
+class SampleSets:
+    """Opens the finite sample sets a config names (a latent cache's shards read as cached samples)."""
+
     cfg: Config
     report: DataReport
-    run_dir: Path | None
-    main: bool
-    barrier: Callable[[], None]
+    run_dir: Path | None = None
+    main: bool = True
+    barrier: Callable[[], None] = lambda: None
+
+    def image_set(self) -> tuple[Items, HeldOutSplit]:
+        """The image source's items and its split into training items and held-out ones."""
+        d = self.cfg.data
+        items = self.items(FileSpec(d.source, d.path or ""), captions=False)
+        return items, split_held_out(list(range(len(items))), d.holdout)
 
     def items(self, spec: FileSpec, captions: bool) -> Items:
         d, where = self.cfg.data, spec.location
@@ -202,10 +218,11 @@ class _Lister:
         if spec.kind == "jsonl":
             listed = read_pairs(where, self.report)
             return FileItems([(p.image, p.caption if captions else None) for p in listed], d.resolution)
-        if spec.kind == "webdataset":
+        if spec.kind in ("webdataset", CACHE_KIND):
             shards = expand_shards(where)
             index = shard_index(shards, self.run_dir, main=self.main, barrier=self.barrier)
-            return ShardItems(shards, index, d.resolution, captions, d.caption_field)
+            encoded = spec.kind == CACHE_KIND  # a latent cache's shards: captions in `txt`
+            return ShardItems(shards, index, d.resolution, captions, None if encoded else d.caption_field, encoded)
         caption_column = (d.caption_field or DEFAULT_CAPTION_COLUMN) if captions else None
         return HFItems.open(where, d.resolution, d.image_column, caption_column)
 

@@ -24,13 +24,16 @@ import webdataset as wds
 from tqdm import tqdm
 from webdataset.tariterators import base_plus_ext
 
-from iomm.data.images import BadSample, DataReport, load_image
+from iomm.data.encoded import CACHE_EXTENSION, EncodedImages
+from iomm.data.images import BadSample, BadSource, DataReport, load_image
 from iomm.data.run_index import main_rank_builds
 from iomm.image_tensors import to_pil
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+MEMBER_EXTENSIONS = (*IMAGE_EXTENSIONS, CACHE_EXTENSION)  # a sample's image: a file, or a latent cache's tensors
 INDEX_PREFIX = "shard_index"  # + a hash of the shard list: a run's image shards and pair shards keep one each
-_COLUMNS = ("shard", "ordinal", "image_offset", "image_size", "txt_offset", "txt_size", "json_offset", "json_size")
+_COLUMNS = ("shard", "ordinal", "image_kind", "image_offset", "image_size", "txt_offset", "txt_size", "json_offset",
+            "json_size")
 
 
 def expand_shards(spec: str) -> list[Path]:
@@ -47,19 +50,23 @@ def expand_shards(spec: str) -> list[Path]:
 
 
 def _shard_members(shard: Path, shard_id: int) -> list[tuple[int, ...]]:
-    """(shard, ordinal, then offset and size of the image, `txt` and `json` members; -1 if absent) per sample."""
+    """(shard, ordinal, image kind, then offset and size of the image, `txt` and `json` members; -1 if absent)."""
     samples: dict[str, dict[str, tarfile.TarInfo]] = {}
-    with tarfile.open(shard, mode="r:") as tar:
-        for info in tar:
-            if not info.isreg() or os.path.basename(info.name).startswith("__"):
-                continue
-            key, ext = base_plus_ext(info.name)
-            if key is not None:
-                samples.setdefault(key, {})[ext.lower()] = info
+    try:
+        with tarfile.open(shard, mode="r:") as tar:
+            for info in tar:
+                if not info.isreg() or os.path.basename(info.name).startswith("__"):
+                    continue
+                key, ext = base_plus_ext(info.name)
+                if key is not None:
+                    samples.setdefault(key, {})[ext.lower()] = info
+    except tarfile.TarError as err:
+        raise BadSource(f"{shard}: not a readable (uncompressed) tar shard ({err})") from None
     rows = []
     for ordinal, members in enumerate(samples.values()):
-        image = next((members[e] for e in IMAGE_EXTENSIONS if e in members), None)
-        row = [shard_id, ordinal]
+        kind = next((k for k, e in enumerate(MEMBER_EXTENSIONS) if e in members), -1)
+        image = members[MEMBER_EXTENSIONS[kind]] if kind >= 0 else None
+        row = [shard_id, ordinal, kind]
         for info in (image, members.get("txt"), members.get("json")):
             row += [info.offset_data, info.size] if info is not None else [-1, 0]
         rows.append(tuple(row))
@@ -116,13 +123,15 @@ def _read(shard: Path, offset: int, size: int) -> bytes:
 
 @dataclass
 class ShardItems:
-    """The samples of a shard set, by number; `captions` reads and requires each sample's caption."""
+    """The samples of a shard set, by number; `captions` reads and requires each sample's caption, `encoded`
+    reads a latent cache's samples instead of image files."""
 
     shards: list[Path]
     index: dict[str, np.ndarray]
     resolution: int
     captions: bool = False
     caption_field: str | None = None
+    encoded: bool = False
 
     def __len__(self) -> int:
         return len(self.index["shard"])
@@ -130,13 +139,20 @@ class ShardItems:
     def where(self, i: int) -> str:
         return f"{self.shards[self.index['shard'][i]]} (sample {self.index['ordinal'][i]})"
 
-    def load(self, i: int) -> tuple[torch.Tensor, str | None]:
+    def load(self, i: int) -> tuple[torch.Tensor | EncodedImages, str | None]:
         shard = self.shards[int(self.index["shard"][i])]
-        if self.index["image_offset"][i] < 0:
-            raise BadSample(f"sample has no image ({'/'.join(IMAGE_EXTENSIONS)})")
+        kind = int(self.index["image_kind"][i])
+        if kind < 0 or (MEMBER_EXTENSIONS[kind] == CACHE_EXTENSION) != self.encoded:
+            expected = CACHE_EXTENSION if self.encoded else "/".join(IMAGE_EXTENSIONS)
+            raise BadSample(f"sample has no {expected} member")
         caption = self._caption(shard, i) if self.captions else None
         data = _read(shard, int(self.index["image_offset"][i]), int(self.index["image_size"][i]))
-        return load_image(io.BytesIO(data), self.resolution), caption
+        if not self.encoded:
+            return load_image(io.BytesIO(data), self.resolution), caption
+        try:
+            return EncodedImages.from_bytes(data), caption
+        except Exception as err:  # safetensors parses the bytes: whatever it raises makes this one sample bad
+            raise BadSample(f"unreadable cached sample ({type(err).__name__})") from None
 
     def _caption(self, shard: Path, i: int) -> str:
         member = "json" if self.caption_field is not None else "txt"
@@ -150,7 +166,9 @@ class ShardItems:
                 text = record.get(self.caption_field) if isinstance(record, dict) else None
         except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
             raise BadSample(f"caption member ({member}) is not UTF-8 text / JSON") from None
-        if not isinstance(text, str) or not text.strip():
+        if text is not None and not isinstance(text, str):
+            raise BadSample(f"caption field {self.caption_field!r} is not text")
+        if not text or not text.strip():
             raise BadSample("empty or missing caption")
         return text.strip()
 
@@ -164,9 +182,9 @@ def _encoded(path: Path, resolution: int, image_format: str) -> bytes:
 
 
 def write_shards(samples: list[tuple[Path, str | None]], out: Path, resolution: int, per_shard: int,
-                 image_format: str, report: DataReport, progress: bool = True) -> list[Path]:
-    """WebDataset shards `out/000000.tar`, ... of `per_shard` samples (image + `txt` caption when there is one).
-    A sample that cannot be read is skipped and counted in `report`."""
+                 image_format: str, report: DataReport, progress: bool = True) -> tuple[list[Path], int]:
+    """WebDataset shards `out/000000.tar`, ... of `per_shard` samples (image + `txt` caption when there is one),
+    and how many samples they hold. A sample that cannot be read is skipped and counted in `report`."""
     out.mkdir(parents=True, exist_ok=True)
     written = 0
     with wds.ShardWriter(str(out / "%06d.tar"), maxcount=per_shard, verbose=0) as sink:
@@ -181,4 +199,4 @@ def write_shards(samples: list[tuple[Path, str | None]], out: Path, resolution: 
             sink.write(record)
             report.ok()
             written += 1
-    return sorted(out.glob("*.tar"))
+    return sorted(out.glob("*.tar")), written

@@ -16,6 +16,8 @@ from iomm.typed_config import ConfigError
 
 FILE_KINDS = ("folder", "jsonl", "webdataset", "hf")
 PAIR_KINDS = ("jsonl", "webdataset", "hf")  # a folder has no captions
+CACHED_IMAGES, CACHED_PAIRS = "images", "pairs"  # a latent cache directory's two shard folders
+CACHE_FILE = "cache.json"  # what a latent cache was made from, and by which command
 
 
 @dataclass
@@ -34,6 +36,9 @@ class DataConfig:
     # a shard's `json` member, or that column.
     caption_field: str | None = None
     image_column: str = "image"  # HF datasets: the column holding the images
+    # A latent cache written by `iomm data cache` for this config: training reads the frozen encoders' outputs
+    # from it (the VAE's posterior, the MLLM's image tokens) instead of encoding every image at every step.
+    latents: str | None = None
     max_bad_fraction: float = 0.01
     # Files and shards: this many samples (spread over the list) never train; the sample grids regenerate them.
     holdout: int = 8
@@ -71,8 +76,12 @@ def check_data(d: DataConfig, mix_ratio: float, source: str) -> list[BuiltinData
            d.path)
     _check(mix_ratio == 1.0 or d.pairs is not None, source, "data.pairs",
            "a pair source (KIND:LOCATION, a JSONL path or NAME:N) when train.mix_ratio < 1", d.pairs)
+    _check(d.latents is None or d.source in FILE_KINDS, source, "data.latents",
+           f"null with a procedural data.source ({d.source!r}: nothing finite to cache)", d.latents)
     if d.pairs is not None:
         spec = pair_spec(d.pairs)
+        _check(d.latents is None or isinstance(spec, FileSpec), source, "data.latents",
+               "null with built-in pairs (data.pairs NAME:N)", d.latents)
         if isinstance(spec, tuple):
             _check(spec[1].isdecimal() and int(spec[1]) > 0, source, "data.pairs", "NAME:N with N a positive integer",
                    d.pairs)

@@ -6,19 +6,26 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from torch import nn
 
 from iomm.config import vae_factor
 
 
 class PixelCodec(nn.Module):
-    """Identity codec: images in [0, 1] <-> "latents" in [-1, 1]."""
+    """Identity codec: images in [0, 1] <-> "latents" in [-1, 1] (its "moments" are the latents)."""
 
     factor = 1
     channels = 3
 
-    def encode(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def moments(self, images: torch.Tensor) -> torch.Tensor:
         return images * 2.0 - 1.0
+
+    def latents(self, moments: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        return moments
+
+    def encode(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        return self.latents(self.moments(images), generator)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return ((latents + 1.0) / 2.0).clamp(0.0, 1.0)
@@ -44,10 +51,17 @@ class VAECodec(nn.Module):
         return super().train(False)
 
     @torch.no_grad()
-    def encode(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        posterior = self.vae.encode(images * 2.0 - 1.0).latent_dist
+    def moments(self, images: torch.Tensor) -> torch.Tensor:
+        """The posterior's parameters (B, 2C, h, w): mean and log-variance (what a latent cache stores)."""
+        return self.vae.encode(images * 2.0 - 1.0).latent_dist.parameters
+
+    def latents(self, moments: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        posterior = DiagonalGaussianDistribution(moments)
         latents = posterior.sample(generator) if self.sample_posterior else posterior.mode()
         return (latents - self.shift) * self.scale
+
+    def encode(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        return self.latents(self.moments(images), generator)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

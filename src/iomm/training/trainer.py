@@ -75,6 +75,10 @@ class Trainer:
         if self.cfg.train.threads:
             torch.set_num_threads(self.cfg.train.threads)
         self.device = self.dist.device()
+        self.report = DataReport()  # the data first: a source that cannot be read fails before the model is built
+        sources = build_sources(self.cfg, self.report, self.run_dir, main=self.dist.main, barrier=self.dist.barrier,
+                                held_out=PANEL_SIZE, rank=self.dist.rank, world=self.dist.world)
+        self.held_out = sources.held_out
         torch.manual_seed(self.cfg.train.seed)  # the same initial weights on every rank and every rerun
         self.model = self.model_fn(self.cfg).to(self.device)
         if self.init is not None:
@@ -87,10 +91,6 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, partial(lr_factor, steps=t.steps, warmup=t.warmup_steps, decay_fraction=t.decay_fraction))
         self.ema = EMA(self.params, t.ema_decay)
-        self.report = DataReport()
-        sources = build_sources(self.cfg, self.report, self.run_dir, main=self.dist.main, barrier=self.dist.barrier,
-                                held_out=PANEL_SIZE, rank=self.dist.rank, world=self.dist.world)
-        self.held_out = sources.held_out
         self.batches = MixedBatches(sources.images, sources.pairs, t.batch_size, t.mix_ratio, t.seed, self.dist.rank)
         self.step = 0
         self.nonfinite_in_row = 0
