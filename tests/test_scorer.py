@@ -207,7 +207,10 @@ def test_score_directory_and_the_eval_command(tmp_path):
     args = parser.parse_args(["eval", "shapes", "--images", str(tmp_path / "imgs"), "--out", str(tmp_path / "m.json"),
                               "--results", str(tmp_path / "r.jsonl")])
     assert args.func(args) == 0
-    assert json.loads((tmp_path / "m.json").read_text()) == metrics
+    written = json.loads((tmp_path / "m.json").read_text())
+    assert written.pop("command") == f"iomm eval shapes --images={tmp_path / 'imgs'} --out={tmp_path / 'm.json'} " \
+                                     f"--results={tmp_path / 'r.jsonl'}"
+    assert written == metrics
     assert len((tmp_path / "r.jsonl").read_text().splitlines()) == 2 * len(prompts)
 
 

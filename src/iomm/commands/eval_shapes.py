@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -86,12 +87,21 @@ def format_table(metrics: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
+def _command(args: argparse.Namespace) -> str:
+    """The `iomm eval shapes` command that wrote a metrics file (what the docs quote it with)."""
+    generation = [("--prompts", args.prompts), ("--per-category", args.per_category), ("--samples", args.samples),
+                  ("--seed", args.seed), ("--steps", args.steps), ("--cfg", args.cfg)] if args.model else []
+    options = [("--model", args.model), ("--images", args.images), *generation, ("--out", args.out),
+               ("--results", args.results)]
+    return shlex.join(["iomm", "eval", "shapes", *[f"{k}={v}" for k, v in options if v is not None]])
+
+
 def run_shapes(args: argparse.Namespace) -> int:
     if args.model is None and args.images is None:
         raise SystemExit("eval shapes: give --images DIR (images to score) or --model RUN_DIR_OR_CKPT")
     images_dir = _generate(args) if args.model is not None else args.images
     records = judge_directory(images_dir)
-    metrics = score((r["metadata"], r["correct"]) for r in records)
+    metrics = {"command": _command(args), **score((r["metadata"], r["correct"]) for r in records)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(metrics, indent=2) + "\n")
     if args.results is not None:
