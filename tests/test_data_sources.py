@@ -35,30 +35,38 @@ def _fingerprint(image: torch.Tensor) -> int:
     return int((image * 255).round().sum())  # an exact integer: the same in any batch
 
 
-def test_each_epoch_visits_every_item_once_across_ranks():
-    n, world = 10, 3
-    orders = [EpochOrder(n, seed=5, rank=r, world=world) for r in range(world)]
+def test_each_epoch_visits_every_item_once():
+    n = 10
+    order = EpochOrder(n, seed=5)
     for epoch in range(3):
-        seen = [o.item(epoch * o.share + k) for o in orders for k in range(o.share)]
-        assert sorted(seen) == list(range(n))
-    assert [orders[0].item(k) for k in range(4)] != [orders[0].item(4 + k) for k in range(4)]  # reshuffled
+        assert sorted(order.item(epoch * n + k) for k in range(n)) == list(range(n))
+    assert [order.item(k) for k in range(n)] != [order.item(n + k) for k in range(n)]  # reshuffled
     assert [EpochOrder(n, seed=5).item(k) for k in range(n)] == [EpochOrder(n, seed=5).item(k) for k in range(n)]
-    with pytest.raises(ValueError, match="3 samples cannot be shared by 4 ranks"):
-        EpochOrder(3, seed=0, world=4)
+    assert [EpochOrder(n, seed=5, stream=1).item(k) for k in range(n)] != [order.item(k) for k in range(n)]
 
 
-def test_a_folder_epoch_reads_every_training_image_once_on_two_ranks(tiny_config, tmp_path):
+def test_two_ranks_read_the_global_batch_of_one_rank_and_every_training_image_once(tiny_config, tmp_path):
     folder = _images(tmp_path)
-    cfg = tiny_config("data.source=folder", f"data.path={folder}", "data.holdout=2", "train.batch_size=5")
+    cfg = tiny_config("data.source=folder", f"data.path={folder}", "data.holdout=2")
+    sources = build_sources(cfg)
     reference = {_fingerprint(load_image(f, 32)) for f in sorted(folder.glob("*.png"))}
-    seen = []
-    for rank in range(2):
-        sources = build_sources(cfg, rank=rank, world=2)
-        batches = MixedBatches(sources.images, None, 5, 1.0, seed=0, rank=rank)
-        seen += [_fingerprint(image) for image in batches[0].images]  # 5 of each rank's 5 training images
-        held = {_fingerprint(image) for image in sources.held_out}
+    alone = MixedBatches(sources.images, None, 10, 1.0, seed=0)[0]  # one rank, the global batch: one epoch
+    ranks = [MixedBatches(sources.images, None, 5, 1.0, seed=0, rank=r, world=2)[0] for r in range(2)]
+    assert torch.equal(torch.cat([b.images for b in ranks]), alone.images)
+    seen = [_fingerprint(image) for image in alone.images]
+    held = {_fingerprint(image) for image in sources.held_out}
     assert len(seen) == len(set(seen)) == N_IMAGES - 2
     assert set(seen) | held == reference and not set(seen) & held
+
+
+def test_procedural_sources_give_the_same_global_batch_at_any_world_size(tiny_config):
+    sources = build_sources(tiny_config("data.pairs=world:16", "train.mix_ratio=0.5"))
+    alone = MixedBatches(sources.images, sources.pairs, 8, 0.5, seed=3)[4]
+    ranks = [MixedBatches(sources.images, sources.pairs, 4, 0.5, seed=3, rank=r, world=2)[4] for r in range(2)]
+    assert torch.equal(torch.cat([b.images for b in ranks]), alone.images)
+    assert ranks[0].captions + ranks[1].captions == alone.captions
+    assert MixedBatches(sources.images, sources.pairs, 4, 0.5, seed=3, world=2).position(4) == \
+        MixedBatches(sources.images, sources.pairs, 8, 0.5, seed=3).position(4)
 
 
 def test_resuming_at_a_saved_position_reads_what_the_whole_run_reads(tiny_config, tmp_path):
@@ -79,14 +87,14 @@ def test_resuming_at_a_saved_position_reads_what_the_whole_run_reads(tiny_config
         resumed[2]
 
 
-def test_the_checkpoint_holds_each_ranks_data_position_and_a_resume_continues_from_it(tiny_config, tmp_path):
+def test_the_checkpoint_holds_the_data_position_and_a_resume_continues_from_it(tiny_config, tmp_path):
     folder = _images(tmp_path)
     cfg = tiny_config("data.source=folder", f"data.path={folder}", "train.steps=2", "train.checkpoint_every=1",
                       "data.holdout=6")  # 6 training images: the 8 samples of 2 steps start a second epoch
     trainer = Trainer(cfg, tmp_path / "run", progress=False)
     trainer.fit()
     state = json.loads((tmp_path / "run/checkpoints/step_00000002/state.json").read_text())
-    assert state["data_position"] == [{"micro_batch": 2, "images": 8, "pairs": 0, "images_epoch": 1}]
+    assert state["data_position"] == {"micro_batch": 2, "images": 8, "pairs": 0, "images_epoch": 1}
     longer = tiny_config("data.source=folder", f"data.path={folder}", "train.steps=3", "data.holdout=6")
     resumed = Trainer(longer, tmp_path / "run", progress=False)
     resumed.resume()

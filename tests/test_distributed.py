@@ -47,7 +47,7 @@ def test_logged_loss_is_the_mean_over_both_ranks(tiny_config, tmp_path):
     trainer.model.train()
     losses = []
     for rank in (0, 1):
-        trainer.batches.rank = rank
+        trainer.batches.rank, trainer.batches.world = rank, 2
         batch = trainer.batches[0]
         with torch.no_grad():
             generator = torch.Generator().manual_seed(step_seed(cfg.train.seed, 0, 0, rank))
@@ -89,9 +89,8 @@ from iomm.training.distributed import Distributed
 dist = Distributed.from_env()
 cfg = load_config(sys.argv[1])
 out = Path(sys.argv[2])
-sources = build_sources(cfg, run_dir=out.parent / "run", main=dist.main, barrier=dist.barrier, rank=dist.rank,
-                        world=dist.world)
-batches = MixedBatches(sources.images, None, cfg.train.batch_size, 1.0, cfg.train.seed, dist.rank)
+sources = build_sources(cfg, run_dir=out.parent / "run", main=dist.main, barrier=dist.barrier)
+batches = MixedBatches(sources.images, None, cfg.train.batch_size, 1.0, cfg.train.seed, dist.rank, dist.world)
 loader = batch_loader(batches, 0, int(sys.argv[3]), num_workers=cfg.data.num_workers)
 seen = [[int((image * 255).round().sum()) for image in batch.images] for batch in loader]
 every = dist.gather(seen)
@@ -113,7 +112,7 @@ def test_two_ranks_with_two_workers_each_read_every_shard_sample_once_per_epoch(
         Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(folder / f"{i:02d}.png")
     files = sorted(folder.glob("*.png"))
     write_shards([(f, None) for f in files], tmp_path / "shards", 32, 5, "png", DataReport(), progress=False)
-    # 2 held out, 10 train: each rank's share of an epoch is 5 samples, one micro-batch, read by one worker
+    # 2 held out, 10 train: a global micro-batch of 2 x 5 samples is one epoch; each rank's 5 come from one worker
     cfg = tiny_config("data.source=webdataset", f"data.path={tmp_path / 'shards'}", "data.holdout=2",
                       "train.batch_size=5", "data.num_workers=2")
     probe = tmp_path / "probe.py"

@@ -1,10 +1,10 @@
 """Step-indexed batches of image-only samples and pairs.
 
-A micro-batch is a pure function of (seed, index, rank) and of where the run's two sample streams stand
-before it (`DataPosition`, saved in each checkpoint): its samples are image-only with probability
-`mix_ratio` (the paper's lambda), else pairs, and each takes the next position of its stream. A finite
-source (files, shards, a dataset) reads its positions in epochs (`EpochOrder`); a procedural one (the
-nano world) draws a fresh sample from the batch's random generator.
+A global micro-batch (all ranks' rows) is a pure function of (seed, index) and of where the run's two
+sample streams stand before it (`DataPosition`, saved in each checkpoint): its samples are image-only
+with probability `mix_ratio` (the paper's lambda), else pairs, and each takes the next position of its
+stream. A finite source (files, shards, a dataset) reads its positions in epochs (`EpochOrder`); a
+procedural one (the nano world) draws a fresh sample from the batch's random generator.
 """
 
 from __future__ import annotations
@@ -40,6 +40,11 @@ class Batch:
 
 
 class Source(Protocol):
+    """Samples by stream position. A procedural source (`replays`) draws them from the batch's generator
+    instead, so a rank replays the draws of the rows before its own (the nano world: a render each)."""
+
+    replays: bool
+
     def take(self, position: int, rng: np.random.Generator,
              bad: list[tuple[str, str]]) -> tuple[torch.Tensor, str | None]: ...
 
@@ -73,6 +78,8 @@ class FileItems:
 class EpochSamples:
     """The items `keep` of a sample set, read in epochs; a bad item's slot is filled by a random good one."""
 
+    replays = False
+
     def __init__(self, items: Items, keep: list[int], order: EpochOrder, where: str):
         self.items, self.keep, self.order, self.where = items, keep, order, where
 
@@ -98,18 +105,22 @@ class DataPosition:
 
 
 class MixedBatches(torch.utils.data.Dataset):
+    """Micro-batch `index` of rank r holds rows r*B .. (r+1)*B - 1 of the global micro-batch of B * world samples,
+    so that a global batch, and the data position after it, are the same at any world size."""
+
     def __init__(self, images: Source, pairs: Source | None, batch_size: int, mix_ratio: float, seed: int,
-                 rank: int = 0, start: DataPosition = DataPosition()):
+                 rank: int = 0, world: int = 1, start: DataPosition = DataPosition()):
         self.images, self.pairs = images, pairs
-        self.batch_size, self.mix_ratio, self.seed, self.rank = batch_size, mix_ratio, seed, rank
+        self.batch_size, self.mix_ratio, self.seed, self.rank, self.world = batch_size, mix_ratio, seed, rank, world
         self.start = self._cursor = start
 
     def __len__(self) -> int:
         return 2**62
 
     def _draws(self, index: int) -> tuple[np.random.Generator, np.ndarray]:
-        rng = np.random.default_rng([self.seed, index, self.rank])
-        image_only = rng.random(self.batch_size) < self.mix_ratio
+        """The global micro-batch's generator (after its draws) and which of its samples are image-only."""
+        rng = np.random.default_rng([self.seed, index, 0])
+        image_only = rng.random(self.batch_size * self.world) < self.mix_ratio
         return rng, image_only if self.pairs is not None else np.ones_like(image_only)
 
     def position(self, index: int) -> DataPosition:
@@ -119,24 +130,25 @@ class MixedBatches(torch.utils.data.Dataset):
         cursor = self._cursor if self._cursor.micro_batch <= index else self.start
         images, pairs = cursor.images, cursor.pairs
         for i in range(cursor.micro_batch, index):
-            n = int(self._draws(i)[1].sum())
-            images, pairs = images + n, pairs + self.batch_size - n
+            image_only = self._draws(i)[1]
+            images, pairs = images + int(image_only.sum()), pairs + int((~image_only).sum())
         self._cursor = DataPosition(index, images, pairs)
         return self._cursor
 
     def __getitem__(self, index: int) -> Batch:
         at = self.position(index)
         rng, image_only = self._draws(index)
+        first = self.rank * self.batch_size
         bad: list[tuple[str, str]] = []
         samples = []
         images, pairs = at.images, at.pairs
-        for flag in image_only:
-            if flag:
-                samples.append(self.images.take(images, rng, bad))
-                images += 1
-            else:
-                samples.append(self.pairs.take(pairs, rng, bad))
-                pairs += 1
+        for row, flag in enumerate(image_only[: first + self.batch_size]):
+            source, position = (self.images, images) if flag else (self.pairs, pairs)
+            if row >= first:
+                samples.append(source.take(position, rng, bad))
+            elif source.replays:  # the rows of lower ranks: a procedural source's draws advance the generator
+                source.take(position, rng, [])
+            images, pairs = (images + 1, pairs) if flag else (images, pairs + 1)
         return Batch(stack_images([s[0] for s in samples]), [s[1] for s in samples], bad)
 
     def state(self, index: int) -> dict:
@@ -157,11 +169,10 @@ class DataSources:
 
 
 def build_sources(cfg: Config, report: DataReport | None = None, run_dir: Path | None = None, *, main: bool = True,
-                  barrier: Callable[[], None] = lambda: None, held_out: int = 8, rank: int = 0,
-                  world: int = 1) -> DataSources:
-    """The run's image and pair sources for one rank of `world`. Folders and shards are listed once, by the
-    main rank, into `run_dir`. With `data.latents`, both stream from the cache; the held-out images (pixels,
-    for the sample grids) still come from `data.source`."""
+                  barrier: Callable[[], None] = lambda: None, held_out: int = 8) -> DataSources:
+    """The run's image and pair sources. Folders and shards are listed once, by the main rank, into `run_dir`.
+    With `data.latents`, both stream from the cache; the held-out images (pixels, for the sample grids) still
+    come from `data.source`."""
     d, report = cfg.data, report if report is not None else DataReport()
     lister = SampleSets(cfg, report, run_dir, main, barrier)
     builtin = builtin_data(d.source)
@@ -170,11 +181,11 @@ def build_sources(cfg: Config, report: DataReport | None = None, run_dir: Path |
         held = builtin.held_out(cfg, held_out)
     else:
         items, split = lister.image_set()
-        images = _epochs(items, split.train, cfg.train.seed, IMAGE_STREAM, rank, world, d.path or "")
+        images = _epochs(items, split.train, cfg.train.seed, IMAGE_STREAM, d.path or "")
         held = _load_held_out(items, split.held_out, d.resolution, report)
     if d.latents is not None:
         items = lister.items(FileSpec(CACHE_KIND, str(Path(d.latents) / CACHED_IMAGES)), captions=False)
-        images = _epochs(items, list(range(len(items))), cfg.train.seed, IMAGE_STREAM, rank, world, d.latents)
+        images = _epochs(items, list(range(len(items))), cfg.train.seed, IMAGE_STREAM, d.latents)
     pairs: Source | None = None
     if d.pairs is not None and cfg.train.mix_ratio < 1.0:
         spec = pair_spec(d.pairs)
@@ -184,14 +195,14 @@ def build_sources(cfg: Config, report: DataReport | None = None, run_dir: Path |
             pairs = spec[0].pairs(cfg, int(spec[1]))
         else:
             items = lister.items(spec, captions=True)
-            pairs = _epochs(items, list(range(len(items))), cfg.train.seed, PAIR_STREAM, rank, world, spec.location)
+            pairs = _epochs(items, list(range(len(items))), cfg.train.seed, PAIR_STREAM, spec.location)
     return DataSources(images, pairs, held[:held_out])
 
 
-def _epochs(items: Items, keep: list[int], seed: int, stream: int, rank: int, world: int, where: str) -> EpochSamples:
+def _epochs(items: Items, keep: list[int], seed: int, stream: int, where: str) -> EpochSamples:
     if not keep:
         raise FileNotFoundError(f"{where}: no usable samples")
-    return EpochSamples(items, keep, EpochOrder(len(keep), seed, stream, rank, world), where)
+    return EpochSamples(items, keep, EpochOrder(len(keep), seed, stream), where)
 
 
 @dataclass

@@ -75,6 +75,8 @@ def _world(cfg: Config) -> World:
 class WorldImages:
     """The unlabeled stream: a fresh scene per draw (procedural: the position plays no part)."""
 
+    replays = True
+
     def __init__(self, world: World):
         self.world = world
 
@@ -86,6 +88,8 @@ class WorldImages:
 class WorldPairs:
     """A finite set of N captioned training pairs (no held-out colour/shape combination among them), drawn
     with replacement by the batch's generator, as the nano recipe's results were made."""
+
+    replays = True
 
     def __init__(self, world: World, n: int, seed: int):
         self.pairs = [(image, caption) for image, caption, _ in world.pairs(n, seed)]

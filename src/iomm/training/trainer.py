@@ -77,7 +77,7 @@ class Trainer:
         self.device = self.dist.device()
         self.report = DataReport()  # the data first: a source that cannot be read fails before the model is built
         sources = build_sources(self.cfg, self.report, self.run_dir, main=self.dist.main, barrier=self.dist.barrier,
-                                held_out=PANEL_SIZE, rank=self.dist.rank, world=self.dist.world)
+                                held_out=PANEL_SIZE)
         self.held_out = sources.held_out
         torch.manual_seed(self.cfg.train.seed)  # the same initial weights on every rank and every rerun
         self.model = self.model_fn(self.cfg).to(self.device)
@@ -91,7 +91,8 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, partial(lr_factor, steps=t.steps, warmup=t.warmup_steps, decay_fraction=t.decay_fraction))
         self.ema = EMA(self.params, t.ema_decay)
-        self.batches = MixedBatches(sources.images, sources.pairs, t.batch_size, t.mix_ratio, t.seed, self.dist.rank)
+        self.batches = MixedBatches(sources.images, sources.pairs, t.batch_size, t.mix_ratio, t.seed, self.dist.rank,
+                                    self.dist.world)
         self.step = 0
         self.nonfinite_in_row = 0
         self.nonfinite_total = 0
@@ -109,14 +110,13 @@ class Trainer:
         ckpt.save_torch({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
                         tmp / "optimizer.pt")
         state = {"step": self.step, "nonfinite_total": self.nonfinite_total, "data": self.report.to_dict(),
-                 "data_position": self._positions}
+                 "data_position": self.batches.state(self.step * self.cfg.train.grad_accum)}
         (tmp / "state.json").write_text(json.dumps(state, indent=1), encoding="utf-8")
         save_config(self.cfg, tmp / "config.yaml")
 
     def save(self) -> Path | None:
         """Rank 0 writes the checkpoint; every rank waits for it (a rank that left early would end the launch)."""
         path = None
-        self._positions = self.dist.gather(self.batches.state(self.step * self.cfg.train.grad_accum))
         if self.dist.main:
             path = ckpt.save_checkpoint(self.run_dir, self.step, self._write_checkpoint,
                                         keep_last=self.cfg.train.keep_last, keep_every=self.cfg.train.keep_every)
@@ -134,22 +134,14 @@ class Trainer:
         self.scheduler.load_state_dict(opt["scheduler"])
         state = json.loads((found / "state.json").read_text(encoding="utf-8"))
         self.step, self.nonfinite_total = state["step"], state["nonfinite_total"]
-        self._resume_data_position(state.get("data_position"))
+        if "data_position" in state:  # else (an older checkpoint) the streams are counted again from the start
+            position = state["data_position"]
+            self.batches.start = DataPosition(position["micro_batch"], position["images"], position["pairs"])
         self._apply_schedule()
         self._print(f"resumed from {found} at step {self.step}")
         for name, old, new in changes:
             self._print(f"  {name}: {old!r} -> {new!r} (applies from step {self.step})")
         return True
-
-    def _resume_data_position(self, saved: list[dict] | None) -> None:
-        """Each rank continues its streams where the checkpoint left them. Without one position per rank (another
-        world size, or a checkpoint from before data positions) they are counted again from the run's start."""
-        if saved is not None and len(saved) == self.dist.world:
-            mine = saved[self.dist.rank]
-            self.batches.start = DataPosition(mine["micro_batch"], mine["images"], mine["pairs"])
-        elif saved is not None:
-            self._print(f"data position: saved for {len(saved)} ranks, resuming on {self.dist.world}: the streams are "
-                        "counted from the start with this world size (the samples read differ from the saved run's)")
 
     def _apply_schedule(self) -> None:
         """The optimizer's hyper-parameters and LR schedule from this config (a resume may change them)."""
