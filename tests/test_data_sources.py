@@ -272,3 +272,31 @@ def test_a_latent_cache_trains_with_the_online_loss(tiny_mllm_dir, tiny_vae_dir,
         load_config(None, [*overrides, f"data.latents={cache}", "data.resolution=64"])
     with pytest.raises(ConfigError, match="data.latents.*a directory written by `iomm data cache`"):
         load_config(None, [*overrides, f"data.latents={tmp_path}"])
+
+
+def test_a_parquet_folder_streams_in_epochs_and_resumes_at_a_position(tiny_config, tmp_path):
+    rows = [{"bytes": _png_bytes(Image.new("RGB", (32, 32), (10 * i, 0, 0))), "path": None} for i in range(9)]
+    rows[4] = {"bytes": b"broken", "path": None}
+    table = datasets.Dataset.from_dict({"image": rows, "text": [f"caption {i}" for i in range(9)]},
+                                       features=datasets.Features({"image": datasets.Image(),
+                                                                   "text": datasets.Value("string")}))
+    (tmp_path / "parquet").mkdir()
+    for part in range(3):  # three files: the stream shuffles their order, then rows through its buffer
+        table.select(range(3 * part, 3 * part + 3)).to_parquet(str(tmp_path / f"parquet/part-{part}.parquet"))
+    cfg = tiny_config("data.source=hf", f"data.path={tmp_path / 'parquet'}", "data.streaming=true",
+                      "data.stream_buffer=4", "train.mix_ratio=0.0", f"data.pairs=hf:{tmp_path / 'parquet'}")
+    sources = build_sources(cfg)
+    assert len(sources.held_out) == 0
+    bad: list = []
+    taken = [sources.pairs.take(p, np.random.default_rng(0), bad) for p in range(18)]  # two epochs
+    reds = [[round(float(image[0].mean()) * 255) for image, _ in taken[e * 9:(e + 1) * 9]] for e in range(2)]
+    for epoch in reds:  # the broken row's slot holds the first good row of the files, red 0
+        assert sorted(epoch) == [0, 0, 10, 20, 30, 50, 60, 70, 80]
+    assert len(bad) == 2
+    assert reds[0] != reds[1] and all(reason == "unreadable image (UnidentifiedImageError)" for _, reason in bad)
+    resumed = build_sources(cfg).pairs  # a fresh stream, read from position 11 on
+    for p in range(11, 18):
+        image, caption = resumed.take(p, np.random.default_rng(0), [])
+        assert torch.equal(image, taken[p][0]) and caption == taken[p][1]
+    with pytest.raises(ConfigError, match="data.streaming.*false unless data.source or data.pairs is hf"):
+        tiny_config("data.streaming=true")

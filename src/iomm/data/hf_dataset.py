@@ -15,7 +15,7 @@ from pathlib import Path
 import datasets
 import torch
 
-from iomm.data.images import BadSample, BadSource, load_image
+from iomm.data.images import BadSample, BadSource, TooMuchBadData, load_image
 
 DEFAULT_CAPTION_COLUMN = "text"
 
@@ -40,7 +40,7 @@ def load_hf_dataset(location: str | Path) -> datasets.Dataset:
 class HFItems:
     """Rows of a dataset by number: (image, caption) with `captions`, else (image, None)."""
 
-    dataset: datasets.Dataset
+    dataset: datasets.Dataset | datasets.IterableDataset
     location: str
     resolution: int
     image_column: str = "image"
@@ -69,7 +69,9 @@ class HFItems:
         return f"{self.location} (row {i})"
 
     def load(self, i: int) -> tuple[torch.Tensor, str | None]:
-        row = self.dataset[i]
+        return self.decode(self.dataset[i])
+
+    def decode(self, row: dict) -> tuple[torch.Tensor, str | None]:
         caption = None
         if self.caption_column is not None:
             caption = row[self.caption_column]
@@ -86,3 +88,66 @@ class HFItems:
         if not isinstance(value, bytes):
             raise BadSample("no image bytes in the image column")
         return load_image(io.BytesIO(value), self.resolution)
+
+
+class HFStream:
+    """A folder of parquet files read as a `datasets` stream (`data.streaming`), for data that should not be
+    converted into the Arrow cache first.
+
+    Epoch e is the stream shuffled by `IterableDataset.shuffle` (the files' order, then a buffer of `buffer`
+    rows), seeded by `seed` and `set_epoch(e)`; position p reads row p % n of epoch p // n,
+    so a resume at a saved position reads the same rows (after reading past the earlier ones). Every rank and
+    DataLoader worker reads the whole stream and keeps its own rows: exact, at that cost; a memory-mapped
+    dataset (`save_to_disk`) or shards are read at random instead. A bad row's slot takes the stream's first
+    good row in file order.
+    """
+
+    replays = False
+
+    def __init__(self, location: str, resolution: int, image_column: str, caption_column: str | None, seed: int,
+                 buffer: int = 1000):
+        import pyarrow.parquet as pq
+
+        files = sorted(str(p) for p in Path(location).rglob("*.parquet"))
+        if not files:
+            raise BadSource(f"{location}: data.streaming reads a folder of .parquet files; none found")
+        self.n = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+        stream = datasets.load_dataset("parquet", data_files=files, split="train", streaming=True)
+        columns = [c for c in (image_column, caption_column) if c is not None]
+        missing = [c for c in columns if c not in (stream.column_names or columns)]
+        if missing:
+            raise BadSource(f"{location}: no column {missing[0]!r} (columns: {', '.join(stream.column_names)}); "
+                            "set data.image_column / data.caption_field")
+        stream = stream.select_columns(columns)
+        if isinstance(stream.features[image_column], datasets.Image):
+            stream = stream.cast_column(image_column, datasets.Image(decode=False))
+        self.stream = stream.shuffle(seed=seed, buffer_size=buffer)
+        self.rows = HFItems(stream, location, resolution, image_column, caption_column)  # decodes one row
+        self._epoch, self._next, self._rows = -1, 0, iter(())
+        self._substitute: tuple[torch.Tensor, str | None] | None = None
+
+    def _row(self, position: int) -> dict:
+        epoch, k = divmod(position, self.n)
+        if epoch != self._epoch or k < self._next:
+            self.stream.set_epoch(epoch)
+            self._epoch, self._next, self._rows = epoch, 0, iter(self.stream)
+        for _ in range(k - self._next):
+            next(self._rows)
+        self._next = k + 1
+        return next(self._rows)
+
+    def take(self, position: int, rng: object, bad: list[tuple[str, str]]) -> tuple[torch.Tensor, str | None]:
+        try:
+            return self.rows.decode(self._row(position))
+        except BadSample as err:
+            bad.append((f"{self.rows.location} (stream position {position})", str(err)))
+        if self._substitute is None:  # the same for every bad slot: a resume reads what the whole run read
+            for row in self.rows.dataset:
+                try:
+                    self._substitute = self.rows.decode(row)
+                    break
+                except BadSample:
+                    continue
+            else:
+                raise TooMuchBadData(f"{self.rows.location}: no readable sample in the stream", bad)
+        return self._substitute

@@ -22,7 +22,7 @@ from iomm.config import Config
 from iomm.data.encoded import EncodedImages, stack_images
 from iomm.data.epochs import IMAGE_STREAM, PAIR_STREAM, EpochOrder
 from iomm.data.folder_index import HeldOutSplit, indexed_images, split_held_out
-from iomm.data.hf_dataset import DEFAULT_CAPTION_COLUMN, HFItems
+from iomm.data.hf_dataset import DEFAULT_CAPTION_COLUMN, HFItems, HFStream
 from iomm.data.images import BadSample, DataReport, TooMuchBadData, load_image
 from iomm.data.pairs import read_pairs
 from iomm.data.shards import ShardItems, expand_shards, shard_index
@@ -179,6 +179,9 @@ def build_sources(cfg: Config, report: DataReport | None = None, run_dir: Path |
     if builtin is not None:
         images: Source = builtin.images(cfg)
         held = builtin.held_out(cfg, held_out)
+    elif d.streaming and d.source == "hf":
+        images = lister.stream(d.path or "", captions=False, stream=IMAGE_STREAM)
+        held = torch.zeros(0, 3, d.resolution, d.resolution)
     else:
         items, split = lister.image_set()
         images = _epochs(items, split.train, cfg.train.seed, IMAGE_STREAM, d.path or "")
@@ -193,6 +196,8 @@ def build_sources(cfg: Config, report: DataReport | None = None, run_dir: Path |
             spec = FileSpec(CACHE_KIND, str(Path(d.latents) / CACHED_PAIRS))
         if isinstance(spec, tuple):
             pairs = spec[0].pairs(cfg, int(spec[1]))
+        elif d.streaming and spec.kind == "hf":
+            pairs = lister.stream(spec.location, captions=True, stream=PAIR_STREAM)
         else:
             items = lister.items(spec, captions=True)
             pairs = _epochs(items, list(range(len(items))), cfg.train.seed, PAIR_STREAM, spec.location)
@@ -220,6 +225,12 @@ class SampleSets:
         d = self.cfg.data
         items = self.items(FileSpec(d.source, d.path or ""), captions=False)
         return items, split_held_out(list(range(len(items))), d.holdout)
+
+    def stream(self, location: str, captions: bool, stream: int) -> HFStream:
+        d = self.cfg.data
+        caption_column = (d.caption_field or DEFAULT_CAPTION_COLUMN) if captions else None
+        seed = 2 * self.cfg.train.seed + stream  # the image and the pair stream shuffle independently
+        return HFStream(location, d.resolution, d.image_column, caption_column, seed, d.stream_buffer)
 
     def items(self, spec: FileSpec, captions: bool) -> Items:
         d, where = self.cfg.data, spec.location

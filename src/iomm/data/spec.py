@@ -36,6 +36,10 @@ class DataConfig:
     # a shard's `json` member, or that column.
     caption_field: str | None = None
     image_column: str = "image"  # HF datasets: the column holding the images
+    # HF parquet folders: read as a `datasets` stream (shuffle buffer of `stream_buffer` rows) instead of
+    # converting them into the Arrow cache first; nothing is held out for the sample grids.
+    streaming: bool = False
+    stream_buffer: int = 1000
     # A latent cache written by `iomm data cache` for this config: training reads the frozen encoders' outputs
     # from it (the VAE's posterior, the MLLM's image tokens) instead of encoding every image at every step.
     latents: str | None = None
@@ -76,6 +80,10 @@ def check_data(d: DataConfig, mix_ratio: float, source: str) -> list[BuiltinData
            d.path)
     _check(mix_ratio == 1.0 or d.pairs is not None, source, "data.pairs",
            "a pair source (KIND:LOCATION, a JSONL path or NAME:N) when train.mix_ratio < 1", d.pairs)
+    uses_hf = d.source == "hf" or (d.pairs or "").startswith("hf:")
+    _check(not d.streaming or uses_hf, source, "data.streaming", "false unless data.source or data.pairs is hf",
+           d.streaming)
+    _check(d.stream_buffer >= 1, source, "data.stream_buffer", ">= 1", d.stream_buffer)
     _check(d.latents is None or d.source in FILE_KINDS, source, "data.latents",
            f"null with a procedural data.source ({d.source!r}: nothing finite to cache)", d.latents)
     if d.pairs is not None:
