@@ -86,3 +86,18 @@ def test_describe_on_a_qwen25_vl_checkpoint(tmp_path, capsys):
     assert counts["mllm_vision"] + counts["mllm_language"] == sum(p.numel() for p in model.parameters())
     assert main(["describe", "--set", f"mllm.path={tmp_path / 'qwen'}"]) == 0
     assert "mllm_vision" in capsys.readouterr().out
+
+
+def test_describe_gives_the_per_gpu_memory_of_the_model_state(capsys):
+    from iomm.describe import memory_per_gpu
+
+    counts = {"mllm_vision": 10**9, "mllm_language": 2 * 10**9, "vae": 0, "trainable": 2**30}
+    ddp, fsdp = memory_per_gpu(counts, 8, "ddp"), memory_per_gpu(counts, 8, "fsdp")
+    assert ddp["parameters"] == 4 and ddp["optimizer"] == 8 and ddp["ema"] == 4  # GiB for 2^30 fp32 weights
+    assert fsdp["optimizer"] == 1 and fsdp["frozen_mllm"] == ddp["frozen_mllm"] == 3 * 10**9 * 2 / 2**30
+    assert ddp["total"] == pytest.approx(20 + 6e9 / 2**30)
+    config = str(resources.files("iomm") / "configs" / "iomm-l.yaml")
+    assert main(["describe", "--config", config, "--gpus", "8", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["command"] == f"iomm describe --config {config} --json --gpus 8 --parallel ddp"
+    assert 50 < report["memory_gib"]["total"] < 80

@@ -95,3 +95,34 @@ def describe(cfg: Config) -> dict[str, int]:
 
 def format_counts(counts: dict[str, int]) -> str:
     return "\n".join(f"{name:>15s}  {n:>15,d}  ({n / 1e6:9.2f} M)" for name, n in counts.items())
+
+
+# Bytes per parameter. Trainable: fp32 master weights, fp32 gradients, AdamW's two fp32 moments, an fp32 EMA
+# (FSDP2's MixedPrecisionPolicy computes in bf16 and reduces in fp32, from these fp32 shards). Frozen: bf16.
+TRAINABLE_BYTES = {"parameters": 4, "gradients": 4, "optimizer": 8, "ema": 4}
+FROZEN_BYTES = 2
+GIB = 1024**3
+
+
+def memory_per_gpu(counts: dict[str, int], gpus: int, parallel: str) -> dict[str, float]:
+    """GiB per GPU of the model state (activations excluded: they scale with the batch and checkpointing).
+
+    ddp: every rank holds everything. fsdp: the trainable state is sharded over `gpus` ranks (plus, while a
+    block computes, its gathered bf16 parameters: the largest block at most, left out here); the frozen MLLM
+    and VAE are replicated in bf16, since they have no gradients or optimizer state to shard.
+    """
+    shards = gpus if parallel == "fsdp" else 1
+    out = {name: counts["trainable"] * size / shards / GIB for name, size in TRAINABLE_BYTES.items()}
+    out["frozen_mllm"] = (counts["mllm_vision"] + counts["mllm_language"]) * FROZEN_BYTES / GIB
+    out["frozen_vae"] = counts["vae"] * FROZEN_BYTES / GIB
+    out["total"] = sum(out.values())
+    return out
+
+
+def format_memory(memory: dict[str, float], gpus: int, parallel: str, gpu_gib: float = 80.0) -> str:
+    lines = [f"per-GPU model state, {parallel} on {gpus} GPUs (GiB; activations not included):"]
+    lines += [f"{name:>15s}  {gib:9.2f}" for name, gib in memory.items()]
+    room = gpu_gib - memory["total"]
+    lines.append(f"{'left of ' + format(gpu_gib, 'g') + ' GiB':>15s}  {room:9.2f}  for activations"
+                 + ("" if room > 0 else " (does not fit: use fsdp or more GPUs)"))
+    return "\n".join(lines)
