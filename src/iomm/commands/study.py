@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 from pathlib import Path
 
 from iomm.commands.recipe import packaged_config
@@ -30,7 +31,11 @@ def _study(args: argparse.Namespace) -> int:
     config = str(args.config or packaged_config("nano"))
     study = studies()[args.name]
     load_config(config, [*study.common, *args.overrides])  # fail before any compute
+    command = shlex.join(["iomm", "study", args.name, *(["--config", args.config] if args.config else []),
+                          *[f"--set={o}" for o in args.overrides], f"--seeds={args.seeds}",
+                          f"--parallel={args.parallel}", f"--per-category={args.per_category}",
+                          f"--samples={args.samples}", f"--out={args.out}"])
     out = run_study(study, config, args.seeds, Path(args.out), args.parallel, args.per_category, args.overrides,
-                    args.samples)
+                    args.samples, command)
     print(f"wrote {out}/results.json, results.csv, results.png")
     return 0

@@ -136,7 +136,7 @@ def run_arm(arm: Arm, config: str, common: list[str], seed: int, out: Path, pret
 
 
 def run_study(study: Study, config: str, seeds: int, out: Path, parallel: int, per_category: int,
-              common: list[str], samples: int = 4) -> Path:
+              common: list[str], samples: int = 4, command: str = "") -> Path:
     """Pre-training runs first (one per distinct stage-1 setting and seed), then every arm's stage 2."""
     from concurrent.futures import ThreadPoolExecutor
 
@@ -166,7 +166,8 @@ def run_study(study: Study, config: str, seeds: int, out: Path, parallel: int, p
     summary = summarize(results)
     edit = any(arm.edit for arm in study.arms)
     paired = compare_to_reference({arm.name: arm_dir(out, arm) for arm in study.arms}, study.reference, seeds, edit)
-    record = {"study": study.name, "description": study.description, "config": config, "common": common,
+    record = {"command": command, "study": study.name, "description": study.description, "config": config,
+              "common": common,
               "seeds": seeds, "per_category": per_category, "samples": samples, "wall_s": time.time() - start,
               "resumed": resumed, "results": results, "summary": summary, "reference": study.reference,
               "paired": paired, "finding": finding(paired)}
