@@ -100,3 +100,17 @@ def test_a_finding_is_decided_by_the_intervals_against_the_reference() -> None:
     assert {s.reference for s in studies().values()} <= {a.name for s in studies().values() for a in s.arms}
     for study in studies().values():
         assert study.reference in [a.name for a in study.arms]
+
+
+@pytest.mark.parametrize("name", sorted(studies()))
+def test_every_arm_of_every_study_is_a_valid_config_of_the_nano_recipe(name: str) -> None:
+    """An arm whose overrides clash with configs/nano.yaml would fail only when its turn comes, mid-study."""
+    from iomm.config import finetune_config, load_config
+
+    study = studies()[name]
+    for arm in study.arms:
+        stage1 = load_config(packaged_config("nano"), [*study.common, *arm.pretrain], check_paths=False)
+        assert stage1 is not None
+        if arm.finetune is not None:
+            finetune_config(load_config(packaged_config("nano"), [*study.common, *arm.pretrain, *arm.finetune],
+                                        check_paths=False))

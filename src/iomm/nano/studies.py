@@ -42,6 +42,7 @@ class Study:
 
 
 IMAGE, PAIR = "train.mix_ratio=1.0", "train.mix_ratio=0.0"
+NO_QUERY_LOSS = ("adapter.token_loss=0",)
 FT = {"image": ("finetune.mix_ratio=1.0",), "pair": ("finetune.mix_ratio=0.0",), "mix": ("finetune.mix_ratio=0.5",)}
 
 
@@ -59,8 +60,10 @@ def studies() -> dict[str, Study]:
             Arm(f"lambda={lam}", (), (f"finetune.mix_ratio={lam}",)) for lam in (0.0, 0.25, 0.5, 0.75, 1.0)],
             "fraction of image-only samples in fine-tuning batches", "lambda=0.5"),
         "adapter": Study("adapter", [
-            Arm(kind, (f"adapter.kind={kind}",), FT["mix"]) for kind in ("raw", "free_queries", "rqa")],
-            "no adapter vs MetaQuery-style free queries vs the Residual Query Adapter", "rqa",
+            Arm(kind, (f"adapter.kind={kind}", *NO_QUERY_LOSS * (kind == "raw")), FT["mix"])
+            for kind in ("raw", "free_queries", "rqa")],
+            "no adapter vs MetaQuery-style free queries vs the Residual Query Adapter (raw has no queries for "
+            "adapter.token_loss to read: it trains without it)", "rqa",
             common=["train.sample_every=100"], curves=True),
         "editing": Study("editing", [
             Arm(f"{pre}-pretrain", (IMAGE if pre == "image" else PAIR,), None, edit=True) for pre in ("image", "pair")],
