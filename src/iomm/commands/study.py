@@ -26,11 +26,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _study(args: argparse.Namespace) -> int:
     from iomm.config import load_config
-    from iomm.nano.studies import run_study
+    from iomm.nano.studies import check_arms, run_study
 
     config = str(args.config or packaged_config("nano"))
     study = studies()[args.name]
     load_config(config, [*study.common, *args.overrides])  # fail before any compute
+    check_arms(study, config, args.overrides)
     command = shlex.join(["iomm", "study", args.name, *(["--config", args.config] if args.config else []),
                           *[f"--set={o}" for o in args.overrides], f"--seeds={args.seeds}",
                           f"--parallel={args.parallel}", f"--per-category={args.per_category}",

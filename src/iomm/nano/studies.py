@@ -71,6 +71,18 @@ def studies() -> dict[str, Study]:
     }
 
 
+def check_arms(study: Study, config: str, overrides: list[str]) -> None:
+    """Every arm's stage-1 and stage-2 config is valid: a clash fails before any compute, not mid-study."""
+    from iomm.config import config_source, finetune_config, load_config
+
+    for arm in study.arms:
+        sets = [*study.common, *overrides, *arm.pretrain]
+        load_config(config, sets, check_paths=False)
+        if arm.finetune is not None:
+            sets = [*sets, *arm.finetune]
+            finetune_config(load_config(config, sets, check_paths=False), config_source(config, sets))
+
+
 def _run(argv: list[str], log: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     with log.open("a", encoding="utf-8") as f:
