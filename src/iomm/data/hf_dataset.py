@@ -18,6 +18,7 @@ import torch
 from iomm.data.images import BadSample, BadSource, TooMuchBadData, load_image
 
 DEFAULT_CAPTION_COLUMN = "text"
+HFDataset = datasets.Dataset | datasets.IterableDataset
 
 
 def load_hf_dataset(location: str | Path) -> datasets.Dataset:
@@ -36,11 +37,26 @@ def load_hf_dataset(location: str | Path) -> datasets.Dataset:
     raise BadSource(f"{path}: neither a save_to_disk directory nor a folder of .parquet / .arrow files")
 
 
+def _columns(dataset: HFDataset, location: str, image_column: str, caption_column: str | None) -> HFDataset:
+    """The image (undecoded) and caption columns only; a missing one names the columns there are. A stream whose
+    columns are not known up front is taken as it is."""
+    columns = [c for c in (image_column, caption_column) if c is not None]
+    names = dataset.column_names
+    missing = [c for c in columns if names is not None and c not in names]
+    if missing:
+        raise BadSource(f"{location}: no column {missing[0]!r} (columns: {', '.join(names)}); "
+                        "set data.image_column / data.caption_field")
+    dataset = dataset.select_columns(columns)
+    if isinstance(dataset.features[image_column], datasets.Image):
+        dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
+    return dataset
+
+
 @dataclass
 class HFItems:
     """Rows of a dataset by number: (image, caption) with `captions`, else (image, None)."""
 
-    dataset: datasets.Dataset | datasets.IterableDataset
+    dataset: HFDataset
     location: str
     resolution: int
     image_column: str = "image"
@@ -48,18 +64,11 @@ class HFItems:
 
     @classmethod
     def open(cls, location: str, resolution: int, image_column: str, caption_column: str | None) -> "HFItems":
-        dataset = load_hf_dataset(location)
-        for column in (image_column, caption_column):
-            if column is not None and column not in dataset.column_names:
-                raise BadSource(f"{location}: no column {column!r} (columns: {', '.join(dataset.column_names)}); "
-                                "set data.image_column / data.caption_field")
+        dataset = _columns(load_hf_dataset(location), location, image_column, caption_column)
         caption_type = getattr(dataset.features.get(caption_column), "dtype", None) if caption_column else "string"
         if caption_type not in ("string", "large_string"):
             raise BadSource(f"{location}: caption column {caption_column!r} is not text "
                             f"(its type: {dataset.features[caption_column]}); set data.caption_field")
-        dataset = dataset.select_columns([c for c in (image_column, caption_column) if c is not None])
-        if isinstance(dataset.features[image_column], datasets.Image):
-            dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
         return cls(dataset, location, resolution, image_column, caption_column)
 
     def __len__(self) -> int:
@@ -113,14 +122,7 @@ class HFStream:
             raise BadSource(f"{location}: data.streaming reads a folder of .parquet files; none found")
         self.n = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
         stream = datasets.load_dataset("parquet", data_files=files, split="train", streaming=True)
-        columns = [c for c in (image_column, caption_column) if c is not None]
-        missing = [c for c in columns if c not in (stream.column_names or columns)]
-        if missing:
-            raise BadSource(f"{location}: no column {missing[0]!r} (columns: {', '.join(stream.column_names)}); "
-                            "set data.image_column / data.caption_field")
-        stream = stream.select_columns(columns)
-        if isinstance(stream.features[image_column], datasets.Image):
-            stream = stream.cast_column(image_column, datasets.Image(decode=False))
+        stream = _columns(stream, location, image_column, caption_column)
         self.stream = stream.shuffle(seed=seed, buffer_size=buffer)
         self.rows = HFItems(stream, location, resolution, image_column, caption_column)  # decodes one row
         self._epoch, self._next, self._rows = -1, 0, iter(())

@@ -80,8 +80,8 @@ class EpochSamples:
 
     replays = False
 
-    def __init__(self, items: Items, keep: list[int], order: EpochOrder, where: str):
-        self.items, self.keep, self.order, self.where = items, keep, order, where
+    def __init__(self, items: Items, keep: list[int], order: EpochOrder):
+        self.items, self.keep, self.order = items, keep, order
 
     def take(self, position: int, rng: np.random.Generator,
              bad: list[tuple[str, str]]) -> tuple[torch.Tensor, str | None]:
@@ -97,7 +97,7 @@ class EpochSamples:
 
 @dataclass(frozen=True)
 class DataPosition:
-    """Where a rank's data stands: micro-batches drawn, and samples taken from each stream."""
+    """Where a run's data stands (the same on every rank): micro-batches drawn, samples taken from each stream."""
 
     micro_batch: int = 0
     images: int = 0
@@ -207,7 +207,7 @@ def build_sources(cfg: Config, report: DataReport | None = None, run_dir: Path |
 def _epochs(items: Items, keep: list[int], seed: int, stream: int, where: str) -> EpochSamples:
     if not keep:
         raise FileNotFoundError(f"{where}: no usable samples")
-    return EpochSamples(items, keep, EpochOrder(len(keep), seed, stream), where)
+    return EpochSamples(items, keep, EpochOrder(len(keep), seed, stream))
 
 
 @dataclass
