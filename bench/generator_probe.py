@@ -34,7 +34,7 @@ from iomm.model import build_codec
 from iomm.nano.prompts import eval_prompts
 from iomm.nano.scorer import detect_objects, judge, score
 from iomm.nano.world import World, captioned_grid
-from iomm.training.trainer import lr_factor
+from iomm.training.optimizers import lr_factor
 
 
 def main() -> None:

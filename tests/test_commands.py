@@ -66,6 +66,8 @@ def test_describe_counts_the_paper_scale_models():
     assert counts["trainable"] == counts["adapter"] + counts["connector"] + counts["generator"]
     large = describe(load_config(CONFIGS / "iomm-l.yaml", check_paths=False))
     assert large["generator"] == pytest.approx(2.7e9, rel=0.03)
+    xl = describe(load_config(CONFIGS / "iomm-xl.yaml", check_paths=False))  # Z-Image's own 6.15B layout
+    assert xl["generator"] == pytest.approx(6.0e9, rel=0.1)
 
 
 def test_describe_on_a_qwen25_vl_checkpoint(tmp_path, capsys):

@@ -68,7 +68,7 @@ def test_resume_applies_a_new_learning_rate_and_more_steps(tiny_config, tmp_path
     resumed.fit()
     out = capsys.readouterr().out
     assert "train.lr: 0.0001 -> 0.003 (applies from step 2)" in out and "train.steps: 2 -> 4" in out
-    group = resumed.optimizer.param_groups[0]
+    group = resumed.optimizers[0].param_groups[0]
     assert group["lr"] == pytest.approx(0.003) and group["weight_decay"] == 0.01
     assert resumed.step == 4 and _steps(tmp_path / "run") == [1, 2, 3, 4]
 

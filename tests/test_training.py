@@ -8,7 +8,8 @@ import torch
 
 from iomm.checkpointing.checkpoint import latest_checkpoint
 from iomm.inference.pipeline import load_model
-from iomm.training.trainer import Trainer, lr_factor
+from iomm.training.optimizers import lr_factor
+from iomm.training.trainer import Trainer
 
 
 def _losses(run_dir):
@@ -35,6 +36,8 @@ def test_resume_gives_the_same_losses_as_an_uninterrupted_run(tiny_config, tmp_p
 @pytest.mark.parametrize("generator, output_layer", [
     (("generator.kind=sd3",), "proj_out"),
     (("generator.kind=unet", "generator.block_out_channels=[32,32]", "generator.attention_head_dim=16"), "conv_out"),
+    (("generator.kind=zimage", "generator.attention_head_dim=16", "generator.refiner_layers=1"),
+     "all_final_layer.4-1.linear"),
 ])
 def test_save_then_load_gives_identical_outputs(tiny_config, tmp_path, generator, output_layer):
     trainer = Trainer(tiny_config("train.steps=2", "train.ema_decay=0.5", *generator), tmp_path / "run",
@@ -59,11 +62,11 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous(tiny_config, tmp_p
     Trainer(tiny_config("train.steps=4"), tmp_path / "run", progress=False).fit()
     newest = latest_checkpoint(tmp_path / "run")
     assert newest.name == "step_00000004"
-    weights = newest / "conditioner.safetensors"
+    weights = next((newest / "weights").glob("*.safetensors"))
     weights.write_bytes(weights.read_bytes()[:100])
     messages = []
     assert latest_checkpoint(tmp_path / "run", log=messages.append).name == "step_00000002"
-    assert "step_00000004" in messages[0] and "conditioner.safetensors" in messages[0]
+    assert "step_00000004" in messages[0] and weights.name in messages[0]
     resumed = Trainer(tiny_config("train.steps=4"), tmp_path / "run", progress=False)
     resumed.resume()
     assert resumed.step == 2

@@ -12,8 +12,8 @@ from iomm.config import ConfigError
 from iomm.data.images import BadSource
 
 # Modules under iomm.commands each add their sub-commands with `register(subparsers)`.
-COMMAND_MODULES = ("train", "data", "describe", "bench", "generate", "world", "eval_shapes", "mllm", "vae", "recipe",
-                   "study")
+COMMAND_MODULES = ("train", "data", "describe", "bench", "generate", "export", "world", "eval_shapes", "mllm", "vae",
+                   "recipe", "study")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         _error(f"config error: {err}")
         return 2
-    except (FileNotFoundError, NotADirectoryError, CheckpointError, BadSource) as err:
+    except (FileNotFoundError, FileExistsError, NotADirectoryError, CheckpointError, BadSource) as err:
         _error(str(err))
         return 2
     except RuntimeError as err:

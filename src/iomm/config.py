@@ -73,14 +73,16 @@ UNET_NORM_GROUPS = 32  # group norm groups in the U-Net generator: its channel c
 
 @dataclass
 class GeneratorConfig:
-    # sd3: diffusers SD3Transformer2DModel (the paper's MM-DiT); unet: UNet2DConditionModel (cross-attn every level)
-    kind: Literal["sd3", "unet"] = "sd3"
+    # sd3: diffusers SD3Transformer2DModel (the paper's MM-DiT); zimage: ZImageTransformer2DModel (single-stream,
+    # IOMM-XL); unet: UNet2DConditionModel (cross-attention at every level)
+    kind: Literal["sd3", "zimage", "unet"] = "sd3"
     pretrained: str | None = None
     attention_head_dim: int = 32  # both kinds
-    # kind=sd3
+    # kind=sd3 / zimage
     num_layers: int = 4
     num_attention_heads: int = 4
     patch_size: int = 2
+    refiner_layers: int = 2  # kind=zimage: the image's and the condition's own layers before the joint ones
     dual_attention_layers: list[int] = field(default_factory=list)
     qk_norm: Literal["rms_norm", "layer_norm", None] = "rms_norm"
     # kind=unet: channels per resolution level (each level after the first halves the latent side)
@@ -122,7 +124,7 @@ class FlowConfig:
 @dataclass
 class TrainConfig:
     steps: int = 1000
-    batch_size: int = 16
+    batch_size: int = 16  # global, over all ranks: each of N ranks takes batch_size / N per micro-batch
     grad_accum: int = 1
     lr: float = 1e-4
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
@@ -145,6 +147,10 @@ class TrainConfig:
     keep_last: int = 2
     keep_every: int = 0
     max_nonfinite_in_row: int = 5
+    # ddp: a replica per rank; fsdp: FSDP2 shards of the trainable weights, gradients, optimizer state and EMA
+    parallel: Literal["ddp", "fsdp"] = "ddp"
+    activation_checkpointing: bool = False  # recompute each generator block in the backward pass
+    optimizer: Literal["adamw", "muon"] = "adamw"  # muon: the generator blocks' matrices (iomm.training.optimizers)
 
 
 @dataclass
@@ -254,7 +260,10 @@ def validate(cfg: Config, source: str = "<config>", *, check_paths: bool = True)
 
 
 def _check_generator(g: GeneratorConfig, codec_factor: int, resolution: int, source: str) -> None:
-    if g.kind == "sd3":
+    if g.kind == "zimage":
+        _check(g.attention_head_dim % 16 == 0, source, "generator.attention_head_dim",
+               "a multiple of 16 for kind=zimage (its three rotary axes)", g.attention_head_dim)
+    if g.kind in ("sd3", "zimage"):
         _check(g.patch_size >= 1, source, "generator.patch_size", ">= 1", g.patch_size)
         factor, why = codec_factor * g.patch_size, "the codec factor x patch size"
     else:

@@ -22,6 +22,7 @@ from iomm.data.encoded import EncodedImages
 from iomm.generator.codec import PixelCodec, VAECodec
 from iomm.generator.flow import TIMESTEP_SCALE, flow_matching_loss, output_to_velocity
 from iomm.generator.network import build_generator, run_generator
+from iomm.row_generators import Generators, rand, repeat_rows, select
 from iomm.training.phases import PhaseTimer
 
 TRAINABLE = ("adapter", "connector", "generator", "token_head")
@@ -114,7 +115,7 @@ class IOMM(nn.Module):
         embeds, mask = self.mllm.embed_text(texts)
         return Segment(embeds, mask)
 
-    def _image_segment(self, tokens: torch.Tensor, generator: torch.Generator | None, masked: bool) -> Segment:
+    def _image_segment(self, tokens: torch.Tensor, generator: Generators, masked: bool) -> Segment:
         """The segment of image tokens (B, N, D) from `mllm.embed_images`, masked at `masking.ratio` if `masked`."""
         valid = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
         if not masked or self.cfg.masking.ratio == 0.0:
@@ -144,13 +145,13 @@ class IOMM(nn.Module):
             return images.tokens.to(self.mllm.device, self.mllm.dtype)
         return self.mllm.embed_images(images)
 
-    def latents(self, images: Images, generator: torch.Generator | None) -> torch.Tensor:
+    def latents(self, images: Images, generator: Generators) -> torch.Tensor:
         """The codec's latents of the images, encoded, or drawn from a latent cache's posterior moments."""
         if isinstance(images, EncodedImages):
             return self.codec.latents(images.moments, generator)
         return self.codec.encode(images, generator)
 
-    def condition_masked_images(self, images: Images, generator: torch.Generator | None = None) -> Condition:
+    def condition_masked_images(self, images: Images, generator: Generators = None) -> Condition:
         """Stage 1: c = concat(c_aux, mask(v(x)))."""
         prompt = self._text_segment([self.cfg.masking.prompt] * len(images))
         tokens = self.image_tokens(images)
@@ -169,20 +170,20 @@ class IOMM(nn.Module):
     def null_condition(self, batch: int, length: int) -> Condition:
         return Condition(*self.connector.null_condition(batch, length))
 
-    def condition_batch(self, images: Images, captions: list[str | None], generator: torch.Generator,
+    def condition_batch(self, images: Images, captions: list[str | None], generator: Generators,
                         dropout: float) -> Condition:
         """Mixed batch: image-only samples (caption None) are masked self-conditions, the rest use captions.
 
         Samples hit by condition dropout get the null condition and skip the LLM.
         """
         b = len(images)
-        dropped = (torch.rand(b, generator=generator) < dropout).tolist()
+        dropped = (rand((b,), generator) < dropout).tolist()
         image_idx = [i for i in range(b) if captions[i] is None and not dropped[i]]
         text_idx = [i for i in range(b) if captions[i] is not None and not dropped[i]]
         parts: list[tuple[list[int], Condition]] = []
         image_tokens = caption_tokens = None
         if image_idx:
-            image_cond = self.condition_masked_images(images[image_idx], generator)
+            image_cond = self.condition_masked_images(images[image_idx], select(generator, image_idx))
             parts.append((image_idx, image_cond))
             image_tokens = image_cond.image_tokens
         if text_idx:
@@ -205,10 +206,10 @@ class IOMM(nn.Module):
         out = run_generator(self.generator, latents, t * TIMESTEP_SCALE, cond.tokens, cond.pooled)
         return output_to_velocity(self.cfg.flow, latents, out, t)
 
-    def forward(self, images: Images, captions: list[str | None], generator: torch.Generator) -> torch.Tensor:
+    def forward(self, images: Images, captions: list[str | None], generator: Generators) -> torch.Tensor:
         return self.loss(images, captions, generator)
 
-    def loss(self, images: Images, captions: list[str | None], generator: torch.Generator) -> torch.Tensor:
+    def loss(self, images: Images, captions: list[str | None], generator: Generators) -> torch.Tensor:
         """Flow-matching loss of one (mixed) batch; all randomness comes from `generator`."""
         with self.timer("conditioning_forward"):
             cond = self.condition_batch(images, captions, generator, self.cfg.train.cond_dropout)
@@ -231,10 +232,11 @@ class IOMM(nn.Module):
         predicted = self.token_head(tokens[:, : targets.shape[1]])
         return F.mse_loss(predicted, F.layer_norm(targets.to(predicted.dtype), targets.shape[-1:]))
 
-    def flow_loss(self, latents: torch.Tensor, cond: Condition, generator: torch.Generator) -> torch.Tensor:
+    def flow_loss(self, latents: torch.Tensor, cond: Condition, generator: Generators) -> torch.Tensor:
         """Flow-matching loss of latents under their conditions, `flow.samples_per_condition` draws each."""
         repeats = self.cfg.flow.samples_per_condition
         if repeats > 1:  # one conditioning pass, several (noise, t) draws: more generator samples per second
             latents = latents.repeat_interleave(repeats, dim=0)
             cond = Condition(*(x.repeat_interleave(repeats, dim=0) for x in (cond.tokens, cond.pooled)))
+            generator = repeat_rows(generator, repeats)
         return flow_matching_loss(lambda x, t: self.velocity(x, t, cond), latents, self.cfg.flow, generator)

@@ -1,11 +1,9 @@
 """Checkpoints: directories of safetensors plus optimizer and trainer state, written atomically.
 
 Layout of `RUN/checkpoints/step_00001000/`:
-  generator/                diffusers `save_pretrained` (config.json + safetensors)
-  conditioner.safetensors   adapter + connector
-  ema.safetensors           EMA of every trainable weight
-  optimizer.pt              optimizer + LR schedule (read back with weights_only=True)
-  state.json, config.yaml   step, counters, the run's config
+  weights/                  weights, EMA and optimizer state: torch.distributed.checkpoint shards in safetensors,
+                            one file per rank (iomm.checkpointing.weights)
+  state.json, config.yaml   step, LR schedule, counters, data position, the run's config
   manifest.json             size and sha256 of every file; written last: no manifest, no checkpoint
 """
 
@@ -15,8 +13,9 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -81,35 +80,82 @@ def verify(root: Path) -> str | None:
     return None
 
 
-def save_checkpoint(run_dir: Path, step: int, write: Any, *, keep_last: int, keep_every: int = 0) -> Path:
-    """`write(tmp_dir)` fills a temporary directory, which is renamed into place once its manifest is written.
+class Group(Protocol):
+    """The ranks that save together (iomm.training.distributed.Distributed)."""
 
-    On any failure (a full disk included) the temporary directory is removed, the previous
-    checkpoints are untouched, and a CheckpointError says what happened. Temporary directories
-    left by a save that was killed are removed first.
+    @property
+    def main(self) -> bool: ...
+
+    def gather(self, value: Any) -> list[Any]: ...
+
+
+class OneProcess:
+    main = True
+
+    def gather(self, value: Any) -> list[Any]:
+        return [value]
+
+
+def _reason(err: BaseException) -> str:
+    # A full disk shows as OSError from Python, SafetensorError from safetensors.
+    return err.strerror if isinstance(err, OSError) and err.strerror else str(err) or type(err).__name__
+
+
+def _on_every_rank(group: Group, action: Callable[[], None] | None) -> None:
+    """Runs `action` where given; raises on every rank when it failed on any (the gather is the barrier)."""
+    error = None
+    if action is not None:
+        try:
+            action()
+        except Exception as err:  # noqa: BLE001 - every rank must learn of it, whatever it is
+            error = err
+    reasons = group.gather(None if error is None else _reason(error))
+    if error is not None:
+        raise error
+    failed = [f"rank {rank}: {why}" for rank, why in enumerate(reasons) if why is not None]
+    if failed:
+        raise CheckpointError("; ".join(failed))
+
+
+def save_checkpoint(run_dir: Path, step: int, write: Callable[[Path], None], *, keep_last: int,
+                    keep_every: int = 0, group: Group | None = None) -> Path:
+    """Every rank of `group` calls this; `write(tmp_dir)` fills a temporary directory on each (every rank its
+    own files), and the main rank renames it into place once its manifest is written.
+
+    On any failure on any rank (a full disk included) the temporary directory is removed, the previous
+    checkpoints are untouched, and every rank raises a CheckpointError that says what happened. Temporary
+    directories left by a save that was killed are removed first.
     """
+    group = group or OneProcess()
     root = Path(run_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    for stale in root.glob(f"{TMP_PREFIX}*"):  # left by a save that was killed: never a checkpoint
-        shutil.rmtree(stale, ignore_errors=True)
     final = root / checkpoint_name(step)
-    tmp = root / f"{TMP_PREFIX}{checkpoint_name(step)}-{os.getpid()}"
-    try:
+    tmp = root / f"{TMP_PREFIX}{checkpoint_name(step)}"
+
+    def prepare() -> None:
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob(f"{TMP_PREFIX}*"):  # left by a save that was killed: never a checkpoint
+            shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir()
-        write(tmp)
+
+    def publish() -> None:
         write_manifest(tmp)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
+
+    try:
+        _on_every_rank(group, prepare if group.main else None)
+        _on_every_rank(group, lambda: write(tmp))
+        _on_every_rank(group, publish if group.main else None)
     except BaseException as err:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if group.main:
+            shutil.rmtree(tmp, ignore_errors=True)
         if not isinstance(err, Exception):  # Ctrl-C, SystemExit: clean up, then let it through
             raise
-        # A full disk shows as OSError from Python, RuntimeError from torch.save, SafetensorError from safetensors.
-        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err) or type(err).__name__
-        raise CheckpointError(f"could not save checkpoint {final}: {reason} ({_free_space(root)}); "
+        raise CheckpointError(f"could not save checkpoint {final}: {_reason(err)} ({_free_space(root)}); "
                               f"the previous checkpoint is intact") from err
-    _prune(root, keep_last, keep_every)
+    if group.main:
+        _prune(root, keep_last, keep_every)
     return final
 
 
@@ -166,11 +212,3 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
-
-
-def save_torch(obj: Any, path: Path) -> None:
-    torch.save(obj, path)
-
-
-def load_torch(path: Path) -> Any:
-    return torch.load(path, map_location="cpu", weights_only=True)

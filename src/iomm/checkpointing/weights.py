@@ -1,24 +1,35 @@
-"""Trainable weights on disk: the generator in diffusers format, adapter + connector (+ token head), and their EMA."""
+"""Trainable weights on disk: sharded training state, and the consolidated inference layout.
+
+A training checkpoint keeps its tensors in `weights/`, written by `torch.distributed.checkpoint` in the
+safetensors format (`HuggingFaceStorageWriter`, one file per rank): every rank writes its own shards of the
+weights, EMA and optimizer state, nothing is gathered on one rank, and any world size reads them back (DCP
+reshards on load; no pickle is read). Keys: `model.<name>`, `ema.<name>`, `optim.<name>.<state>`.
+
+An export (`iomm export`) holds the inference layout: `generator/` (the diffusers class's `save_pretrained`)
+and `conditioner.safetensors` (adapter, connector, token head).
+"""
 
 from __future__ import annotations
 
+import contextlib
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict
 
 from iomm.checkpointing.checkpoint import load_tensors, save_tensors
 from iomm.model import IOMM
 from iomm.training.ema import EMA
 
-CONDITIONER = "conditioner.safetensors"
-EMA_FILE = "ema.safetensors"
+WEIGHTS_DIR = "weights"
 GENERATOR_DIR = "generator"
-
-
-def step_seed(*parts: int) -> int:
-    """A 63-bit seed from integers (seed, step, micro-step, rank); stable across processes and runs."""
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+CONDITIONER = "conditioner.safetensors"
+TRAINABLE_ONLY = StateDictOptions(ignore_frozen_params=True)
 
 
 def _conditioner_modules(model: IOMM) -> dict[str, torch.nn.Module]:
@@ -26,33 +37,92 @@ def _conditioner_modules(model: IOMM) -> dict[str, torch.nn.Module]:
     return {name: module for name, module in model.trainable().items() if name != "generator"}
 
 
-def _conditioner_state(model: IOMM) -> dict[str, torch.Tensor]:
-    return {f"{name}.{k}": v for name, module in _conditioner_modules(model).items()
-            for k, v in module.state_dict().items()}
+def _module_state(model: IOMM) -> dict[str, torch.Tensor]:
+    """Every trainable module's state dict under `<module>.`: DTensor shards under FSDP2."""
+    return {f"{name}.{k}": v for name, module in model.trainable().items() for k, v in module.state_dict().items()}
 
 
-def trainable_state(model: IOMM, ema: EMA | None, out: Path) -> None:
+def _load_modules(modules: dict[str, torch.nn.Module], state: dict[str, torch.Tensor]) -> None:
+    """Each module's `<module>.`-prefixed entries of `state`."""
+    for name, module in modules.items():
+        module.load_state_dict({k[len(name) + 1:]: v for k, v in state.items() if k.startswith(f"{name}.")})
+
+
+@contextlib.contextmanager
+def _dcp() -> Iterator[bool]:
+    """Whether DCP runs without a process group (one process), without its warning that it does."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        yield not (dist.is_available() and dist.is_initialized())
+
+
+def _load(state: dict, path: Path) -> None:
+    with _dcp() as no_dist:
+        dcp.load(state, storage_reader=HuggingFaceStorageReader(str(path / WEIGHTS_DIR)), no_dist=no_dist)
+
+
+def save_training_state(model: IOMM, ema: EMA, optimizers: list[torch.optim.Optimizer], out: Path) -> bool:
+    """Called by every rank: writes its shards to `out/weights`. Returns whether optimizer state was written
+    (none before the first step: DCP would make it up with a zero step, and the resumed run would differ)."""
+    state: dict = {"model": _module_state(model), "ema": ema.state_dict()}
+    has_optimizer = all(optimizer.state for optimizer in optimizers)
+    if has_optimizer:
+        state["optim"] = get_optimizer_state_dict(model, optimizers, options=TRAINABLE_ONLY)["state"]
+    with _dcp() as no_dist:
+        dcp.save(state, storage_writer=HuggingFaceStorageWriter(str(out / WEIGHTS_DIR), save_distributed=True),
+                 no_dist=no_dist)
+    return has_optimizer
+
+
+def load_training_state(model: IOMM, ema: EMA, optimizers: list[torch.optim.Optimizer], path: Path, *,
+                        has_optimizer: bool) -> None:
+    """Called by every rank: weights, EMA and optimizer state into this rank's (possibly sharded) tensors."""
+    state: dict = {"model": _module_state(model), "ema": ema.state_dict()}
+    groups = None
+    if has_optimizer:
+        full = get_optimizer_state_dict(model, optimizers, options=TRAINABLE_ONLY)
+        state["optim"], groups = full["state"], full["param_groups"]
+    _load(state, path)
+    _load_modules(model.trainable(), state["model"])
+    ema.load_state_dict(state["ema"])
+    if has_optimizer:
+        set_optimizer_state_dict(model, optimizers, {"state": state["optim"], "param_groups": groups},
+                                 options=TRAINABLE_ONLY)
+
+
+def load_trainable(model: IOMM, path: Path, *, use_ema: bool) -> None:
+    """Trainable weights of a checkpoint (the EMA ones if `use_ema`) or an export into an unsharded model."""
+    if not (path / WEIGHTS_DIR).is_dir():
+        _load_export(model, path)
+        return
+    state: dict = {"model": {k: v.clone() for k, v in _module_state(model).items()}}
+    if use_ema:
+        state["ema"] = {name: p.detach().clone().float() for name, p in trainable_parameters(model).items()}
+    _load(state, path)
+    _load_modules(model.trainable(), state["model"])
+    if use_ema:
+        with torch.no_grad():
+            for name, p in trainable_parameters(model).items():
+                p.copy_(state["ema"][name].to(p.dtype))
+
+
+def trainable_parameters(model: IOMM) -> dict[str, torch.nn.Parameter]:
+    """The parameters the optimizer and EMA cover, by `<module>.<name>`."""
+    return {f"{name}.{n}": p for name, module in model.trainable().items()
+            for n, p in module.named_parameters() if p.requires_grad}
+
+
+def save_export(model: IOMM, out: Path) -> None:
+    """The inference layout of an unsharded model's current weights."""
     model.generator.save_pretrained(out / GENERATOR_DIR, safe_serialization=True)
-    save_tensors(_conditioner_state(model), out / CONDITIONER)
-    if ema is not None:
-        save_tensors(ema.state_dict(), out / EMA_FILE)
+    save_tensors({f"{name}.{k}": v for name, module in _conditioner_modules(model).items()
+                  for k, v in module.state_dict().items()}, out / CONDITIONER)
 
 
-def load_trainable(model: IOMM, path: Path, *, use_ema: bool, ema: EMA | None = None) -> None:
-    """Load trainable weights from a checkpoint dir; `use_ema` puts the EMA weights into the model."""
+def _load_export(model: IOMM, path: Path) -> None:
+    if not (path / GENERATOR_DIR).is_dir():
+        raise FileNotFoundError(f"{path}: neither a training checkpoint ({WEIGHTS_DIR}/) nor an export "
+                                f"({GENERATOR_DIR}/ and {CONDITIONER})")
     generator = type(model.generator).from_pretrained(path / GENERATOR_DIR)
     model.generator.load_state_dict(generator.state_dict())
-    conditioner = load_tensors(path / CONDITIONER)
-    for name, module in _conditioner_modules(model).items():
-        module.load_state_dict({k[len(name) + 1:]: v for k, v in conditioner.items() if k.startswith(f"{name}.")})
-    if not (path / EMA_FILE).is_file():
-        return
-    shadow = load_tensors(path / EMA_FILE)
-    if ema is not None:
-        ema.load_state_dict(shadow)
-    if use_ema:
-        params = {f"{name}.{n}": p for name, m in model.trainable().items() for n, p in m.named_parameters()}
-        with torch.no_grad():
-            for name, value in shadow.items():
-                if name in params:
-                    params[name].copy_(value.to(params[name].dtype))
+    _load_modules(_conditioner_modules(model), load_tensors(path / CONDITIONER))

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import torch
 
+from iomm.row_generators import Generators, rand
+
 
 def random_keep_mask(batch: int, num_tokens: int, ratio: float, *, min_keep: int = 1,
-                     generator: torch.Generator | None = None, device: torch.device | str = "cpu") -> torch.Tensor:
+                     generator: Generators = None, device: torch.device | str = "cpu") -> torch.Tensor:
     """Bool (batch, num_tokens): True where a token is kept.
 
     Each token is kept independently with probability 1 - ratio. With few image tokens a high ratio
     can mask a whole image; `min_keep` tokens (chosen at random) are then forced back on.
     """
-    # Drawn on the generator's device (CPU) so runs are reproducible on any accelerator.
-    noise = torch.rand(batch, num_tokens, generator=generator).to(device)
+    # Drawn on the CPU so runs are reproducible on any accelerator.
+    noise = rand((batch, num_tokens), generator).to(device)
     keep = noise >= ratio
     if min_keep > 0:
         # The min_keep tokens with the highest noise are the most "nearly kept" ones: a uniform random choice.

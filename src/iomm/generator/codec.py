@@ -10,6 +10,7 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from torch import nn
 
 from iomm.config import vae_factor
+from iomm.row_generators import Generators
 
 
 class PixelCodec(nn.Module):
@@ -21,10 +22,10 @@ class PixelCodec(nn.Module):
     def moments(self, images: torch.Tensor) -> torch.Tensor:
         return images * 2.0 - 1.0
 
-    def latents(self, moments: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def latents(self, moments: torch.Tensor, generator: Generators = None) -> torch.Tensor:
         return moments
 
-    def encode(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def encode(self, images: torch.Tensor, generator: Generators = None) -> torch.Tensor:
         return self.latents(self.moments(images), generator)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -55,12 +56,12 @@ class VAECodec(nn.Module):
         """The posterior's parameters (B, 2C, h, w): mean and log-variance (what a latent cache stores)."""
         return self.vae.encode(images * 2.0 - 1.0).latent_dist.parameters
 
-    def latents(self, moments: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def latents(self, moments: torch.Tensor, generator: Generators = None) -> torch.Tensor:
         posterior = DiagonalGaussianDistribution(moments)
         latents = posterior.sample(generator) if self.sample_posterior else posterior.mode()
         return (latents - self.shift) * self.scale
 
-    def encode(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def encode(self, images: torch.Tensor, generator: Generators = None) -> torch.Tensor:
         return self.latents(self.moments(images), generator)
 
     @torch.no_grad()

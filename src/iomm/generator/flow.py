@@ -10,6 +10,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.training_utils import compute_density_for_timestep_sampling
 
 from iomm.config import FlowConfig
+from iomm.row_generators import Generators, per_row, randn
 
 # diffusers' flow-matching models take timesteps in [0, 1000].
 TIMESTEP_SCALE = 1000.0
@@ -17,10 +18,10 @@ TIMESTEP_SCALE = 1000.0
 VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def sample_timesteps(cfg: FlowConfig, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
+def sample_timesteps(cfg: FlowConfig, batch: int, generator: Generators = None) -> torch.Tensor:
     scheme = "logit_normal" if cfg.timestep_sampling == "logit_normal" else "none"
-    return compute_density_for_timestep_sampling(
-        scheme, batch, logit_mean=cfg.logit_mean, logit_std=cfg.logit_std, generator=generator)
+    return per_row(lambda n, g: compute_density_for_timestep_sampling(
+        scheme, n, logit_mean=cfg.logit_mean, logit_std=cfg.logit_std, generator=g), batch, generator)
 
 
 def interpolate(x: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -33,9 +34,9 @@ def velocity_target(x: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
 
 
 def flow_matching_loss(velocity: VelocityFn, latents: torch.Tensor, cfg: FlowConfig,
-                       generator: torch.Generator) -> torch.Tensor:
+                       generator: Generators) -> torch.Tensor:
     """MSE between the predicted and the true velocity at x_t, for noise and t drawn from `generator`."""
-    noise = torch.randn(latents.shape, generator=generator).to(latents)
+    noise = randn(latents.shape, generator).to(latents)
     t = sample_timesteps(cfg, latents.shape[0], generator).to(latents.device)
     prediction = velocity(interpolate(latents, noise, t), t)
     return F.mse_loss(prediction.float(), velocity_target(latents, noise).float())

@@ -1,21 +1,23 @@
-"""The generator F, chosen by config: the paper's diffusers MM-DiT, or a diffusers cross-attention U-Net.
+"""The generator F, chosen by config: the paper's diffusers MM-DiT, the single-stream Z-Image DiT (IOMM-XL),
+or a diffusers cross-attention U-Net.
 
-Both read the condition tokens the same way (attention to `encoder_hidden_states`); the MM-DiT also takes
-the pooled condition. The U-Net's convolutions give small models on small latents a locality prior that
-the MM-DiT has to learn, which is what a CPU-sized budget cannot afford (bench/README.md, "A U-Net on
-posterior means").
+All read the condition tokens (the MM-DiT and the U-Net as `encoder_hidden_states`, Z-Image as `cap_feats`
+in one joint sequence with the image); the MM-DiT also takes the pooled condition. The U-Net's convolutions
+give small models on small latents a locality prior that the MM-DiT has to learn, which is what a CPU-sized
+budget cannot afford (bench/README.md, "A U-Net on posterior means").
 """
 
 from __future__ import annotations
 
 import torch
-from diffusers import SD3Transformer2DModel, UNet2DConditionModel
+from diffusers import SD3Transformer2DModel, UNet2DConditionModel, ZImageTransformer2DModel
 from torch import nn
 
 from iomm.config import UNET_NORM_GROUPS, GeneratorConfig
+from iomm.generator.flow import TIMESTEP_SCALE
 
-GENERATOR_CLASSES: dict[str, type[SD3Transformer2DModel | UNet2DConditionModel]] = {
-    "sd3": SD3Transformer2DModel, "unet": UNet2DConditionModel}
+GENERATOR_CLASSES: dict[str, type[SD3Transformer2DModel | UNet2DConditionModel | ZImageTransformer2DModel]] = {
+    "sd3": SD3Transformer2DModel, "unet": UNet2DConditionModel, "zimage": ZImageTransformer2DModel}
 
 
 def build_generator(cfg: GeneratorConfig, *, in_channels: int, sample_size: int, cond_width: int) -> nn.Module:
@@ -37,6 +39,14 @@ def build_generator(cfg: GeneratorConfig, *, in_channels: int, sample_size: int,
             norm_num_groups=UNET_NORM_GROUPS,
         )
     inner = cfg.num_attention_heads * cfg.attention_head_dim
+    if cfg.kind == "zimage":
+        d = cfg.attention_head_dim  # rotary axes (frame, height, width) as in Z-Image: 32 + 48 + 48 of 128
+        return ZImageTransformer2DModel(
+            all_patch_size=(cfg.patch_size,), all_f_patch_size=(1,), in_channels=in_channels, dim=inner,
+            n_layers=cfg.num_layers, n_refiner_layers=cfg.refiner_layers, n_heads=cfg.num_attention_heads,
+            n_kv_heads=cfg.num_attention_heads, cap_feat_dim=cond_width, axes_dims=[d // 4, 3 * d // 8, 3 * d // 8],
+            # rotary table lengths: condition tokens run along the first axis (Z-Image's 1024), the image the others
+            axes_lens=[1024, max(sample_size // cfg.patch_size, 1), max(sample_size // cfg.patch_size, 1)])
     return SD3Transformer2DModel(
         sample_size=sample_size,
         patch_size=cfg.patch_size,
@@ -59,5 +69,11 @@ def run_generator(generator: nn.Module, latents: torch.Tensor, timestep: torch.T
     """The generator's raw output (velocity or clean sample, per `flow.prediction`) for noisy latents."""
     if isinstance(generator, UNet2DConditionModel):
         return generator(latents, timestep, encoder_hidden_states=tokens, return_dict=False)[0]
+    if isinstance(generator, ZImageTransformer2DModel):
+        # Z-Image takes a list of (C, frames, H, W) latents, time from noise (0) to image (1), and predicts
+        # image - noise (ZImagePipeline): the flip of both gives this flow's time and velocity.
+        out = generator([x.unsqueeze(1) for x in latents], 1.0 - timestep / TIMESTEP_SCALE, list(tokens),
+                        patch_size=generator.config.all_patch_size[0], return_dict=False)[0]
+        return -torch.stack(out).squeeze(2)
     return generator(hidden_states=latents, timestep=timestep, encoder_hidden_states=tokens,
                      pooled_projections=pooled, return_dict=False)[0]

@@ -1,7 +1,8 @@
 """Training: stage 1 (image-only, mix_ratio = 1) and stage 2 (mixed) share one loop.
 
-Every source of randomness for step s (data, masks, dropout, timesteps, noise) is seeded from
-(seed, s, rank), so a resumed run continues exactly: only weights, EMA, optimizer and LR schedule
+Every source of randomness of a sample (its data, mask, dropout, timestep, noise) is seeded from
+(seed, step, micro-step, its index in the global batch), never from the rank, so a global batch is the same at
+any world size and a resumed run continues exactly: only weights, EMA, optimizer and LR schedule
 are state, and they live in the checkpoint. Every stop is collective across ranks (see distributed.py).
 """
 
@@ -14,25 +15,28 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from iomm.checkpointing import checkpoint as ckpt
-from iomm.checkpointing.weights import load_trainable, step_seed, trainable_state
+from iomm.checkpointing.weights import load_trainable, load_training_state, save_training_state, trainable_parameters
 from iomm.config import Config, load_config, save_config
 from iomm.data.images import DataReport, TooMuchBadData
 from iomm.data.mixed_batches import Batch, DataPosition, MixedBatches, batch_loader, build_sources
 from iomm.image_tensors import image_grid
 from iomm.model import IOMM
+from iomm.row_generators import sample_generators
 from iomm.training.distributed import Distributed
 from iomm.training.ema import EMA
+from iomm.training.optimizers import build_optimizers, build_schedulers
+from iomm.training.parallel import distribute, gradient_sync, local_value
 from iomm.training.precision import autocast
 from iomm.training.resume import config_changes
 from iomm.training.run_log import RunLog, plot_loss_curve, step_line
 from iomm.training.stopping import StopSignal, TrainingInterrupted, TrainingStopped
+from iomm.typed_config import ConfigError
 
 MIN_SAMPLES_FOR_BAD_CHECK = 64
 PANEL_SIZE = 8  # held-out images in each sample grid
@@ -42,14 +46,6 @@ SIGNAL = "signal"  # how a stop reason from SIGTERM / Ctrl-C begins
 # images: rows of (B, 3, H, W) images for the sample grid and scalar metrics for the log
 # (iomm.evaluation.reconstruction.sample_grid).
 SampleFn = Callable[[IOMM, Config, torch.Tensor], tuple[list[torch.Tensor], dict[str, float]]]
-
-
-def lr_factor(step: int, *, steps: int, warmup: int, decay_fraction: float) -> float:
-    """Warmup-stable-decay: linear warm-up, constant, then a linear fall to 0 over the final `decay_fraction`."""
-    factor = min(1.0, (step + 1) / max(warmup, 1))
-    if decay_fraction > 0:
-        factor = min(factor, max(steps - step, 0) / max(decay_fraction * steps, 1.0))
-    return factor
 
 
 @dataclass
@@ -75,6 +71,9 @@ class Trainer:
         if self.cfg.train.threads:
             torch.set_num_threads(self.cfg.train.threads)
         self.device = self.dist.device()
+        if self.cfg.train.batch_size % self.dist.world:
+            raise ConfigError("the launch", "train.batch_size", f"a multiple of the {self.dist.world} ranks",
+                              self.cfg.train.batch_size)
         self.report = DataReport()  # the data first: a source that cannot be read fails before the model is built
         sources = build_sources(self.cfg, self.report, self.run_dir, main=self.dist.main, barrier=self.dist.barrier,
                                 held_out=PANEL_SIZE)
@@ -83,60 +82,51 @@ class Trainer:
         self.model = self.model_fn(self.cfg).to(self.device)
         if self.init is not None:
             load_trainable(self.model, ckpt.resolve_checkpoint(self.init), use_ema=False)
-        self.params = {f"{name}.{n}": p for name, m in self.model.trainable().items()
-                       for n, p in m.named_parameters() if p.requires_grad}
         t = self.cfg.train
-        self.optimizer = torch.optim.AdamW(self.params.values(), lr=t.lr, betas=tuple(t.betas),
-                                           weight_decay=t.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, partial(lr_factor, steps=t.steps, warmup=t.warmup_steps, decay_fraction=t.decay_fraction))
+        self.forward = distribute(self.model, self.model.generator, t, self.dist.world, self.device)
+        self.sharded = self.dist.world > 1 and t.parallel == "fsdp"  # every rank takes part in every forward
+        self.params = trainable_parameters(self.model)  # after distribute: FSDP2 makes them DTensors
+        self.optimizers = build_optimizers(self.params, self.model.generator, t)
+        self.schedulers = build_schedulers(self.optimizers, t)
         self.ema = EMA(self.params, t.ema_decay)
-        self.batches = MixedBatches(sources.images, sources.pairs, t.batch_size, t.mix_ratio, t.seed, self.dist.rank,
-                                    self.dist.world)
+        self.batches = MixedBatches(sources.images, sources.pairs, t.batch_size // self.dist.world, t.mix_ratio, t.seed,
+                                    self.dist.rank, self.dist.world)
         self.step = 0
         self.nonfinite_in_row = 0
         self.nonfinite_total = 0
         self.pending_stop: str | None = None  # why this rank must stop before the next step
         self.log = RunLog(self.run_dir, enabled=self.dist.main)
-        self.ddp = None
-        if self.dist.world > 1:
-            self.ddp = torch.nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[self.dist.local_rank] if self.device.type == "cuda" else None,
-                find_unused_parameters=True)
 
     # ---- state -------------------------------------------------------------------------------
     def _write_checkpoint(self, tmp: Path) -> None:
-        trainable_state(self.model, self.ema, tmp)
-        ckpt.save_torch({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
-                        tmp / "optimizer.pt")
+        """Every rank writes its shards of the weights, EMA and optimizer state; rank 0 the run's state."""
+        has_optimizer = save_training_state(self.model, self.ema, self.optimizers, tmp)
+        if not self.dist.main:
+            return
         state = {"step": self.step, "nonfinite_total": self.nonfinite_total, "data": self.report.to_dict(),
-                 "data_position": self.batches.state(self.step * self.cfg.train.grad_accum)}
+                 "data_position": self.batches.state(self.step * self.cfg.train.grad_accum),
+                 "schedulers": [s.state_dict() for s in self.schedulers], "optimizer_state": has_optimizer,
+                 "world_size": self.dist.world, "parallel": self.cfg.train.parallel}
         (tmp / "state.json").write_text(json.dumps(state, indent=1), encoding="utf-8")
         save_config(self.cfg, tmp / "config.yaml")
 
-    def save(self) -> Path | None:
-        """Rank 0 writes the checkpoint; every rank waits for it (a rank that left early would end the launch)."""
-        path = None
-        if self.dist.main:
-            path = ckpt.save_checkpoint(self.run_dir, self.step, self._write_checkpoint,
-                                        keep_last=self.cfg.train.keep_last, keep_every=self.cfg.train.keep_every)
-        self.dist.barrier()
-        return path
+    def save(self) -> Path:
+        """Every rank saves its shards together (a rank that left early would end the launch)."""
+        return ckpt.save_checkpoint(self.run_dir, self.step, self._write_checkpoint, keep_last=self.cfg.train.keep_last,
+                                    keep_every=self.cfg.train.keep_every, group=self.dist)
 
     def resume(self) -> bool:
         found = ckpt.latest_checkpoint(self.run_dir, log=self._print)
         if found is None:
             return False
         changes = config_changes(load_config(found / "config.yaml", check_paths=False), self.cfg, found)
-        load_trainable(self.model, found, use_ema=False, ema=self.ema)
-        opt = ckpt.load_torch(found / "optimizer.pt")
-        self.optimizer.load_state_dict(opt["optimizer"])
-        self.scheduler.load_state_dict(opt["scheduler"])
         state = json.loads((found / "state.json").read_text(encoding="utf-8"))
+        load_training_state(self.model, self.ema, self.optimizers, found, has_optimizer=state["optimizer_state"])
+        for scheduler, saved in zip(self.schedulers, state["schedulers"], strict=True):
+            scheduler.load_state_dict(saved)
         self.step, self.nonfinite_total = state["step"], state["nonfinite_total"]
-        if "data_position" in state:  # else (an older checkpoint) the streams are counted again from the start
-            position = state["data_position"]
-            self.batches.start = DataPosition(position["micro_batch"], position["images"], position["pairs"])
+        position = state["data_position"]
+        self.batches.start = DataPosition(position["micro_batch"], position["images"], position["pairs"])
         self._apply_schedule()
         self._print(f"resumed from {found} at step {self.step}")
         for name, old, new in changes:
@@ -146,11 +136,14 @@ class Trainer:
     def _apply_schedule(self) -> None:
         """The optimizer's hyper-parameters and LR schedule from this config (a resume may change them)."""
         t = self.cfg.train
-        self.scheduler.base_lrs = [t.lr for _ in self.optimizer.param_groups]
-        factor = self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
-        for group in self.optimizer.param_groups:
-            group.update(initial_lr=t.lr, lr=t.lr * factor, betas=tuple(t.betas), weight_decay=t.weight_decay)
-        self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+        for scheduler in self.schedulers:
+            scheduler.base_lrs = [t.lr for _ in scheduler.optimizer.param_groups]
+            factor = scheduler.lr_lambdas[0](scheduler.last_epoch)
+            for group in scheduler.optimizer.param_groups:
+                group.update(initial_lr=t.lr, lr=t.lr * factor, weight_decay=t.weight_decay)
+                if "betas" in group:  # AdamW's (Muon has a momentum instead)
+                    group["betas"] = tuple(t.betas)
+            scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
 
     # ---- one step ----------------------------------------------------------------------------
     def _autocast(self) -> contextlib.AbstractContextManager:
@@ -158,26 +151,30 @@ class Trainer:
 
     def train_step(self, micro_batches: list[Batch]) -> StepOutcome:
         self.model.train()
-        self.optimizer.zero_grad(set_to_none=True)
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=True)
         total = 0.0
         for k, batch in enumerate(micro_batches):
-            generator = torch.Generator().manual_seed(step_seed(self.cfg.train.seed, self.step, k, self.dist.rank))
+            first = self.dist.rank * len(batch.captions)  # this rank's rows of the global micro-batch
+            generator = sample_generators(self.cfg.train.seed, self.step, k, range(first, first + len(batch.captions)))
             images = batch.images.to(self.device, non_blocking=True)
-            no_sync = (self.ddp.no_sync() if self.ddp is not None and k < len(micro_batches) - 1
-                       else contextlib.nullcontext())
-            with no_sync, self._autocast():
-                loss = (self.ddp or self.model)(images, batch.captions, generator) / len(micro_batches)
-            self.model.timer.backward(loss)
+            with gradient_sync(self.forward, enabled=k == len(micro_batches) - 1):
+                with self._autocast():
+                    loss = self.forward(images, batch.captions, generator) / len(micro_batches)
+                self.model.timer.backward(loss)
             total += float(loss.detach())
         with self.model.timer("optimizer_and_ema"):
             grads = [p.grad for p in self.params.values() if p.grad is not None]
             clip = self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else math.inf
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(list(self.params.values()), clip)) if grads else 0.0
+            grad_norm = (float(local_value(torch.nn.utils.clip_grad_norm_(list(self.params.values()), clip)))
+                         if grads else 0.0)
             finite = math.isfinite(total) and math.isfinite(grad_norm)
             if finite:
-                self.optimizer.step()
+                for optimizer in self.optimizers:
+                    optimizer.step()
                 self.ema.update(self.step)
-            self.scheduler.step()
+            for scheduler in self.schedulers:
+                scheduler.step()
         return StepOutcome(total, grad_norm, finite)
 
     # ---- the loop ----------------------------------------------------------------------------
@@ -260,7 +257,7 @@ class Trainer:
             if self.nonfinite_in_row >= t.max_nonfinite_in_row:
                 self.pending_stop = (f"{self.nonfinite_in_row} non-finite steps in a row at step {self.step}; "
                                      "checkpoint saved. Lower train.lr, check the data, or use mixed_precision: fp32.")
-        lr = self.scheduler.get_last_lr()[0]
+        lr = self.schedulers[0].get_last_lr()[0]
         bar.update(1)
         bar.set_postfix(loss=f"{outcome.loss:.4f}", lr=f"{lr:.1e}")
         if self.step % t.log_every == 0 or self.step == t.steps:
@@ -272,7 +269,7 @@ class Trainer:
                 self._print(step_line(self.step, t.steps, loss, lr, self.step - first_step, elapsed))
             self.log.scalars(self.step, {"loss": loss, "grad_norm": outcome.grad_norm, "lr": lr, "elapsed_s": elapsed,
                                          "skipped_samples": skipped, "nonfinite_steps": nonfinite})
-        if (self.dist.main and self.sample_fn is not None and t.sample_every
+        if ((self.dist.main or self.sharded) and self.sample_fn is not None and t.sample_every
                 and (self.step % t.sample_every == 0 or self.step == t.steps)):
             self.write_samples()
 
@@ -291,7 +288,7 @@ class Trainer:
         try:
             with self.ema.applied():
                 panel, metrics = self.sample_fn(self.model, self.cfg, self.held_out)
-            if not panel:
+            if not panel or not self.dist.main:
                 return
             grid = image_grid(panel)
             samples = self.run_dir / "samples"

@@ -1,0 +1,21 @@
+"""`iomm export`: consolidate a (sharded) training checkpoint into the inference layout."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("export", help="a checkpoint of any world size -> generator (diffusers) + conditioner")
+    p.add_argument("--model", required=True, help="checkpoint dir or run dir (newest checkpoint)")
+    p.add_argument("--out", required=True, help="output directory (a new one, or an earlier export to replace)")
+    p.add_argument("--no-ema", action="store_true", help="export the raw instead of the EMA weights")
+    p.set_defaults(func=_export)
+
+
+def _export(args: argparse.Namespace) -> int:
+    from iomm.inference.export import export
+
+    out = export(args.model, args.out, use_ema=not args.no_ema)
+    print(f"exported {'raw' if args.no_ema else 'EMA'} weights to {out}")
+    return 0

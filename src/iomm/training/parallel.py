@@ -1,0 +1,94 @@
+"""How the model spreads over the ranks of a torchrun launch: DDP replicas, or FSDP2 shards.
+
+`train.parallel: fsdp` applies `torch.distributed.fsdp.fully_shard` to every generator block (the classes the
+diffusers model names in `_no_split_modules`, the same list accelerate's FSDP wrap policy reads) and then to the
+root, which holds the adapter, connector and the generator's remaining layers. The frozen MLLM and codec are left
+out of the shards (`ignored_params`): they have no gradients and no optimizer state, so replicating them costs
+their weights once per GPU (about 4 GiB for a 2B MLLM in bf16) and saves an all-gather of them every step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+
+from iomm.config import TrainConfig
+from iomm.training.precision import resolve_precision
+
+Forward = Callable[..., torch.Tensor]
+
+
+def generator_blocks(generator: nn.Module) -> list[nn.Module]:
+    """The generator's repeated blocks, outermost first: modules whose class is in `_no_split_modules`."""
+    names = set(getattr(generator, "_no_split_modules", None) or [])
+    if not names:
+        raise ValueError(f"{type(generator).__name__} names no blocks (_no_split_modules) to shard with FSDP; "
+                         "use train.parallel: ddp")
+    # by class and its bases: fully_shard turns a block's class into a subclass named FSDP<class>
+    return [module for module in generator.modules() if any(c.__name__ in names for c in type(module).__mro__)]
+
+
+def frozen_parameters(model: nn.Module) -> set[nn.Parameter]:
+    return {p for p in model.parameters() if not p.requires_grad}
+
+
+def fsdp_policy(train: TrainConfig, device_type: str) -> MixedPrecisionPolicy:
+    """bf16 parameters and compute with fp32 gradient reduction where bf16 is native; fp32 otherwise. The
+    optimizer always steps the fp32 sharded master weights."""
+    if resolve_precision(train.mixed_precision, device_type) == "bf16":
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    return MixedPrecisionPolicy()
+
+
+def shard(model: nn.Module, generator: nn.Module, train: TrainConfig, device_type: str) -> None:
+    """FSDP2 in place: each generator block, then the root (frozen parameters replicated, not sharded)."""
+    policy = fsdp_policy(train, device_type)
+    frozen = frozen_parameters(model)
+    for block in generator_blocks(generator):
+        fully_shard(block, mp_policy=policy, ignored_params=frozen)
+    fully_shard(model, mp_policy=policy, ignored_params=frozen)
+
+
+def distribute(model: nn.Module, generator: nn.Module, train: TrainConfig, world: int,
+               device: torch.device) -> Forward:
+    """The callable that runs a training forward: the model itself, its DDP wrapper, or the FSDP2-sharded model.
+    Parameters are collected after this call: fully_shard replaces them with DTensors."""
+    if train.activation_checkpointing:
+        generator.enable_gradient_checkpointing()  # diffusers: recompute each block in the backward pass
+    if world == 1:
+        return model
+    if train.parallel == "fsdp":
+        shard(model, generator, train, device.type)
+        return model
+    return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                               find_unused_parameters=True)
+
+
+def gradient_sync(forward: Forward, enabled: bool) -> contextlib.AbstractContextManager:
+    """Skip the gradient all-reduce / reduce-scatter on the micro-batches before the last of a step."""
+    if enabled:
+        return contextlib.nullcontext()
+    if isinstance(forward, nn.parallel.DistributedDataParallel):
+        return forward.no_sync()
+    if isinstance(forward, FSDPModule):
+        return _fsdp_no_sync(forward)
+    return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _fsdp_no_sync(module: FSDPModule):
+    module.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        module.set_requires_gradient_sync(True)
+
+
+def local_value(value: torch.Tensor) -> torch.Tensor:
+    """A plain tensor: a DTensor's full value (e.g. a gradient norm reduced over shards)."""
+    return value.full_tensor() if isinstance(value, DTensor) else value
