@@ -29,15 +29,12 @@ so with ~1k samples it can score below a pooled row (vision_mean) on those: comp
 from __future__ import annotations
 
 import argparse
-import contextlib
-import dataclasses
 import itertools
 import json
 import os
 import shlex
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -59,17 +56,6 @@ MAX_COUNT = 4
 # ---------------------------------------------------------------- the condition path, stage by stage
 
 
-@contextlib.contextmanager
-def masking_ratio(model: IOMM, ratio: float) -> Iterator[None]:
-    """model.cfg with its masking ratio replaced by `ratio` (on a copy), restored afterwards."""
-    original = model.cfg
-    model.cfg = dataclasses.replace(original, masking=dataclasses.replace(original.masking, ratio=ratio))
-    try:
-        yield
-    finally:
-        model.cfg = original
-
-
 def _marker(segment: Segment, offset: int) -> Segment:
     """The segment with its embeddings replaced by each token's index in the unpacked layout."""
     b, n = segment.valid.shape
@@ -85,9 +71,8 @@ def condition_stages(model: IOMM, images: torch.Tensor, ratio: float, seed: int,
     `perm` (B, N_img): image tokens reordered per sample before packing (order-blindness diagnostic).
     """
     b = images.shape[0]
-    with masking_ratio(model, ratio):
-        prompt = model._text_segment([model.cfg.masking.prompt] * b)
-        image = model._image_segment(model.mllm.embed_images(images), torch.Generator().manual_seed(seed), masked=True)
+    prompt = model._text_segment([model.cfg.masking.prompt] * b)
+    image = model._image_segment(model.mllm.embed_images(images), torch.Generator().manual_seed(seed), ratio)
     if perm is not None:
         take = perm.to(image.embeds.device)
         image = Segment(image.embeds.gather(1, take.unsqueeze(-1).expand_as(image.embeds)), image.valid.gather(1, take),
@@ -114,8 +99,7 @@ def condition_stages(model: IOMM, images: torch.Tensor, ratio: float, seed: int,
 @torch.no_grad()
 def check_against_model(model: IOMM, images: torch.Tensor, ratio: float, seed: int) -> float:
     """Max |difference| between the captured connector output and model.condition_masked_images'."""
-    with masking_ratio(model, ratio):
-        cond = model.condition_masked_images(images, torch.Generator().manual_seed(seed))
+    cond = model.condition_masked_images(images, torch.Generator().manual_seed(seed), ratio=ratio)
     ours = condition_stages(model, images, ratio, seed)
     return max(float((cond.tokens.float().cpu() - ours["connector"]).abs().max()),
                float((cond.pooled.float().cpu() - ours["connector_pooled"]).abs().max()))

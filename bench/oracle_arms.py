@@ -47,9 +47,10 @@ class OracleIOMM(IOMM):
 
     arm = "vision"
 
-    def condition_masked_images(self, images: torch.Tensor, generator: torch.Generator | None = None) -> Condition:
+    def condition_masked_images(self, images: torch.Tensor, generator: torch.Generator | None = None,
+                                ratio: float | None = None) -> Condition:
         tokens = self.mllm.embed_images(images)
-        image = self._image_segment(tokens, generator, masked=True)
+        image = self._image_segment(tokens, generator, self.cfg.masking.ratio if ratio is None else ratio)
         if self.arm == "vision":
             hidden = image.embeds
         else:

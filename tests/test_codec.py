@@ -66,8 +66,8 @@ def test_training_and_sampling_in_vae_latents(tiny_config, tiny_vae_dir, tmp_pat
     trainer.fit()
     assert trainer.model.generator.config.in_channels == 4
     assert trainer.model.generator.config.sample_size == 16
-    images = IOMMPipeline(load_model(tmp_path / "run"))("a photo of a red circle", num_inference_steps=2)
-    assert images[0].size == (32, 32)
+    images = IOMMPipeline.from_model(load_model(tmp_path / "run"))("a photo of a red circle", num_inference_steps=2)
+    assert images.images[0].size == (32, 32)
 
 
 def test_a_nano_vae_of_another_resolution_fails_the_config_before_any_compute(tiny_vae_dir):

@@ -146,10 +146,10 @@ def test_edit_with_an_unreadable_image_says_so_before_loading_the_model(tmp_path
 
 
 def test_edit_reference_that_reads_reaches_the_model(tmp_path, no_model_load):
-    from iomm.commands.generate import read_reference
+    from iomm.data.images import read_image
 
     Image.new("RGB", (16, 12), (255, 0, 0)).save(tmp_path / "ok.png")
-    assert read_reference(tmp_path / "ok.png").size == (16, 12)
+    assert read_image(tmp_path / "ok.png").size == (16, 12)
     with pytest.raises(AssertionError, match="model was loaded"):
         main(["edit", "--model", str(tmp_path / "run"), "--image", str(tmp_path / "ok.png"), "--instruction", "x",
               "--out", str(tmp_path / "out.png")])

@@ -12,8 +12,8 @@ from iomm.config import ConfigError
 from iomm.data.images import BadSource
 
 # Modules under iomm.commands each add their sub-commands with `register(subparsers)`.
-COMMAND_MODULES = ("train", "data", "describe", "bench", "generate", "export", "world", "eval_shapes", "mllm", "vae",
-                   "recipe", "study")
+COMMAND_MODULES = ("train", "data", "describe", "bench", "generate", "export", "demo", "world", "eval_shapes", "mllm",
+                   "vae", "recipe", "study")
 
 
 def build_parser() -> argparse.ArgumentParser:

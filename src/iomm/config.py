@@ -194,6 +194,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(source, "<file>", "valid YAML", str(err).splitlines()[0]) from None
     data = apply_overrides(data, list(overrides or []))
     source = config_source(path, overrides)  # the bad value may come from the command line rather than the file
+    return config_from_dict(data, source, check_paths=check_paths)
+
+
+def config_from_dict(data: dict[str, Any], source: str, *, check_paths: bool = True) -> Config:
+    """A validated config from plain data (a YAML file's, or one saved inside a model directory)."""
     config = build_dataclass(Config, data, source)
     validate(config, source, check_paths=check_paths)
     return config

@@ -115,12 +115,12 @@ class IOMM(nn.Module):
         embeds, mask = self.mllm.embed_text(texts)
         return Segment(embeds, mask)
 
-    def _image_segment(self, tokens: torch.Tensor, generator: Generators, masked: bool) -> Segment:
-        """The segment of image tokens (B, N, D) from `mllm.embed_images`, masked at `masking.ratio` if `masked`."""
+    def _image_segment(self, tokens: torch.Tensor, generator: Generators, ratio: float) -> Segment:
+        """The segment of image tokens (B, N, D) from `mllm.embed_images`, each masked with probability `ratio`."""
         valid = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
-        if not masked or self.cfg.masking.ratio == 0.0:
+        if ratio == 0.0:
             return Segment(tokens, valid)
-        keep = random_keep_mask(tokens.shape[0], tokens.shape[1], self.cfg.masking.ratio,
+        keep = random_keep_mask(tokens.shape[0], tokens.shape[1], ratio,
                                 min_keep=self.cfg.masking.min_keep, generator=generator, device=tokens.device)
         if self.cfg.masking.mode == "zero":
             return Segment(zero_masked(tokens, keep), valid)
@@ -151,11 +151,13 @@ class IOMM(nn.Module):
             return self.codec.latents(images.moments, generator)
         return self.codec.encode(images, generator)
 
-    def condition_masked_images(self, images: Images, generator: Generators = None) -> Condition:
-        """Stage 1: c = concat(c_aux, mask(v(x)))."""
+    def condition_masked_images(self, images: Images, generator: Generators = None,
+                                ratio: float | None = None) -> Condition:
+        """Stage 1: c = concat(c_aux, mask(v(x))), masked at `ratio` (default: `masking.ratio`)."""
         prompt = self._text_segment([self.cfg.masking.prompt] * len(images))
         tokens = self.image_tokens(images)
-        cond = self.encode([prompt, self._image_segment(tokens, generator, masked=True)])
+        ratio = self.cfg.masking.ratio if ratio is None else ratio
+        cond = self.encode([prompt, self._image_segment(tokens, generator, ratio)])
         cond.image_rows, cond.image_tokens = list(range(len(images))), tokens
         return cond
 
@@ -165,7 +167,7 @@ class IOMM(nn.Module):
     def condition_edit(self, images: torch.Tensor, instructions: list[str]) -> Condition:
         """Zero-shot editing: the instruction and the unmasked reference image, as in stage 1's layout."""
         tokens = self.mllm.embed_images(images)
-        return self.encode([self._text_segment(instructions), self._image_segment(tokens, None, masked=False)])
+        return self.encode([self._text_segment(instructions), self._image_segment(tokens, None, ratio=0.0)])
 
     def null_condition(self, batch: int, length: int) -> Condition:
         return Condition(*self.connector.null_condition(batch, length))

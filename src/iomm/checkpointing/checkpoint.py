@@ -17,9 +17,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
-import torch
-from safetensors.torch import load_file, save_file
-
 MANIFEST = "manifest.json"
 PREFIX = "step_"
 TMP_PREFIX = ".tmp-"
@@ -204,11 +201,3 @@ def resolve_checkpoint(path: str | Path) -> Path:
         raise CheckpointError(f"{path}: no intact checkpoint found (expected a checkpoint dir or a run dir "
                               f"with checkpoints/{PREFIX}*)")
     return found
-
-
-def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path))
-
-
-def load_tensors(path: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(path))

@@ -1,12 +1,11 @@
-"""Trainable weights on disk: sharded training state, and the consolidated inference layout.
+"""Trainable weights on disk: the sharded training state of a checkpoint.
 
 A training checkpoint keeps its tensors in `weights/`, written by `torch.distributed.checkpoint` in the
 safetensors format (`HuggingFaceStorageWriter`, one file per rank): every rank writes its own shards of the
 weights, EMA and optimizer state, nothing is gathered on one rank, and any world size reads them back (DCP
 reshards on load; no pickle is read). Keys: `model.<name>`, `ema.<name>`, `optim.<name>.<state>`.
 
-An export (`iomm export`) holds the inference layout: `generator/` (the diffusers class's `save_pretrained`)
-and `conditioner.safetensors` (adapter, connector, token head).
+`iomm export` consolidates it into a diffusers pipeline directory (iomm.inference.export).
 """
 
 from __future__ import annotations
@@ -22,19 +21,12 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict
 
-from iomm.checkpointing.checkpoint import load_tensors, save_tensors
+from iomm.checkpointing.checkpoint import CheckpointError
 from iomm.model import IOMM
 from iomm.training.ema import EMA
 
 WEIGHTS_DIR = "weights"
-GENERATOR_DIR = "generator"
-CONDITIONER = "conditioner.safetensors"
 TRAINABLE_ONLY = StateDictOptions(ignore_frozen_params=True)
-
-
-def _conditioner_modules(model: IOMM) -> dict[str, torch.nn.Module]:
-    """The trainable modules besides the generator (adapter, connector, token head), saved together."""
-    return {name: module for name, module in model.trainable().items() if name != "generator"}
 
 
 def _module_state(model: IOMM) -> dict[str, torch.Tensor]:
@@ -42,9 +34,9 @@ def _module_state(model: IOMM) -> dict[str, torch.Tensor]:
     return {f"{name}.{k}": v for name, module in model.trainable().items() for k, v in module.state_dict().items()}
 
 
-def _load_modules(modules: dict[str, torch.nn.Module], state: dict[str, torch.Tensor]) -> None:
-    """Each module's `<module>.`-prefixed entries of `state`."""
-    for name, module in modules.items():
+def _load_module_state(model: IOMM, state: dict[str, torch.Tensor]) -> None:
+    """Each trainable module's `<module>.`-prefixed entries of `state`."""
+    for name, module in model.trainable().items():
         module.load_state_dict({k[len(name) + 1:]: v for k, v in state.items() if k.startswith(f"{name}.")})
 
 
@@ -83,7 +75,7 @@ def load_training_state(model: IOMM, ema: EMA, optimizers: list[torch.optim.Opti
         full = get_optimizer_state_dict(model, optimizers, options=TRAINABLE_ONLY)
         state["optim"], groups = full["state"], full["param_groups"]
     _load(state, path)
-    _load_modules(model.trainable(), state["model"])
+    _load_module_state(model, state["model"])
     ema.load_state_dict(state["ema"])
     if has_optimizer:
         set_optimizer_state_dict(model, optimizers, {"state": state["optim"], "param_groups": groups},
@@ -91,15 +83,14 @@ def load_training_state(model: IOMM, ema: EMA, optimizers: list[torch.optim.Opti
 
 
 def load_trainable(model: IOMM, path: Path, *, use_ema: bool) -> None:
-    """Trainable weights of a checkpoint (the EMA ones if `use_ema`) or an export into an unsharded model."""
+    """Trainable weights of a checkpoint (the EMA ones if `use_ema`) into an unsharded model."""
     if not (path / WEIGHTS_DIR).is_dir():
-        _load_export(model, path)
-        return
+        raise CheckpointError(f"{path}: not a training checkpoint (no {WEIGHTS_DIR}/)")
     state: dict = {"model": {k: v.clone() for k, v in _module_state(model).items()}}
     if use_ema:
         state["ema"] = {name: p.detach().clone().float() for name, p in trainable_parameters(model).items()}
     _load(state, path)
-    _load_modules(model.trainable(), state["model"])
+    _load_module_state(model, state["model"])
     if use_ema:
         with torch.no_grad():
             for name, p in trainable_parameters(model).items():
@@ -110,19 +101,3 @@ def trainable_parameters(model: IOMM) -> dict[str, torch.nn.Parameter]:
     """The parameters the optimizer and EMA cover, by `<module>.<name>`."""
     return {f"{name}.{n}": p for name, module in model.trainable().items()
             for n, p in module.named_parameters() if p.requires_grad}
-
-
-def save_export(model: IOMM, out: Path) -> None:
-    """The inference layout of an unsharded model's current weights."""
-    model.generator.save_pretrained(out / GENERATOR_DIR, safe_serialization=True)
-    save_tensors({f"{name}.{k}": v for name, module in _conditioner_modules(model).items()
-                  for k, v in module.state_dict().items()}, out / CONDITIONER)
-
-
-def _load_export(model: IOMM, path: Path) -> None:
-    if not (path / GENERATOR_DIR).is_dir():
-        raise FileNotFoundError(f"{path}: neither a training checkpoint ({WEIGHTS_DIR}/) nor an export "
-                                f"({GENERATOR_DIR}/ and {CONDITIONER})")
-    generator = type(model.generator).from_pretrained(path / GENERATOR_DIR)
-    model.generator.load_state_dict(generator.state_dict())
-    _load_modules(_conditioner_modules(model), load_tensors(path / CONDITIONER))

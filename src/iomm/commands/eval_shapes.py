@@ -113,14 +113,14 @@ def run_shapes(args: argparse.Namespace) -> int:
 
 def _pipeline_generate_fn(args: argparse.Namespace) -> GenerateFn:
     """The IOMM pipeline as a `generate_fn`, loaded on first use (so bad prompt files fail first)."""
-    from iomm.inference.pipeline import IOMMPipeline
+    from iomm.inference.pipeline import IOMMPipeline, generate_images
 
     pipes: list[IOMMPipeline] = []
 
     def generate(prompts: list[str], seed: int) -> list[Image.Image]:
         if not pipes:
             pipes.append(IOMMPipeline.from_pretrained(args.model))
-        return pipes[0](prompts, num_inference_steps=args.steps, guidance_scale=args.cfg, seed=seed)
+        return generate_images(pipes[0], prompts, seed=seed, num_inference_steps=args.steps, guidance_scale=args.cfg)
 
     return generate
 

@@ -54,11 +54,11 @@ def _generate(args: argparse.Namespace) -> int:
     import torch
 
     from iomm.image_tensors import image_grid, to_tensor
-    from iomm.inference.pipeline import IOMMPipeline
+    from iomm.inference.pipeline import IOMMPipeline, generate_images
 
     prompts = args.prompt or read_prompts(args.prompts)
     pipe = IOMMPipeline.from_pretrained(args.model, use_ema=not args.no_ema)
-    images = pipe(prompts, num_inference_steps=args.steps, guidance_scale=args.cfg, seed=args.seed)
+    images = generate_images(pipe, prompts, seed=args.seed, num_inference_steps=args.steps, guidance_scale=args.cfg)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with (out / "prompts.jsonl").open("w", encoding="utf-8") as f:
@@ -74,31 +74,20 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def read_reference(path: str | Path):
-    """The reference image of an edit as a PIL image; BadSample (saying why) where the data loader would skip it."""
-    from PIL import Image
-
-    from iomm.data.images import MIN_SIDE, load_image
-
-    load_image(path, MIN_SIDE)  # missing, not an image, truncated, a decompression bomb, too small: BadSample
-    with Image.open(path) as image:
-        return image.copy()
-
-
 def _edit(args: argparse.Namespace) -> int:
     import sys
 
-    from iomm.data.images import BadSample
-    from iomm.inference.pipeline import IOMMPipeline
+    from iomm.data.images import BadSample, read_image
+    from iomm.inference.pipeline import IOMMPipeline, generate_images
 
     try:  # before loading the model: a bad --image should not cost a model load
-        reference = read_reference(args.image)
+        reference = read_image(args.image)
     except BadSample as err:
         print(f"iomm: {args.image}: not a readable image ({err})", file=sys.stderr)
         return 2
     pipe = IOMMPipeline.from_pretrained(args.model, use_ema=not args.no_ema)
-    edited = pipe(image=reference, instruction=args.instruction, num_inference_steps=args.steps,
-                  guidance_scale=args.cfg, seed=args.seed)[0]
+    edited = generate_images(pipe, [args.instruction], [reference], seed=args.seed, num_inference_steps=args.steps,
+                             guidance_scale=args.cfg)[0]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     edited.save(args.out)
     print(f"wrote {args.out}")

@@ -133,6 +133,14 @@ def resize_center_crop(image: Image.Image, resolution: int) -> Image.Image:
     return image.resize((resolution, resolution), Image.BICUBIC, box=(left, top, left + side, top + side))
 
 
+def read_image(path: str | Path) -> Image.Image:
+    """A user's image (an edit's reference, a demo upload) as a PIL image; BadSample, saying why, wherever the
+    data loader would skip it (missing, not an image, truncated, a decompression bomb, too small)."""
+    load_image(path, MIN_SIDE)
+    with Image.open(path) as image:
+        return image.copy()
+
+
 def load_image(path: str | Path | IO[bytes], resolution: int) -> torch.Tensor:
     """(3, R, R) float in [0, 1] from a file (or a file object: a shard member's bytes); raises BadSample."""
     ImageFile.LOAD_TRUNCATED_IMAGES = False

@@ -32,8 +32,8 @@ def reconstruction_panel(model: IOMM, cfg: Config, originals: torch.Tensor,
     device = next(model.generator.parameters()).device
     originals = originals.to(device)
     cond = model.condition_masked_images(originals, torch.Generator().manual_seed(HELD_OUT_SEED))
-    recon = sample_images(model, cond, seed=HELD_OUT_SEED, steps=steps or cfg.flow.sample_steps,
-                          guidance_scale=cfg.flow.guidance_scale)
+    recon = sample_images(model, cond, generator=torch.Generator().manual_seed(HELD_OUT_SEED),
+                          steps=steps or cfg.flow.sample_steps, guidance_scale=cfg.flow.guidance_scale)
     own = ((recon - originals) ** 2).mean().item()
     other = ((recon - originals.roll(1, dims=0)) ** 2).mean().item()
     model.train()
@@ -44,8 +44,9 @@ def reconstruction_panel(model: IOMM, cfg: Config, originals: torch.Tensor,
 def prompt_row(model: IOMM, cfg: Config, prompts: tuple[str, ...] = PANEL_PROMPTS) -> torch.Tensor:
     """Text-to-image samples for fixed prompts (fixed noise), for the stage-2 sample grid."""
     model.eval()
-    images = sample_images(model, model.condition_texts(list(prompts)), seed=HELD_OUT_SEED,
-                           steps=cfg.flow.sample_steps, guidance_scale=cfg.flow.guidance_scale)
+    images = sample_images(model, model.condition_texts(list(prompts)),
+                           generator=torch.Generator().manual_seed(HELD_OUT_SEED), steps=cfg.flow.sample_steps,
+                           guidance_scale=cfg.flow.guidance_scale)
     model.train()
     return images.cpu()
 

@@ -68,13 +68,19 @@ def guided(velocity_fn: Callable[[torch.Tensor, torch.Tensor, bool], torch.Tenso
     return fn
 
 
+def flow_scheduler() -> FlowMatchEulerDiscreteScheduler:
+    """diffusers' flow-matching Euler scheduler with this flow's time: t in [0, 1] as timesteps in [0, 1000]."""
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=int(TIMESTEP_SCALE), shift=1.0)
+
+
 @torch.no_grad()
-def euler_sample(velocity_fn: VelocityFn, noise: torch.Tensor, steps: int) -> torch.Tensor:
+def euler_sample(velocity_fn: VelocityFn, noise: torch.Tensor, steps: int,
+                 scheduler: FlowMatchEulerDiscreteScheduler | None = None) -> torch.Tensor:
     """Integrate dx/dt = v from t = 1 (noise) to t = 0 with diffusers' flow-matching Euler scheduler.
 
-    A fresh scheduler each call: `set_timesteps` mutates its sigmas.
+    A fresh copy of `scheduler` (default: `flow_scheduler()`) each call: `set_timesteps` mutates its sigmas.
     """
-    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=int(TIMESTEP_SCALE), shift=1.0)
+    scheduler = flow_scheduler() if scheduler is None else FlowMatchEulerDiscreteScheduler.from_config(scheduler.config)
     scheduler.set_timesteps(steps, device=noise.device)
     x = noise
     for timestep in scheduler.timesteps:

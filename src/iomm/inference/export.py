@@ -1,13 +1,14 @@
-"""`iomm export`: a training checkpoint (written at any world size, sharded or not) consolidated offline into the
-inference layout that is shared: the generator in diffusers format, `conditioner.safetensors`, the config.
+"""`iomm export`: a training checkpoint (written at any world size, sharded or not) consolidated offline into a
+diffusers pipeline directory, the form that is shared:
 
-    OUT/generator/                 the diffusers class's save_pretrained: loads with its own from_pretrained
-    OUT/conditioner.safetensors    adapter, connector (and token head)
-    OUT/config.yaml                the run's config (the frozen MLLM and codec it names are not copied)
-    OUT/export.json                the checkpoint it came from, its step, which weights (EMA or raw)
-    OUT/manifest.json              size and sha256 of each file, as in a checkpoint
+    OUT/model_index.json    IOMMPipeline and its components
+    OUT/generator/          the diffusers model class's save_pretrained: it loads with that class's from_pretrained
+    OUT/vae/, OUT/scheduler/, OUT/mllm/, OUT/tokenizer/, OUT/conditioner/   each saved by its own library
+    OUT/README.md           the model card: config, data, steps, scores with the commands that produced them
+    OUT/export.json         the checkpoint it came from, its step, which weights (EMA or raw)
 
-The EMA weights are exported unless asked otherwise. `IOMMPipeline.from_pretrained(OUT)` loads it.
+The EMA weights are exported unless asked otherwise. `IOMMPipeline.from_pretrained(OUT)` loads it through
+diffusers. A checkpoint directory stays what resumes training; an export is what people use.
 """
 
 from __future__ import annotations
@@ -15,30 +16,67 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
-from iomm.checkpointing.checkpoint import CheckpointError, resolve_checkpoint, write_manifest
-from iomm.checkpointing.weights import WEIGHTS_DIR, save_export
-from iomm.config import save_config
-from iomm.inference.pipeline import load_model
+import yaml
+
+from iomm.checkpointing.checkpoint import CheckpointError, resolve_checkpoint
+from iomm.checkpointing.weights import WEIGHTS_DIR
+from iomm.config import Config
+from iomm.inference.pipeline import IOMMPipeline, load_model
 
 EXPORT_FILE = "export.json"
 
 
-def export(model_path: str | Path, out: str | Path, *, use_ema: bool = True) -> Path:
+def export(model_path: str | Path, out: str | Path, *, use_ema: bool = True,
+           scores: list[str | Path] | None = None) -> Path:
     checkpoint = resolve_checkpoint(model_path)
     if not (checkpoint / WEIGHTS_DIR).is_dir():
-        raise CheckpointError(f"{checkpoint}: already an export (no {WEIGHTS_DIR}/ of training state to consolidate)")
-    model = load_model(checkpoint, use_ema=use_ema)
+        raise CheckpointError(f"{checkpoint}: not a training checkpoint (no {WEIGHTS_DIR}/ to consolidate)")
+    score_files = [_read_scores(Path(p)) for p in scores or []]  # a bad scores file fails before the model loads
     out = Path(out)
     if out.exists():
         if not (out / EXPORT_FILE).is_file():
             raise FileExistsError(f"{out} exists and is not an iomm export: choose a new --out directory")
         shutil.rmtree(out)
-    out.mkdir(parents=True)
-    save_export(model, out)
-    save_config(model.cfg, out / "config.yaml")
+    model = load_model(checkpoint, use_ema=use_ema)
+    IOMMPipeline.from_model(model).save_pretrained(out, safe_serialization=True)
     step = json.loads((checkpoint / "state.json").read_text(encoding="utf-8"))["step"]
     record = {"checkpoint": str(checkpoint.resolve()), "step": step, "weights": "ema" if use_ema else "raw"}
     (out / EXPORT_FILE).write_text(json.dumps(record, indent=1), encoding="utf-8")
-    write_manifest(out)
+    (out / "README.md").write_text(model_card(model.cfg, record, score_files), encoding="utf-8")
     return out
+
+
+def _read_scores(path: Path) -> tuple[Path, dict[str, Any]]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise FileNotFoundError(f"--scores {path}: expected a JSON result file, got {err}") from None
+    if not isinstance(data, dict):
+        raise FileNotFoundError(f"--scores {path}: expected a JSON object, got {type(data).__name__}")
+    return path, data
+
+
+def model_card(cfg: Config, record: dict[str, Any], scores: list[tuple[Path, dict[str, Any]]]) -> str:
+    d, t = cfg.data, cfg.train
+    stage = "stage 1, image-only pre-training" if t.mix_ratio == 1.0 else f"mixed fine-tuning, lambda = {t.mix_ratio}"
+    lines = ["---", "library_name: diffusers", "pipeline_tag: text-to-image", "tags: [iomm, flow-matching]", "---",
+             "# An IOMM model", "",
+             f"Trained with iomm ({stage}): {record['step']} steps of {t.steps}, global batch "
+             f"{t.batch_size} x {t.grad_accum}, lr {t.lr}; {record['weights']} weights of `{record['checkpoint']}`.",
+             "", "## Data", "",
+             f"- images: `{d.source}`" + (f" at `{d.path}`" if d.path else "") + f", {d.resolution} px",
+             f"- text-image pairs: `{d.pairs}`" if d.pairs else "- text-image pairs: none (image-only)",
+             "", "## Scores", ""]
+    for path, data in scores:
+        summary = {k: v for k, v in data.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        lines += [f"- `{path.name}` (command: `{data.get('command', 'not recorded')}`): "
+                  + ", ".join(f"{k} = {v:.3f}" for k, v in summary.items())]
+    if not scores:
+        lines.append("None recorded (`iomm export --scores FILE.json` adds an evaluation's result file).")
+    lines += ["", "## Use", "", "```python", "import torch", "from iomm.inference.pipeline import IOMMPipeline", "",
+              'pipe = IOMMPipeline.from_pretrained("THIS_DIRECTORY")',
+              'image = pipe("a red circle", generator=torch.Generator().manual_seed(0)).images[0]', "```",
+              "", "## Config", "", "```yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip(), "```", ""]
+    return "\n".join(lines)

@@ -1,25 +1,53 @@
-"""`IOMMPipeline`: text-to-image and zero-shot editing from a trained checkpoint, diffusers-style call."""
+"""`IOMMPipeline`: text-to-image, zero-shot editing and masked reconstruction, as a diffusers `DiffusionPipeline`.
+
+Its components, one subfolder each in a pipeline directory (`iomm export`), each saved by its own library:
+
+    generator      the diffusers model (SD3Transformer2DModel, ZImageTransformer2DModel or UNet2DConditionModel)
+    vae            AutoencoderKL (none for a pixel-space model)
+    scheduler      FlowMatchEulerDiscreteScheduler
+    mllm, tokenizer  the frozen MLLM (transformers)
+    conditioner    IOMMConditioner: adapter + connector, and the iomm config
+
+`IOMMPipeline.from_pretrained` reads such a directory through diffusers' loading (`torch_dtype`, devices), or a
+training run or checkpoint directory (its EMA weights unless `use_ema=False`).
+"""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
+from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, ImagePipelineOutput
 from PIL import Image
+from torch import nn
 
 from iomm.checkpointing.checkpoint import resolve_checkpoint
 from iomm.checkpointing.weights import load_trainable
+from iomm.conditioning.masking import random_keep_mask
+from iomm.conditioning.mllm import FrozenMLLM
 from iomm.config import Config, load_config
 from iomm.data.images import prepare_image
+from iomm.generator.codec import PixelCodec, VAECodec
+from iomm.generator.flow import flow_scheduler
 from iomm.image_tensors import to_pil
+from iomm.inference.conditioner import IOMMConditioner
 from iomm.inference.sampling import sample_images
 from iomm.model import IOMM
+from iomm.row_generators import Generators
+
+PIPELINE_FILE = "model_index.json"
+ImageInput = Image.Image | list[Image.Image]
 
 
 def load_model(path: str | Path, *, use_ema: bool = True, device: str | torch.device = "cpu",
                model_fn: Callable[[Config], IOMM] = IOMM.from_config) -> IOMM:
-    """A checkpoint dir, or a run dir (its newest intact checkpoint), with EMA weights by default."""
+    """A checkpoint dir, or a run dir (its newest intact checkpoint), with EMA weights by default; or a pipeline
+    directory (`iomm export`), whose weights are the ones it was exported with."""
+    if (Path(path) / PIPELINE_FILE).is_file() and model_fn is IOMM.from_config:
+        return IOMMPipeline.from_pretrained(path).model.to(device).eval()
     checkpoint = resolve_checkpoint(path)
     cfg = load_config(checkpoint / "config.yaml")
     model = model_fn(cfg)
@@ -27,45 +55,133 @@ def load_model(path: str | Path, *, use_ema: bool = True, device: str | torch.de
     return model.to(device).eval()
 
 
-class IOMMPipeline:
-    def __init__(self, model: IOMM):
-        self.model = model.eval()
-        self.cfg = model.cfg
+def assemble(generator: nn.Module, vae: nn.Module | None, mllm: nn.Module, tokenizer: Any,
+             conditioner: IOMMConditioner) -> IOMM:
+    """The IOMM model around a pipeline's components (sharing them, not copying)."""
+    cfg = conditioner.iomm_config
+    frozen = FrozenMLLM(mllm, tokenizer, conditioner.config.mllm_preprocessing)
+    frozen.prefix_cache = cfg.mllm.prefix_cache
+    codec = PixelCodec() if vae is None else VAECodec(vae, sample_posterior=cfg.codec.sample_posterior)
+    model = IOMM(cfg, frozen, codec, generator)
+    model.adapter, model.connector, model.token_head = conditioner.adapter, conditioner.connector, None
+    return model.eval()
+
+
+class IOMMPipeline(DiffusionPipeline):
+    model_cpu_offload_seq = "mllm->conditioner->generator->vae"
+    _optional_components = ["vae"]
+
+    def __init__(self, generator: nn.Module, scheduler: FlowMatchEulerDiscreteScheduler, mllm: nn.Module,
+                 tokenizer: Any, conditioner: IOMMConditioner, vae: nn.Module | None = None):
+        super().__init__()
+        self.register_modules(generator=generator, vae=vae, scheduler=scheduler, mllm=mllm, tokenizer=tokenizer,
+                              conditioner=conditioner)
+        self.model = assemble(generator, vae, mllm, tokenizer, conditioner)
+
+    @property
+    def cfg(self) -> Config:
+        return self.model.cfg
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, *, use_ema: bool = True, device: str = "cpu") -> "IOMMPipeline":
-        return cls(load_model(path, use_ema=use_ema, device=device))
+    def from_model(cls, model: IOMM) -> "IOMMPipeline":
+        """A pipeline over a loaded model's own modules."""
+        mllm = model.mllm
+        conditioner = IOMMConditioner(model.cfg.to_dict(), mllm.hidden_size, mllm.embed_scale, mllm.preprocessing)
+        conditioner.adapter, conditioner.connector = model.adapter, model.connector
+        vae = model.codec.vae if isinstance(model.codec, VAECodec) else None
+        return cls(model.generator, flow_scheduler(), mllm.model, mllm.tokenizer, conditioner, vae)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, *, use_ema: bool = True, device: str | torch.device | None = None,
+                        **kwargs: Any) -> "IOMMPipeline":
+        """A pipeline directory (diffusers' loading; `kwargs` go to it), or a run / checkpoint directory."""
+        if (Path(path) / PIPELINE_FILE).is_file():
+            pipe = super().from_pretrained(path, **kwargs)
+        else:
+            pipe = cls.from_model(load_model(path, use_ema=use_ema))
+        return pipe.to(device) if device is not None else pipe
+
+    def _device(self) -> torch.device:
+        return next(self.generator.parameters()).device
+
+    def _pixels(self, image: ImageInput) -> torch.Tensor:
+        images = [image] if isinstance(image, Image.Image) else list(image)
+        return torch.stack([prepare_image(i, self.cfg.data.resolution) for i in images]).to(self._device())
 
     @torch.no_grad()
-    def __call__(self, prompt: str | list[str] | None = None, *, image: Image.Image | list[Image.Image] | None = None,
-                 instruction: str | list[str] | None = None, num_inference_steps: int | None = None,
-                 guidance_scale: float | None = None, seed: int = 0, batch_size: int = 64) -> list[Image.Image]:
-        """Text-to-image (`prompt`) or zero-shot editing (`image` + `instruction`); deterministic per seed.
+    def __call__(self, prompt: str | list[str] | None = None, image: ImageInput | None = None,
+                 num_inference_steps: int | None = None, guidance_scale: float | None = None,
+                 generator: Generators = None, output_type: str = "pil",
+                 return_dict: bool = True) -> ImagePipelineOutput | tuple:
+        """Text-to-image (`prompt`), or zero-shot editing (`image` and the instruction as `prompt`).
 
-        Large prompt lists are generated in chunks; chunk i uses seed + i so results do not depend on
-        batch_size only when it is left at its default.
+        Initial noise comes from `generator` (one, or one per image), drawn on the CPU. `output_type`: "pil",
+        "pt" (B, 3, H, W) in [0, 1], or "np" (B, H, W, 3).
         """
-        steps = num_inference_steps or self.cfg.flow.sample_steps
-        scale = self.cfg.flow.guidance_scale if guidance_scale is None else guidance_scale
-        if prompt is not None:
-            texts = [prompt] if isinstance(prompt, str) else list(prompt)
-            conds = [(texts[i:i + batch_size], None) for i in range(0, len(texts), batch_size)]
-        elif image is not None and instruction is not None:
-            images = [image] if isinstance(image, Image.Image) else list(image)
-            instructions = [instruction] * len(images) if isinstance(instruction, str) else list(instruction)
-            if len(instructions) != len(images):
-                raise ValueError(f"edit: {len(images)} images but {len(instructions)} instructions")
-            conds = [(instructions[i:i + batch_size], images[i:i + batch_size])
-                     for i in range(0, len(images), batch_size)]
+        if prompt is None:
+            raise ValueError("give a prompt (text-to-image), or an image and an instruction as the prompt (editing)")
+        texts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if image is None:
+            cond = self.model.condition_texts(texts)
         else:
-            raise ValueError("give a prompt (text-to-image), or an image and an instruction (editing)")
-        out: list[Image.Image] = []
-        device = next(self.model.generator.parameters()).device
-        for chunk, (texts, refs) in enumerate(conds):
-            if refs is None:
-                cond = self.model.condition_texts(texts)
-            else:
-                pixels = torch.stack([prepare_image(r, self.cfg.data.resolution) for r in refs]).to(device)
-                cond = self.model.condition_edit(pixels, texts)
-            out += to_pil(sample_images(self.model, cond, seed=seed + chunk, steps=steps, guidance_scale=scale))
-        return out
+            pixels = self._pixels(image)
+            texts = texts * len(pixels) if len(texts) == 1 else texts
+            if len(texts) != len(pixels):
+                raise ValueError(f"edit: {len(pixels)} images but {len(texts)} instructions")
+            cond = self.model.condition_edit(pixels, texts)
+        scale = self.cfg.flow.guidance_scale if guidance_scale is None else guidance_scale
+        images = sample_images(self.model, cond, generator=generator, scheduler=self.scheduler,
+                               steps=num_inference_steps or self.cfg.flow.sample_steps, guidance_scale=scale)
+        output = _as_output(images.cpu(), output_type)
+        return ImagePipelineOutput(images=output) if return_dict else (output,)
+
+    @torch.no_grad()
+    def reconstruct(self, image: Image.Image, mask_ratio: float, generator: torch.Generator | None = None,
+                    num_inference_steps: int | None = None) -> tuple[Image.Image, Image.Image]:
+        """Stage 1's own picture: the image with the masked patch tokens greyed out, and the image regenerated
+        from that masked condition."""
+        if not 0.0 <= mask_ratio < 1.0:
+            raise ValueError(f"mask_ratio: expected a value in [0, 1), got {mask_ratio}")
+        generator = generator or torch.Generator().manual_seed(0)
+        pixels = self._pixels(image)
+        state = generator.get_state()  # the condition's first draw is its mask: the same draw shows it
+        cond = self.model.condition_masked_images(pixels, generator, ratio=mask_ratio)
+        n = self.model.mllm.num_image_tokens(self.cfg.data.resolution)
+        keep = random_keep_mask(1, n, mask_ratio, min_keep=self.cfg.masking.min_keep,
+                                generator=torch.Generator().set_state(state)) if mask_ratio > 0 else torch.ones(1, n)
+        side = math.isqrt(n)
+        grid = keep.float().view(1, 1, side, side)
+        shown = nn.functional.interpolate(grid, size=pixels.shape[-2:], mode="nearest").to(pixels)
+        masked = pixels * shown + 0.5 * (1 - shown)
+        regenerated = sample_images(self.model, cond, generator=generator, scheduler=self.scheduler,
+                                    steps=num_inference_steps or self.cfg.flow.sample_steps,
+                                    guidance_scale=self.cfg.flow.guidance_scale)
+        return to_pil(masked.cpu())[0], to_pil(regenerated.cpu())[0]
+
+    @torch.no_grad()
+    def answer(self, image: Image.Image | None, question: str, max_new_tokens: int = 32) -> str:
+        """The frozen MLLM's answer about an image (the understanding half of the UMM)."""
+        pixels = None if image is None else self._pixels(image)
+        return self.model.mllm.answer_batch(pixels, [question], max_new_tokens=max_new_tokens)[0]
+
+
+def _as_output(images: torch.Tensor, output_type: str) -> list[Image.Image] | torch.Tensor | Any:
+    if output_type == "pil":
+        return to_pil(images)
+    if output_type == "pt":
+        return images
+    if output_type == "np":
+        return images.permute(0, 2, 3, 1).numpy()
+    raise ValueError(f"output_type: expected 'pil', 'pt' or 'np', got {output_type!r}")
+
+
+def generate_images(pipe: IOMMPipeline, prompts: list[str], images: list[Image.Image] | None = None, *,
+                    seed: int = 0, batch_size: int = 64, **kwargs: Any) -> list[Image.Image]:
+    """Many prompts (or edits) in chunks of `batch_size`, chunk i from a generator seeded `seed + i`, so the
+    images do not depend on how many prompts come before a chunk."""
+    out: list[Image.Image] = []
+    for chunk, start in enumerate(range(0, len(prompts), batch_size)):
+        refs = None if images is None else images[start:start + batch_size]
+        generator = torch.Generator().manual_seed(seed + chunk)
+        out += pipe(prompts[start:start + batch_size], image=refs, generator=generator, **kwargs).images
+    return out

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from iomm.inference.pipeline import generate_images
 from iomm.nano.scorer import detect_objects
 from iomm.nano.world import COLORS, SHAPES, Scene, World, WorldConfig
 
@@ -87,7 +88,7 @@ def evaluate_edits(pipeline, out_dir: Path, n_per_kind: int = 16, seed: int = 0)
     world = World(WorldConfig(resolution=pipeline.cfg.data.resolution, max_objects=2))
     cases = edit_cases(n_per_kind, seed, pipeline.cfg.data.resolution)
     sources = [Image.fromarray(world.render(c.source)) for c in cases]
-    edited = pipeline(image=sources, instruction=[c.instruction for c in cases], seed=seed)
+    edited = generate_images(pipeline, [c.instruction for c in cases], sources, seed=seed)
     out_dir.mkdir(parents=True, exist_ok=True)
     results = []
     for i, (case, before, after) in enumerate(zip(cases, sources, edited)):

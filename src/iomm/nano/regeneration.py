@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -44,15 +43,12 @@ def regenerate(model: IOMM, originals: torch.Tensor, ratio: float, seed: int, st
     masks = torch.Generator().manual_seed(seed)
     was_training = model.training
     model.eval()
-    model.cfg = dataclasses.replace(cfg, masking=dataclasses.replace(cfg.masking, ratio=ratio))
-    try:
-        out = []
-        for chunk, start in enumerate(range(0, originals.shape[0], BATCH)):
-            cond = model.condition_masked_images(originals[start:start + BATCH].to(device), masks)
-            out.append(sample_images(model, cond, seed=seed + chunk, steps=steps, guidance_scale=scale).cpu())
-    finally:
-        model.cfg = cfg
-        model.train(was_training)
+    out = []
+    for chunk, start in enumerate(range(0, originals.shape[0], BATCH)):
+        cond = model.condition_masked_images(originals[start:start + BATCH].to(device), masks, ratio=ratio)
+        out.append(sample_images(model, cond, generator=torch.Generator().manual_seed(seed + chunk), steps=steps,
+                                 guidance_scale=scale).cpu())
+    model.train(was_training)
     return torch.cat(out)
 
 
