@@ -57,7 +57,7 @@ def test_export_is_a_diffusers_pipeline_directory_that_loads_back(tiny_config, t
         a, b = (np.asarray(Image.open(tmp_path / f"gen_{m}" / name)) for m in ("run", "export"))
         assert np.array_equal(a, b)
 
-    wide = IOMMPipeline.from_pretrained(tmp_path / "export", torch_dtype=torch.float64)
+    wide = IOMMPipeline.from_pretrained(tmp_path / "export", dtype=torch.float64)
     assert wide.generator.dtype == torch.float64 and wide.conditioner.dtype == torch.float64
 
 

@@ -13,7 +13,7 @@ from typing import Any, Literal
 import yaml
 
 from iomm.builtins import builtin_mllm, builtin_vae, registry
-from iomm.data.spec import CACHE_FILE, DataConfig, check_data, check_data_paths, path_exists
+from iomm.data.spec import DataConfig, check_data, check_data_paths, check_latent_cache, path_exists
 from iomm.typed_config import ConfigError, apply_overrides, build_dataclass
 
 
@@ -122,6 +122,18 @@ class FlowConfig:
 
 
 @dataclass
+class LoRAConfig:
+    """LoRA on the generator (peft adapters via diffusers' `add_adapter`): only the adapters train."""
+
+    enabled: bool = False
+    rank: int = 64
+    alpha: float = 64.0
+    # peft `target_modules`: the attention projections, as in diffusers' LoRA training examples
+    target_modules: list[str] = field(default_factory=lambda: ["to_k", "to_q", "to_v", "to_out.0"])
+    base: str | None = None  # the run or checkpoint whose (EMA) weights the adapters start from
+
+
+@dataclass
 class TrainConfig:
     steps: int = 1000
     batch_size: int = 16  # global, over all ranks: each of N ranks takes batch_size / N per micro-batch
@@ -151,6 +163,7 @@ class TrainConfig:
     parallel: Literal["ddp", "fsdp"] = "ddp"
     activation_checkpointing: bool = False  # recompute each generator block in the backward pass
     optimizer: Literal["adamw", "muon"] = "adamw"  # muon: the generator blocks' matrices (iomm.training.optimizers)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
 
 
 @dataclass
@@ -234,6 +247,11 @@ def validate(cfg: Config, source: str = "<config>", *, check_paths: bool = True)
     for name in ("warmup_steps", "sample_every", "keep_last", "keep_every", "threads"):
         _check(getattr(t, name) >= 0, source, f"train.{name}", ">= 0", getattr(t, name))
     _check(0.0 <= t.decay_fraction <= 1.0, source, "train.decay_fraction", "a value in [0, 1]", t.decay_fraction)
+    if t.lora.enabled:
+        _check(t.lora.rank >= 1, source, "train.lora.rank", ">= 1", t.lora.rank)
+        _check(t.lora.alpha > 0, source, "train.lora.alpha", "> 0", t.lora.alpha)
+        _check(len(t.lora.target_modules) >= 1, source, "train.lora.target_modules", "at least one layer name",
+               t.lora.target_modules)
     _check(math.isfinite(t.lr) and t.lr > 0, source, "train.lr", "a finite number > 0", t.lr)
     _check(math.isfinite(t.weight_decay) and t.weight_decay >= 0, source, "train.weight_decay", "a finite number >= 0",
            t.weight_decay)
@@ -331,32 +349,15 @@ def _check_paths(cfg: Config, source: str) -> None:
         _check(builtin is None or built == cfg.data.resolution, source, "codec.nano_dir",
                f"a built-in VAE built for data.resolution={cfg.data.resolution} px (or a new directory)",
                f"{cfg.codec.nano_dir} (built for {built} px)")
+    if cfg.train.lora.base is not None:
+        _check(path_exists(cfg.train.lora.base, "dir"), source, "train.lora.base", "an existing run or checkpoint "
+               "directory", cfg.train.lora.base)
     if cfg.generator.pretrained is not None:
         _check(path_exists(cfg.generator.pretrained, "dir"), source, "generator.pretrained", "an existing directory",
                cfg.generator.pretrained)
     check_data_paths(cfg.data, source)
     if cfg.data.latents is not None:
-        _check_latent_cache(cfg, Path(cfg.data.latents), source)
-
-
-# What a latent cache's content depends on: a cache made with other values cannot stand in for the online path.
-CACHE_FIELDS = ("mllm.path", "mllm.nano_dir", "codec.kind", "codec.path", "codec.nano_dir", "data.source", "data.path",
-                "data.pairs", "data.resolution", "data.holdout", "data.caption_field", "data.image_column")
-
-
-def latent_cache_fingerprint(cfg: Config) -> dict[str, Any]:
-    return {name: getattr(getattr(cfg, name.split(".")[0]), name.split(".")[1]) for name in CACHE_FIELDS}
-
-
-def _check_latent_cache(cfg: Config, cache: Path, source: str) -> None:
-    try:
-        made = json.loads((cache / CACHE_FILE).read_text(encoding="utf-8"))["fingerprint"]
-    except (OSError, ValueError, KeyError):
-        raise ConfigError(source, "data.latents", f"a directory written by `iomm data cache` (with {CACHE_FILE})",
-                          str(cache)) from None
-    for name, value in latent_cache_fingerprint(cfg).items():
-        _check(made.get(name) == value, source, "data.latents", f"a cache made with {name}={value!r}",
-               f"{cache} made with {name}={made.get(name)!r}")
+        check_latent_cache(cfg, Path(cfg.data.latents), source)
 
 
 def _check_mllm_dir(path: Path, trusted: bool, source: str) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -21,7 +21,9 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict
 
-from iomm.checkpointing.checkpoint import CheckpointError
+from iomm.checkpointing.checkpoint import CheckpointError, resolve_checkpoint
+from iomm.config import Config
+from iomm.generator.lora import add_lora
 from iomm.model import IOMM
 from iomm.training.ema import EMA
 
@@ -101,3 +103,17 @@ def trainable_parameters(model: IOMM) -> dict[str, torch.nn.Parameter]:
     """The parameters the optimizer and EMA cover, by `<module>.<name>`."""
     return {f"{name}.{n}": p for name, module in model.trainable().items()
             for n, p in module.named_parameters() if p.requires_grad}
+
+
+def build_model(cfg: Config, model_fn: Callable[[Config], IOMM] = IOMM.from_config) -> IOMM:
+    """The model a config trains: with `train.lora`, the base weights (of `train.lora.base`, its EMA ones)
+    frozen and the generator's LoRA adapters the only trainable parameters."""
+    model = model_fn(cfg)
+    lora = cfg.train.lora
+    if lora.enabled:
+        if lora.base is not None:
+            load_trainable(model, resolve_checkpoint(lora.base), use_ema=True)
+        for module in model.trainable().values():
+            module.requires_grad_(False)
+        add_lora(model.generator, lora)
+    return model

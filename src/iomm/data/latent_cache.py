@@ -18,11 +18,11 @@ from torch import nn
 from tqdm import tqdm
 
 from iomm.conditioning.mllm import FrozenMLLM
-from iomm.config import Config, latent_cache_fingerprint
+from iomm.config import Config
 from iomm.data.encoded import CACHE_EXTENSION, EncodedImages
 from iomm.data.images import BadSample, DataReport
 from iomm.data.mixed_batches import Items, SampleSets
-from iomm.data.spec import CACHE_FILE, CACHED_IMAGES, CACHED_PAIRS, FileSpec, pair_spec
+from iomm.data.spec import CACHE_FILE, CACHED_IMAGES, CACHED_PAIRS, FileSpec, latent_cache_fingerprint, pair_spec
 
 
 @torch.no_grad()

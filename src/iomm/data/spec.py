@@ -7,6 +7,7 @@ built-in source, or a bare JSONL path.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -117,3 +118,23 @@ def check_data_paths(d: DataConfig, source: str) -> None:
     if d.pairs is not None and isinstance(spec := pair_spec(d.pairs), FileSpec) and spec.kind in expected:
         kind, what = expected[spec.kind]
         _check(path_exists(spec.location, kind), source, "data.pairs", f"{what} (or NAME:N)", d.pairs)
+
+
+# What a latent cache's content depends on: a cache made with other values cannot stand in for the online path.
+CACHE_FIELDS = ("mllm.path", "mllm.nano_dir", "codec.kind", "codec.path", "codec.nano_dir", "data.source", "data.path",
+                "data.pairs", "data.resolution", "data.holdout", "data.caption_field", "data.image_column")
+
+
+def latent_cache_fingerprint(cfg: Any) -> dict[str, Any]:
+    return {name: getattr(getattr(cfg, name.split(".")[0]), name.split(".")[1]) for name in CACHE_FIELDS}
+
+
+def check_latent_cache(cfg: Any, cache: Path, source: str) -> None:
+    try:
+        made = json.loads((cache / CACHE_FILE).read_text(encoding="utf-8"))["fingerprint"]
+    except (OSError, ValueError, KeyError):
+        raise ConfigError(source, "data.latents", f"a directory written by `iomm data cache` (with {CACHE_FILE})",
+                          str(cache)) from None
+    for name, value in latent_cache_fingerprint(cfg).items():
+        _check(made.get(name) == value, source, "data.latents", f"a cache made with {name}={value!r}",
+               f"{cache} made with {name}={made.get(name)!r}")

@@ -23,13 +23,16 @@ import yaml
 from iomm.checkpointing.checkpoint import CheckpointError, resolve_checkpoint
 from iomm.checkpointing.weights import WEIGHTS_DIR
 from iomm.config import Config
+from iomm.generator.lora import lora_state, save_lora
 from iomm.inference.pipeline import IOMMPipeline, load_model
 
 EXPORT_FILE = "export.json"
 
 
 def export(model_path: str | Path, out: str | Path, *, use_ema: bool = True,
-           scores: list[str | Path] | None = None) -> Path:
+           scores: list[str | Path] | None = None, lora: bool = False) -> Path:
+    """With `lora`, also `OUT/pytorch_lora_weights.safetensors` (a LoRA run's adapters, diffusers' format); the
+    exported generator of a LoRA run has them fused in."""
     checkpoint = resolve_checkpoint(model_path)
     if not (checkpoint / WEIGHTS_DIR).is_dir():
         raise CheckpointError(f"{checkpoint}: not a training checkpoint (no {WEIGHTS_DIR}/ to consolidate)")
@@ -40,7 +43,15 @@ def export(model_path: str | Path, out: str | Path, *, use_ema: bool = True,
             raise FileExistsError(f"{out} exists and is not an iomm export: choose a new --out directory")
         shutil.rmtree(out)
     model = load_model(checkpoint, use_ema=use_ema)
+    if lora and not model.cfg.train.lora.enabled:
+        raise CheckpointError(f"{checkpoint}: --lora: not a LoRA run (train.lora.enabled is false)")
+    adapters = lora_state(model.generator) if model.cfg.train.lora.enabled else None
+    if adapters is not None:
+        model.generator.fuse_lora()
+        model.generator.unload_lora()
     IOMMPipeline.from_model(model).save_pretrained(out, safe_serialization=True)
+    if lora:
+        save_lora(adapters, model.cfg.generator.kind, out)
     step = json.loads((checkpoint / "state.json").read_text(encoding="utf-8"))["step"]
     record = {"checkpoint": str(checkpoint.resolve()), "step": step, "weights": "ema" if use_ema else "raw"}
     (out / EXPORT_FILE).write_text(json.dumps(record, indent=1), encoding="utf-8")

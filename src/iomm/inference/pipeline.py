@@ -8,7 +8,7 @@ Its components, one subfolder each in a pipeline directory (`iomm export`), each
     mllm, tokenizer  the frozen MLLM (transformers)
     conditioner    IOMMConditioner: adapter + connector, and the iomm config
 
-`IOMMPipeline.from_pretrained` reads such a directory through diffusers' loading (`torch_dtype`, devices), or a
+`IOMMPipeline.from_pretrained` reads such a directory through diffusers' loading (`dtype`, devices), or a
 training run or checkpoint directory (its EMA weights unless `use_ema=False`).
 """
 
@@ -25,13 +25,14 @@ from PIL import Image
 from torch import nn
 
 from iomm.checkpointing.checkpoint import resolve_checkpoint
-from iomm.checkpointing.weights import load_trainable
+from iomm.checkpointing.weights import build_model, load_trainable
 from iomm.conditioning.masking import random_keep_mask
 from iomm.conditioning.mllm import FrozenMLLM
 from iomm.config import Config, load_config
 from iomm.data.images import prepare_image
 from iomm.generator.codec import PixelCodec, VAECodec
 from iomm.generator.flow import flow_scheduler
+from iomm.generator.lora import load_lora
 from iomm.image_tensors import to_pil
 from iomm.inference.conditioner import IOMMConditioner
 from iomm.inference.sampling import sample_images
@@ -50,7 +51,7 @@ def load_model(path: str | Path, *, use_ema: bool = True, device: str | torch.de
         return IOMMPipeline.from_pretrained(path).model.to(device).eval()
     checkpoint = resolve_checkpoint(path)
     cfg = load_config(checkpoint / "config.yaml")
-    model = model_fn(cfg)
+    model = build_model(cfg, model_fn)
     load_trainable(model, checkpoint, use_ema=use_ema)
     return model.to(device).eval()
 
@@ -100,6 +101,10 @@ class IOMMPipeline(DiffusionPipeline):
         else:
             pipe = cls.from_model(load_model(path, use_ema=use_ema))
         return pipe.to(device) if device is not None else pipe
+
+    def load_lora_weights(self, path: str | Path) -> None:
+        """A LoRA in diffusers' format (`pytorch_lora_weights.safetensors` or its directory) into the generator."""
+        load_lora(self.generator, self.cfg.generator.kind, Path(path))
 
     def _device(self) -> torch.device:
         return next(self.generator.parameters()).device

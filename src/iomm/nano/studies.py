@@ -65,6 +65,10 @@ def studies() -> dict[str, Study]:
             "no adapter vs MetaQuery-style free queries vs the Residual Query Adapter (raw has no queries for "
             "adapter.token_loss to read: it trains without it)", "rqa",
             common=["train.sample_every=100"], curves=True),
+        "lora-mix": Study("lora-mix", [
+            Arm(f"lora-{ft}", (PAIR,), ("train.lora.enabled=true", *FT[ft])) for ft in ("mix", "pair", "image")],
+            "LoRA fine-tuning (rank 64, alpha 64, the generator's attention) of a model pre-trained on pairs only, the "
+            "'existing model': on the mix, on pairs only, or on images only, at equal steps", "lora-mix"),
         "editing": Study("editing", [
             Arm(f"{pre}-pretrain", (IMAGE if pre == "image" else PAIR,), None, edit=True) for pre in ("image", "pair")],
             "zero-shot editing success after image-only vs pair pre-training (no editing data)", "image-pretrain"),

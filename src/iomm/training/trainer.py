@@ -9,6 +9,7 @@ are state, and they live in the checkpoint. Every stop is collective across rank
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import sys
@@ -21,10 +22,17 @@ import torch
 from tqdm import tqdm
 
 from iomm.checkpointing import checkpoint as ckpt
-from iomm.checkpointing.weights import load_trainable, load_training_state, save_training_state, trainable_parameters
+from iomm.checkpointing.weights import (
+    build_model,
+    load_trainable,
+    load_training_state,
+    save_training_state,
+    trainable_parameters,
+)
 from iomm.config import Config, load_config, save_config
 from iomm.data.images import DataReport, TooMuchBadData
 from iomm.data.mixed_batches import Batch, DataPosition, MixedBatches, batch_loader, build_sources
+from iomm.generator.lora import lora_state, save_lora
 from iomm.image_tensors import image_grid
 from iomm.model import IOMM
 from iomm.row_generators import sample_generators
@@ -78,8 +86,15 @@ class Trainer:
         sources = build_sources(self.cfg, self.report, self.run_dir, main=self.dist.main, barrier=self.dist.barrier,
                                 held_out=PANEL_SIZE)
         self.held_out = sources.held_out
+        if self.cfg.train.lora.enabled and self.init is not None:  # the model the adapters adapt
+            if self.cfg.train.lora.base is not None:
+                raise ConfigError("the command line", "--init", "no --init with train.lora.base set (the LoRA base)",
+                                  str(self.init))
+            self.cfg = dataclasses.replace(self.cfg, train=dataclasses.replace(
+                self.cfg.train, lora=dataclasses.replace(self.cfg.train.lora, base=str(self.init))))
+            self.init = None
         torch.manual_seed(self.cfg.train.seed)  # the same initial weights on every rank and every rerun
-        self.model = self.model_fn(self.cfg).to(self.device)
+        self.model = build_model(self.cfg, self.model_fn).to(self.device)
         if self.init is not None:
             load_trainable(self.model, ckpt.resolve_checkpoint(self.init), use_ema=False)
         t = self.cfg.train
@@ -101,6 +116,11 @@ class Trainer:
     def _write_checkpoint(self, tmp: Path) -> None:
         """Every rank writes its shards of the weights, EMA and optimizer state; rank 0 the run's state."""
         has_optimizer = save_training_state(self.model, self.ema, self.optimizers, tmp)
+        if self.cfg.train.lora.enabled:  # the EMA adapters in diffusers' LoRA format, loadable by plain diffusers
+            with self.ema.applied():
+                adapters = lora_state(self.model.generator)
+            if self.dist.main:
+                save_lora(adapters, self.cfg.generator.kind, tmp)
         if not self.dist.main:
             return
         state = {"step": self.step, "nonfinite_total": self.nonfinite_total, "data": self.report.to_dict(),
