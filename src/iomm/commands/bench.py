@@ -70,6 +70,10 @@ def _print(title: str, run: dict) -> None:
           f"{run['threads']} threads)")
     for name, seconds in run["seconds_per_step"].items():
         print(f"  {name:>22s}  {seconds * 1000:8.1f} ms")
+    mfu = run["mfu"]
+    print(f"  {run['flops_per_step']['step'] / 1e9:.2f} GFLOP a step; MFU {mfu['step']:.1%} of the "
+          f"{run['matmul_peak_flops'] / 1e9:.1f} GFLOP/s matmul peak" + (
+              f", generator {mfu['generator']:.1%}" if mfu["generator"] is not None else ""))
 
 
 def _world(args: argparse.Namespace) -> int:
