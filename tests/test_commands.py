@@ -54,6 +54,7 @@ def test_bench_times_every_phase_of_the_real_step(tiny_mllm_dir, tmp_path, capsy
         assert sum(seconds[phase] for phase in PHASES) <= seconds["step"] * 1.01  # phases are inside the step
         assert run["images_per_s"] == pytest.approx(run["batch_size"] / seconds["step"])
     assert result["speedup"] == pytest.approx(result["run"]["images_per_s"] / result["naive"]["images_per_s"])
+    assert result["command"].startswith("iomm bench train-step ") and "--compare-naive" in result["command"]
     flops = result["run"]["flops_per_step"]
     assert flops["step"] >= flops["generator"] + flops["mllm"] > 0 and flops["generator"] > 0
     assert 0 < result["run"]["mfu"]["step"] < 1 and 0 < result["run"]["mfu"]["generator"] < 1

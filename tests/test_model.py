@@ -16,7 +16,7 @@ def test_gradients_reach_adapter_and_connector_but_mllm_never_changes(tiny_confi
     cfg = tiny_config("train.cond_dropout=0.0")
     model = IOMM.from_config(cfg)
     before = {k: v.clone() for k, v in model.mllm.state_dict().items()}
-    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-2)
+    optimizer = torch.optim.AdamW(model.trainable_parameters().values(), lr=1e-2)
     batch = _batch(cfg)
     loss = model.loss(batch.images, batch.captions, torch.Generator().manual_seed(0))
     loss.backward()

@@ -49,7 +49,7 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients(tiny_config)
 def test_muon_takes_the_blocks_matrices_and_adamw_the_rest(tiny_config):
     cfg = tiny_config("train.optimizer=muon")
     model = IOMM.from_config(cfg)
-    params = {f"{n}.{k}": p for n, m in model.trainable().items() for k, p in m.named_parameters() if p.requires_grad}
+    params = model.trainable_parameters()
     matrices = muon_parameters(model.generator, params)
     assert matrices and all(params[n].ndim == 2 and n.startswith("generator.transformer_blocks.") for n in matrices)
     muon, adamw = build_optimizers(params, model.generator, cfg.train)

@@ -101,8 +101,10 @@ class IOMM(nn.Module):
     def trainable(self) -> dict[str, nn.Module]:
         return {name: getattr(self, name) for name in TRAINABLE if getattr(self, name) is not None}
 
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return [p for m in self.trainable().values() for p in m.parameters() if p.requires_grad]
+    def trainable_parameters(self) -> dict[str, nn.Parameter]:
+        """The parameters the optimizer and EMA cover, by `<module>.<name>`."""
+        return {f"{name}.{n}": p for name, module in self.trainable().items()
+                for n, p in module.named_parameters() if p.requires_grad}
 
     # ---- conditions -------------------------------------------------------------------------
     def _text_segment(self, texts: list[str]) -> Segment:

@@ -27,11 +27,7 @@ def sample_generators(seed: int, step: int, micro_step: int, rows: range) -> lis
 
 
 def _draw(fn: Callable[..., torch.Tensor], shape: Sequence[int], generator: Generators) -> torch.Tensor:
-    if not isinstance(generator, list):
-        return fn(tuple(shape), generator=generator)
-    if len(generator) != shape[0]:
-        raise ValueError(f"{len(generator)} generators for a batch of {shape[0]} rows")
-    return torch.cat([fn((1, *shape[1:]), generator=g) for g in generator]) if generator else fn(tuple(shape))
+    return per_row(lambda n, g: fn((n, *shape[1:]), generator=g), shape[0], generator)
 
 
 def rand(shape: Sequence[int], generator: Generators) -> torch.Tensor:
@@ -51,7 +47,7 @@ def per_row(fn: Callable[[int, torch.Generator | None], torch.Tensor], batch: in
         return fn(batch, generator)
     if len(generator) != batch:
         raise ValueError(f"{len(generator)} generators for a batch of {batch} rows")
-    return torch.cat([fn(1, g) for g in generator])
+    return torch.cat([fn(1, g) for g in generator]) if generator else fn(0, None)
 
 
 def select(generator: Generators, rows: Sequence[int]) -> Generators:

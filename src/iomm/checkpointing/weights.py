@@ -90,19 +90,13 @@ def load_trainable(model: IOMM, path: Path, *, use_ema: bool) -> None:
         raise CheckpointError(f"{path}: not a training checkpoint (no {WEIGHTS_DIR}/)")
     state: dict = {"model": {k: v.clone() for k, v in _module_state(model).items()}}
     if use_ema:
-        state["ema"] = {name: p.detach().clone().float() for name, p in trainable_parameters(model).items()}
+        state["ema"] = {name: p.detach().clone().float() for name, p in model.trainable_parameters().items()}
     _load(state, path)
     _load_module_state(model, state["model"])
     if use_ema:
         with torch.no_grad():
-            for name, p in trainable_parameters(model).items():
+            for name, p in model.trainable_parameters().items():
                 p.copy_(state["ema"][name].to(p.dtype))
-
-
-def trainable_parameters(model: IOMM) -> dict[str, torch.nn.Parameter]:
-    """The parameters the optimizer and EMA cover, by `<module>.<name>`."""
-    return {f"{name}.{n}": p for name, module in model.trainable().items()
-            for n, p in module.named_parameters() if p.requires_grad}
 
 
 def build_model(cfg: Config, model_fn: Callable[[Config], IOMM] = IOMM.from_config) -> IOMM:

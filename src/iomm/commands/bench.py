@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 from pathlib import Path
 
 from iomm.commands.train import add_config_args
@@ -38,7 +39,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _train_step(args: argparse.Namespace) -> int:
     from iomm.training.bench import bench_train_step
 
-    result = {"config": args.config, "overrides": args.overrides, "machine": machine()}
+    command = ["iomm", "bench", "train-step", *(["--config", args.config] if args.config else []),
+               *(f"--set={o}" for o in args.overrides), f"--steps={args.steps}", f"--warmup={args.warmup}",
+               *(["--compare-naive"] if args.compare_naive else []), f"--out={args.out}"]
+    result = {"command": shlex.join(command), "config": args.config, "overrides": args.overrides, "machine": machine()}
     result["run"] = bench_train_step(load_config(args.config, args.overrides), args.steps, args.warmup)
     _print("this config", result["run"])
     if args.compare_naive:

@@ -96,8 +96,8 @@ class IOMMPipeline(DiffusionPipeline):
     def from_pretrained(cls, path: str | Path, *, use_ema: bool = True, device: str | torch.device | None = None,
                         **kwargs: Any) -> "IOMMPipeline":
         """A pipeline directory (diffusers' loading; `kwargs` go to it), or a run / checkpoint directory."""
-        if (Path(path) / PIPELINE_FILE).is_file():
-            pipe = super().from_pretrained(path, **kwargs)
+        if (Path(path) / PIPELINE_FILE).is_file():  # a local directory: never the Hub
+            pipe = super().from_pretrained(path, **{"local_files_only": True, **kwargs})
         else:
             pipe = cls.from_model(load_model(path, use_ema=use_ema))
         return pipe.to(device) if device is not None else pipe
@@ -106,12 +106,9 @@ class IOMMPipeline(DiffusionPipeline):
         """A LoRA in diffusers' format (`pytorch_lora_weights.safetensors` or its directory) into the generator."""
         load_lora(self.generator, self.cfg.generator.kind, Path(path))
 
-    def _device(self) -> torch.device:
-        return next(self.generator.parameters()).device
-
     def _pixels(self, image: ImageInput) -> torch.Tensor:
         images = [image] if isinstance(image, Image.Image) else list(image)
-        return torch.stack([prepare_image(i, self.cfg.data.resolution) for i in images]).to(self._device())
+        return torch.stack([prepare_image(i, self.cfg.data.resolution) for i in images]).to(self.device)
 
     @torch.no_grad()
     def __call__(self, prompt: str | list[str] | None = None, image: ImageInput | None = None,

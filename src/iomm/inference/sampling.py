@@ -4,18 +4,16 @@ from __future__ import annotations
 
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
-from diffusers.utils.torch_utils import randn_tensor
 
 from iomm.generator.flow import euler_sample, guided
 from iomm.model import IOMM, Condition
-from iomm.row_generators import Generators
+from iomm.row_generators import Generators, randn
 
 
 def initial_noise(model: IOMM, batch: int, generator: Generators, device: torch.device | str = "cpu") -> torch.Tensor:
     """Latent noise, drawn on the CPU (the same images on any device); a list of generators draws row by row."""
     side = model.cfg.data.resolution // model.codec.factor
-    noise = randn_tensor((batch, model.codec.channels, side, side), generator=generator, device=torch.device("cpu"))
-    return noise.to(device)
+    return randn((batch, model.codec.channels, side, side), generator).to(device)
 
 
 @torch.no_grad()

@@ -27,7 +27,6 @@ from iomm.checkpointing.weights import (
     load_trainable,
     load_training_state,
     save_training_state,
-    trainable_parameters,
 )
 from iomm.config import Config, load_config, save_config
 from iomm.data.images import DataReport, TooMuchBadData
@@ -100,7 +99,7 @@ class Trainer:
         t = self.cfg.train
         self.forward = distribute(self.model, self.model.generator, t, self.dist.world, self.device)
         self.sharded = self.dist.world > 1 and t.parallel == "fsdp"  # every rank takes part in every forward
-        self.params = trainable_parameters(self.model)  # after distribute: FSDP2 makes them DTensors
+        self.params = self.model.trainable_parameters()  # after distribute: FSDP2 makes them DTensors
         self.optimizers = build_optimizers(self.params, self.model.generator, t)
         self.schedulers = build_schedulers(self.optimizers, t)
         self.ema = EMA(self.params, t.ema_decay)
