@@ -81,7 +81,7 @@ def condition_stages(model: IOMM, images: torch.Tensor, ratio: float, seed: int,
     packed = pack_left([prompt, image])
     origin = pack_left([_marker(prompt, 0), _marker(image, n_prompt)]).embeds[..., 0].round().long() - n_prompt
     out = {"pixels": images.flatten(1), "vision": image.embeds * image.valid.unsqueeze(-1).to(image.embeds.dtype)}
-    hidden = model.mllm.forward_embeds(packed.embeds, packed.mask, packed.positions)
+    hidden = model.mllm.forward_embeds(packed.embeds, packed.mask, packed.llm_positions)
     rows, cols = (packed.mask & (origin >= 0)).nonzero(as_tuple=True)
     llm_image = hidden.new_zeros(b, n_img, hidden.shape[-1])  # masked-out (dropped) tokens stay 0
     llm_image[rows, origin[rows, cols]] = hidden[rows, cols]
@@ -89,7 +89,7 @@ def condition_stages(model: IOMM, images: torch.Tensor, ratio: float, seed: int,
     if model.adapter is None:
         raise SystemExit("condition_probe: the run has no query adapter (adapter.kind: raw)")
     queries = model.adapter(packed.embeds, packed.mask, packed.positions)  # as IOMM.encode calls it
-    hidden = model.mllm.forward_suffix(packed.embeds, packed.mask, packed.positions,
+    hidden = model.mllm.forward_suffix(packed.embeds, packed.mask, packed.llm_positions,
                                        queries, positions_after(packed, queries.shape[1]))
     tokens, pooled = model.connector(hidden, torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device))
     out.update(queries=queries, llm_queries=hidden, connector=tokens, connector_pooled=pooled)

@@ -57,7 +57,7 @@ class OracleIOMM(IOMM):
             prompt = self._text_segment([self.cfg.masking.prompt] * images.shape[0])
             packed = pack_left([prompt, image])
             with torch.no_grad():  # nothing before the connector trains in these arms
-                hidden = self.mllm.forward_embeds(packed.embeds, packed.mask, packed.positions)
+                hidden = self.mllm.forward_embeds(packed.embeds, packed.mask, packed.llm_positions)
             hidden = hidden[:, -tokens.shape[1]:]  # left padded: the image tokens are the last positions
         mask = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
         return Condition(*self.connector(hidden, mask))

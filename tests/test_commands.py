@@ -72,6 +72,11 @@ def test_describe_counts_the_paper_scale_models():
     assert large["generator"] == pytest.approx(2.7e9, rel=0.03)
     xl = describe(load_config(CONFIGS / "iomm-xl.yaml", check_paths=False))  # Z-Image's own 6.15B layout
     assert xl["generator"] == pytest.approx(6.0e9, rel=0.1)
+    # Qwen-Image: its 20B transformer, its Qwen2.5-VL-7B text encoder and VAE; rank-64 LoRA on q, k, v, out of 60 blocks
+    qwen = describe(load_config(CONFIGS / "qwen-image-mix-lora.yaml", check_paths=False))
+    assert qwen["generator"] == pytest.approx(20.4e9, rel=0.01) == qwen["lora_base"]
+    assert qwen["mllm_vision"] + qwen["mllm_language"] == pytest.approx(8.29e9, rel=0.01)
+    assert qwen["lora"] == qwen["trainable"] == 60 * 4 * 64 * (3072 + 3072)
 
 
 def test_describe_on_a_qwen25_vl_checkpoint(tmp_path, capsys):

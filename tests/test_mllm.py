@@ -124,6 +124,44 @@ def test_matches_hf_forward_with_image_tokens(pair) -> None:
     torch.testing.assert_close(ours, hf.last_hidden_state, rtol=1e-5, atol=1e-5)
 
 
+def test_qwen_image_segments_get_the_hf_models_own_rotary_positions() -> None:
+    """A condition packed from segments (text, an image on its grid, text; left padded) gives the hidden states
+    Qwen2.5-VL computes itself from input ids and pixels, 3-D rotary positions (`get_rope_index`) included."""
+    from iomm.conditioning.sequence import Segment, pack_left, positions_after
+
+    model, tokenizer, preprocessing = tiny_qwen()
+    mllm = FrozenMLLM(model, tokenizer, preprocessing)
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    n, grid = mllm.num_image_tokens(32), mllm.image_grid(32)
+    assert grid == (4, 4) and grid[0] * grid[1] == n
+    cfg = model.config
+    befores = [tokenizer("describe the image")["input_ids"], tokenizer("what")["input_ids"]]
+    after = tokenizer("a red circle .")["input_ids"]
+    embed = model.get_input_embeddings()
+    rows = [[*b, cfg.vision_start_token_id] for b in befores]
+    width = max(map(len, rows))
+    before = torch.stack([torch.tensor(r + [0] * (width - len(r))) for r in rows])
+    before_valid = torch.stack([torch.tensor([True] * len(r) + [False] * (width - len(r))) for r in rows])
+    after_ids = torch.tensor([[cfg.vision_end_token_id, *after]] * 2)
+    with torch.no_grad():
+        segments = [Segment(embed(before), before_valid),
+                    Segment(mllm.embed_images(images), torch.ones(2, n, dtype=torch.bool), grid=grid),
+                    Segment(embed(after_ids), torch.ones_like(after_ids, dtype=torch.bool))]
+        packed = pack_left(segments)
+        ours = mllm.forward_embeds(packed.embeds, packed.mask, packed.llm_positions)
+        # the same sequences as token ids, left padded, through the HF model's own image and position handling
+        ids = [[*r, *([cfg.image_token_id] * n), *after_ids[0].tolist()] for r in rows]
+        length = max(map(len, ids))
+        input_ids = torch.tensor([[0] * (length - len(r)) + r for r in ids])
+        mask = torch.tensor([[0] * (length - len(r)) + [1] * len(r) for r in ids])
+        hf = model.model(input_ids=input_ids, attention_mask=mask, **mllm.family.model_inputs(images, input_ids))
+    valid = mask.bool()
+    torch.testing.assert_close(ours[valid], hf.last_hidden_state[valid], rtol=1e-5, atol=1e-5)
+    # queries appended after it continue from the largest position, as generation does (rope deltas)
+    assert positions_after(packed, 2).shape == (3, 2, 2)
+    assert positions_after(packed, 1)[:, 0, 0].tolist() == [packed.rope[:, 0].max().item() + 1] * 3
+
+
 def test_left_padding_matches_unpadded(pair) -> None:
     mllm = pair[1]
     embeds, mask = mllm.embed_text(TEXTS[:1])

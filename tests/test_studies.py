@@ -36,6 +36,17 @@ def test_recipes_pretrain_once_per_stage1_setting(tmp_path: Path) -> None:
     assert pretrain_dir(tmp_path, image_mix, 0) != pretrain_dir(tmp_path, image_mix, 1)
 
 
+def test_lora_mix_scores_the_existing_model_it_starts_from(tmp_path: Path) -> None:
+    arms = {a.name: a for a in studies()["lora-mix"].arms}
+    existing, mix = arms["existing"], arms["lora-mix"]
+    assert pretrain_dir(tmp_path, existing, 1) == pretrain_dir(tmp_path, mix, 1)  # the model the LoRA arms adapt
+    commands = arm_commands(existing, "c.yaml", [], 1, tmp_path / "arm", pretrain_dir(tmp_path, existing, 1), 8)
+    assert len(commands) == 1 and commands[0][3:5] == ["eval", "shapes"]
+    assert commands[0][commands[0].index("--model") + 1] == str(pretrain_dir(tmp_path, existing, 1))
+    finetune, evaluate = arm_commands(mix, "c.yaml", [], 1, tmp_path / "mix", pretrain_dir(tmp_path, mix, 1), 8)
+    assert finetune[3] == "finetune" and evaluate[evaluate.index("--model") + 1] == str(tmp_path / "mix/finetune")
+
+
 def test_tiny_study_end_to_end(tiny_mllm_dir: Path, tmp_path: Path) -> None:
     study = Study("tiny", [Arm("pair", (), ("finetune.mix_ratio=0.0",)), Arm("mix", (), ("finetune.mix_ratio=0.5",))],
                   "two fine-tuning arms on one shared pre-training", "mix", common=["train.sample_every=1"],

@@ -97,3 +97,17 @@ def test_lr_schedule_warms_up_holds_then_decays_to_zero():
     assert all(a > b for a, b in zip(factors[80:], factors[81:]))
     assert factors[99] == pytest.approx(1 / 20)
     assert [lr_factor(s, steps=100, warmup=10, decay_fraction=0.0) for s in range(10, 100)] == [1.0] * 90
+
+
+def test_where_bf16_is_native_frozen_weights_are_stored_in_bf16(tiny_config, tmp_path, monkeypatch):
+    """(bf16 is emulated on this CPU: the test says it is native, to run the path a GPU takes.)"""
+    from iomm.evaluation.reconstruction import sample_grid
+
+    monkeypatch.setattr("iomm.training.precision.bf16_is_native", lambda device_type="cpu": True)
+    trainer = Trainer(tiny_config("train.steps=2", "train.mixed_precision=bf16", "train.sample_every=2"),
+                      tmp_path / "run", progress=False, sample_fn=sample_grid)
+    trainer.fit()
+    dtypes = {n: p.dtype for n, p in trainer.model.named_parameters()}
+    assert {d for n, d in dtypes.items() if n.startswith("mllm.")} == {torch.bfloat16}
+    assert {d for n, d in dtypes.items() if not n.startswith("mllm.")} == {torch.float32}
+    assert (tmp_path / "run/samples/step_00000002.png").is_file()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -12,9 +11,10 @@ from typing import Any, Literal
 
 import yaml
 
-from iomm.builtins import builtin_mllm, builtin_vae, registry
-from iomm.data.spec import DataConfig, check_data, check_data_paths, check_latent_cache, path_exists
-from iomm.typed_config import ConfigError, apply_overrides, build_dataclass
+from iomm.config_checks import check_paths as check_model_paths
+from iomm.config_checks import codec_factor
+from iomm.data.spec import DataConfig, check_data
+from iomm.typed_config import ConfigError, apply_overrides, build_dataclass, require
 
 
 @dataclass
@@ -61,6 +61,9 @@ class MaskingConfig:
 
 @dataclass
 class ConnectorConfig:
+    # identity: no connector, the LLM's states go to the generator as they are (a generator with its own input
+    # layers for them, e.g. Qwen-Image's; no learned null condition, so train.cond_dropout must be 0)
+    kind: Literal["transformer", "identity"] = "transformer"
     num_layers: int = 2
     num_heads: int = 8
     width: int = 1536
@@ -74,8 +77,9 @@ UNET_NORM_GROUPS = 32  # group norm groups in the U-Net generator: its channel c
 @dataclass
 class GeneratorConfig:
     # sd3: diffusers SD3Transformer2DModel (the paper's MM-DiT); zimage: ZImageTransformer2DModel (single-stream,
-    # IOMM-XL); unet: UNet2DConditionModel (cross-attention at every level)
-    kind: Literal["sd3", "zimage", "unet"] = "sd3"
+    # IOMM-XL); unet: UNet2DConditionModel (cross-attention at every level); qwen_image: QwenImageTransformer2DModel
+    # (`pretrained`: a QwenImagePipeline directory), conditions written as Qwen-Image's pipelines write them
+    kind: Literal["sd3", "zimage", "unet", "qwen_image"] = "sd3"
     pretrained: str | None = None
     attention_head_dim: int = 32  # both kinds
     # kind=sd3 / zimage
@@ -130,7 +134,9 @@ class LoRAConfig:
     alpha: float = 64.0
     # peft `target_modules`: the attention projections, as in diffusers' LoRA training examples
     target_modules: list[str] = field(default_factory=lambda: ["to_k", "to_q", "to_v", "to_out.0"])
-    base: str | None = None  # the run or checkpoint whose (EMA) weights the adapters start from
+    # The run or checkpoint whose (EMA) weights the adapters start from, all of them frozen. None: the generator's
+    # own (`generator.pretrained`) frozen, the adapter and connector new and trained in full.
+    base: str | None = None
 
 
 @dataclass
@@ -223,162 +229,82 @@ def config_source(path: str | Path | None, overrides: Sequence[str] | None = Non
     return source + " with --set " + " ".join(overrides) if overrides else source
 
 
-def _check(ok: bool, source: str, field_path: str, expected: str, got: Any) -> None:
-    if not ok:
-        raise ConfigError(source, field_path, expected, got)
-
-
 def validate(cfg: Config, source: str = "<config>", *, check_paths: bool = True) -> None:
     """Range and consistency checks that need more than the types."""
     m, t, d = cfg.masking, cfg.train, cfg.data
-    _check(0.0 <= m.ratio < 1.0, source, "masking.ratio", "a value in [0, 1)", m.ratio)
-    _check(m.min_keep >= 0, source, "masking.min_keep", ">= 0", m.min_keep)
-    _check(0.0 <= t.mix_ratio <= 1.0, source, "train.mix_ratio", "a value in [0, 1]", t.mix_ratio)
-    _check(0.0 <= cfg.finetune.mix_ratio <= 1.0, source, "finetune.mix_ratio", "a value in [0, 1]",
+    require(0.0 <= m.ratio < 1.0, source, "masking.ratio", "a value in [0, 1)", m.ratio)
+    require(m.min_keep >= 0, source, "masking.min_keep", ">= 0", m.min_keep)
+    require(0.0 <= t.mix_ratio <= 1.0, source, "train.mix_ratio", "a value in [0, 1]", t.mix_ratio)
+    require(0.0 <= cfg.finetune.mix_ratio <= 1.0, source, "finetune.mix_ratio", "a value in [0, 1]",
            cfg.finetune.mix_ratio)
-    _check(cfg.finetune.steps >= 1, source, "finetune.steps", ">= 1", cfg.finetune.steps)
-    _check(0.0 <= t.cond_dropout < 1.0, source, "train.cond_dropout", "a value in [0, 1)", t.cond_dropout)
-    _check(0.0 < cfg.flow.min_t < 1.0, source, "flow.min_t", "a value in (0, 1)", cfg.flow.min_t)
-    _check(0.0 <= t.ema_decay < 1.0, source, "train.ema_decay", "a value in [0, 1)", t.ema_decay)
-    _check(len(t.betas) == 2 and all(0.0 <= b < 1.0 for b in t.betas), source, "train.betas", "two values in [0, 1)",
+    require(cfg.finetune.steps >= 1, source, "finetune.steps", ">= 1", cfg.finetune.steps)
+    require(0.0 <= t.cond_dropout < 1.0, source, "train.cond_dropout", "a value in [0, 1)", t.cond_dropout)
+    require(0.0 < cfg.flow.min_t < 1.0, source, "flow.min_t", "a value in (0, 1)", cfg.flow.min_t)
+    require(0.0 <= t.ema_decay < 1.0, source, "train.ema_decay", "a value in [0, 1)", t.ema_decay)
+    require(len(t.betas) == 2 and all(0.0 <= b < 1.0 for b in t.betas), source, "train.betas", "two values in [0, 1)",
            t.betas)
     for name in ("steps", "batch_size", "grad_accum", "log_every", "checkpoint_every", "max_nonfinite_in_row"):
-        _check(getattr(t, name) >= 1, source, f"train.{name}", ">= 1", getattr(t, name))
+        require(getattr(t, name) >= 1, source, f"train.{name}", ">= 1", getattr(t, name))
     for name in ("warmup_steps", "sample_every", "keep_last", "keep_every", "threads"):
-        _check(getattr(t, name) >= 0, source, f"train.{name}", ">= 0", getattr(t, name))
-    _check(0.0 <= t.decay_fraction <= 1.0, source, "train.decay_fraction", "a value in [0, 1]", t.decay_fraction)
+        require(getattr(t, name) >= 0, source, f"train.{name}", ">= 0", getattr(t, name))
+    require(0.0 <= t.decay_fraction <= 1.0, source, "train.decay_fraction", "a value in [0, 1]", t.decay_fraction)
     if t.lora.enabled:
-        _check(t.lora.rank >= 1, source, "train.lora.rank", ">= 1", t.lora.rank)
-        _check(t.lora.alpha > 0, source, "train.lora.alpha", "> 0", t.lora.alpha)
-        _check(len(t.lora.target_modules) >= 1, source, "train.lora.target_modules", "at least one layer name",
+        require(t.lora.rank >= 1, source, "train.lora.rank", ">= 1", t.lora.rank)
+        require(t.lora.alpha > 0, source, "train.lora.alpha", "> 0", t.lora.alpha)
+        require(len(t.lora.target_modules) >= 1, source, "train.lora.target_modules", "at least one layer name",
                t.lora.target_modules)
-    _check(math.isfinite(t.lr) and t.lr > 0, source, "train.lr", "a finite number > 0", t.lr)
-    _check(math.isfinite(t.weight_decay) and t.weight_decay >= 0, source, "train.weight_decay", "a finite number >= 0",
+    require(math.isfinite(t.lr) and t.lr > 0, source, "train.lr", "a finite number > 0", t.lr)
+    require(math.isfinite(t.weight_decay) and t.weight_decay >= 0, source, "train.weight_decay", "a finite number >= 0",
            t.weight_decay)
-    _check(cfg.flow.sample_steps >= 1, source, "flow.sample_steps", ">= 1", cfg.flow.sample_steps)
-    _check(cfg.flow.samples_per_condition >= 1, source, "flow.samples_per_condition", ">= 1",
+    require(cfg.flow.sample_steps >= 1, source, "flow.sample_steps", ">= 1", cfg.flow.sample_steps)
+    require(cfg.flow.samples_per_condition >= 1, source, "flow.samples_per_condition", ">= 1",
            cfg.flow.samples_per_condition)
-    _check(math.isfinite(cfg.flow.logit_std) and cfg.flow.logit_std > 0, source, "flow.logit_std",
+    require(math.isfinite(cfg.flow.logit_std) and cfg.flow.logit_std > 0, source, "flow.logit_std",
            "a finite number > 0", cfg.flow.logit_std)
     for section, name in (("adapter", "num_heads"), ("connector", "num_layers"), ("connector", "num_heads"),
                           ("generator", "num_layers"), ("generator", "attention_head_dim"),
                           ("generator", "num_attention_heads")):
         value = getattr(getattr(cfg, section), name)
-        _check(value >= 1, source, f"{section}.{name}", ">= 1", value)
-    _check(t.grad_clip >= 0, source, "train.grad_clip", ">= 0 (0 disables clipping)", t.grad_clip)
-    _check(cfg.adapter.num_queries >= 1, source, "adapter.num_queries", ">= 1", cfg.adapter.num_queries)
-    _check(cfg.adapter.query_scale > 0, source, "adapter.query_scale", "> 0", cfg.adapter.query_scale)
+        require(value >= 1, source, f"{section}.{name}", ">= 1", value)
+    require(t.grad_clip >= 0, source, "train.grad_clip", ">= 0 (0 disables clipping)", t.grad_clip)
+    require(cfg.adapter.num_queries >= 1, source, "adapter.num_queries", ">= 1", cfg.adapter.num_queries)
+    require(cfg.adapter.query_scale > 0, source, "adapter.query_scale", "> 0", cfg.adapter.query_scale)
     for name in ("token_loss", "caption_token_loss"):
         weight = getattr(cfg.adapter, name)
-        _check(math.isfinite(weight) and weight >= 0, source, f"adapter.{name}", "a finite number >= 0", weight)
-        _check(weight == 0 or cfg.adapter.kind != "raw", source, f"adapter.{name}",
+        require(math.isfinite(weight) and weight >= 0, source, f"adapter.{name}", "a finite number >= 0", weight)
+        require(weight == 0 or cfg.adapter.kind != "raw", source, f"adapter.{name}",
                "0 with adapter.kind=raw (the loss reads the query tokens)", weight)
-    _check(cfg.connector.width % cfg.connector.num_heads == 0, source, "connector.width",
+    require(cfg.connector.width % cfg.connector.num_heads == 0, source, "connector.width",
            f"a multiple of connector.num_heads={cfg.connector.num_heads}", cfg.connector.width)
+    require(t.cond_dropout == 0 or cfg.connector.kind != "identity", source, "train.cond_dropout",
+            "0 with connector.kind=identity (no learned null condition to drop to)", t.cond_dropout)
     _check_generator(cfg.generator, codec_factor(cfg, source), d.resolution, source)
     for data in dict.fromkeys(check_data(d, t.mix_ratio, source)):
         data.validate(cfg, source)
     if check_paths:
-        _check_paths(cfg, source)
+        check_model_paths(cfg, source)
 
 
 def _check_generator(g: GeneratorConfig, codec_factor: int, resolution: int, source: str) -> None:
     if g.kind == "zimage":
-        _check(g.attention_head_dim % 16 == 0, source, "generator.attention_head_dim",
+        require(g.attention_head_dim % 16 == 0, source, "generator.attention_head_dim",
                "a multiple of 16 for kind=zimage (its three rotary axes)", g.attention_head_dim)
-    if g.kind in ("sd3", "zimage"):
-        _check(g.patch_size >= 1, source, "generator.patch_size", ">= 1", g.patch_size)
+    if g.kind in ("sd3", "zimage", "qwen_image"):
+        require(g.patch_size >= 1, source, "generator.patch_size", ">= 1", g.patch_size)
+        require(g.patch_size == 2 or g.kind != "qwen_image", source, "generator.patch_size",
+                "2 for kind=qwen_image (QwenImagePipeline packs 2x2 latent patches)", g.patch_size)
         factor, why = codec_factor * g.patch_size, "the codec factor x patch size"
     else:
         channels = g.block_out_channels
-        _check(len(channels) >= 1 and all(isinstance(c, int) and c >= 1 for c in channels), source,
+        require(len(channels) >= 1 and all(isinstance(c, int) and c >= 1 for c in channels), source,
                "generator.block_out_channels", "a non-empty list of positive integers", channels)
         for c in channels:
-            _check(c % UNET_NORM_GROUPS == 0 and c % g.attention_head_dim == 0, source,
+            require(c % UNET_NORM_GROUPS == 0 and c % g.attention_head_dim == 0, source,
                    "generator.block_out_channels", f"multiples of {UNET_NORM_GROUPS} and of "
                    f"generator.attention_head_dim={g.attention_head_dim}", channels)
-        _check(g.layers_per_block >= 1, source, "generator.layers_per_block", ">= 1", g.layers_per_block)
+        require(g.layers_per_block >= 1, source, "generator.layers_per_block", ">= 1", g.layers_per_block)
         factor, why = codec_factor * 2 ** (len(channels) - 1), "the codec factor x the U-Net's downsampling"
-    _check(resolution % factor == 0, source, "data.resolution", f"divisible by {why} = {factor}", resolution)
-
-
-VAE_DIR = "a diffusers AutoencoderKL directory (config.json with block_out_channels)"
-
-
-def vae_factor(block_out_channels: Sequence[int]) -> int:
-    """Spatial downsampling of an AutoencoderKL: one 2x step between consecutive blocks."""
-    return 2 ** (len(block_out_channels) - 1)
-
-
-def codec_factor(cfg: Config, source: str = "<config>") -> int:
-    """How many pixels one latent cell spans: 1 for pixels, 2^(blocks - 1) for an AutoencoderKL."""
-    codec = cfg.codec
-    if codec.kind == "pixel":
-        return 1
-    builtin = builtin_vae(codec.path)
-    if builtin is not None:  # built or not, the architecture it has or will be built with
-        return vae_factor(builtin.architecture(cfg)["block_out_channels"])
-    config_file = Path(codec.path or "") / "config.json"
-    if not path_exists(str(config_file), "file"):
-        return 8  # SD / SD3 / FLUX VAEs; a missing path or config.json is reported by the path checks
-    try:
-        vae = json.loads(config_file.read_text(encoding="utf-8"))
-        blocks, kind = vae["block_out_channels"], vae.get("_class_name", "AutoencoderKL")
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        blocks, kind = None, None
-    ok = kind == "AutoencoderKL" and isinstance(blocks, list) and len(blocks) >= 1
-    _check(ok, source, "codec.path", VAE_DIR, f"{config_file}" + (f" of a {kind}" if kind and not ok else ""))
-    return vae_factor(blocks)
-
-
-def _check_paths(cfg: Config, source: str) -> None:
-    models = registry()
-    if builtin_mllm(cfg.mllm.path) is None:
-        _check(path_exists(cfg.mllm.path, "dir"), source, "mllm.path",
-               f"an existing local model directory or a built-in model ({', '.join(map(repr, models.mllms))})",
-               cfg.mllm.path)
-        _check_mllm_dir(Path(cfg.mllm.path), cfg.mllm.trust_remote_code, source)
-    if cfg.codec.kind == "vae":
-        builtin = builtin_vae(cfg.codec.path)
-        _check(builtin is not None or (cfg.codec.path is not None and path_exists(cfg.codec.path, "dir")), source,
-               "codec.path", f"an existing AutoencoderKL directory or a built-in model "
-               f"({', '.join(map(repr, models.vaes))}) for codec.kind=vae", cfg.codec.path)
-        _check(builtin is not None or path_exists(str(Path(cfg.codec.path or "") / "config.json"), "file"), source,
-               "codec.path", VAE_DIR, f"{cfg.codec.path} (no config.json)")
-        built = builtin.architecture(cfg).get("sample_size") if builtin is not None else None
-        _check(builtin is None or built == cfg.data.resolution, source, "codec.nano_dir",
-               f"a built-in VAE built for data.resolution={cfg.data.resolution} px (or a new directory)",
-               f"{cfg.codec.nano_dir} (built for {built} px)")
-    if cfg.train.lora.base is not None:
-        _check(path_exists(cfg.train.lora.base, "dir"), source, "train.lora.base", "an existing run or checkpoint "
-               "directory", cfg.train.lora.base)
-    if cfg.generator.pretrained is not None:
-        _check(path_exists(cfg.generator.pretrained, "dir"), source, "generator.pretrained", "an existing directory",
-               cfg.generator.pretrained)
-    check_data_paths(cfg.data, source)
-    if cfg.data.latents is not None:
-        check_latent_cache(cfg, Path(cfg.data.latents), source)
-
-
-def _check_mllm_dir(path: Path, trusted: bool, source: str) -> None:
-    """A model with custom code (config.json has auto_map) needs the opt-in; any other must be a supported family."""
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        return  # FrozenMLLM.from_pretrained names what the directory is missing
-    try:
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        config = None
-    if isinstance(config, dict) and "auto_map" in config:
-        _check(trusted, source, "mllm.trust_remote_code",
-               f"true to run the custom code shipped in {path} (its config.json has auto_map)", trusted)
-        return
-    from iomm.conditioning.mllm_families import FAMILIES  # torch and transformers: only when a directory is named
-
-    model_type = config.get("model_type") if isinstance(config, dict) else None
-    _check(model_type in FAMILIES, source, "mllm.path",
-           f"a VLM checkpoint of a supported family (config.json model_type one of {', '.join(sorted(FAMILIES))})",
-           f"{path} (model_type={model_type!r})" if isinstance(config, dict) else f"{config_file} (not JSON)")
+    require(resolution % factor == 0, source, "data.resolution", f"divisible by {why} = {factor}", resolution)
 
 
 def finetune_config(cfg: Config, source: str = "<config>") -> Config:

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
-from diffusers import AutoencoderKL
+from diffusers import AutoencoderKL, AutoencoderKLQwenImage
 from torch import nn
 from transformers import AutoConfig, AutoModelForImageTextToText, PretrainedConfig
 
 from iomm.builtins import builtin_mllm, builtin_vae
 from iomm.conditioning.adapter import build_adapter
-from iomm.conditioning.connector import Connector
-from iomm.config import Config, vae_factor
-from iomm.generator.network import build_generator
+from iomm.conditioning.connector import build_connector
+from iomm.config import Config
+from iomm.config_checks import component_dir, latent_factor
+from iomm.generator.lora import add_lora
+from iomm.generator.network import GENERATOR_CLASSES, build_generator
 
 
 def internvl3_2b() -> PretrainedConfig:
@@ -28,6 +32,20 @@ def internvl3_2b() -> PretrainedConfig:
         downsample_ratio=0.5, image_token_id=151667, tie_word_embeddings=False)
 
 
+def qwen25_vl_7b() -> PretrainedConfig:
+    """Qwen2.5-VL-7B-Instruct, Qwen-Image's text encoder: a 32-layer ViT with window attention + a 7B Qwen2."""
+    from transformers import Qwen2_5_VLConfig
+
+    return Qwen2_5_VLConfig(
+        vision_config={"depth": 32, "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16,
+                       "out_hidden_size": 3584, "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2,
+                       "window_size": 112, "fullatt_block_indexes": [7, 15, 23, 31]},
+        text_config={"hidden_size": 3584, "num_hidden_layers": 28, "num_attention_heads": 28,
+                     "num_key_value_heads": 4, "intermediate_size": 18944, "vocab_size": 152064,
+                     "max_position_embeddings": 128000, "tie_word_embeddings": False},
+        image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653)
+
+
 # FLUX.1 VAE layout: 16 latent channels, 8x downsampling.
 FLUX_VAE = dict(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=[128, 256, 512, 512],
                 down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
@@ -36,8 +54,9 @@ FLUX_VAE = dict(in_channels=3, out_channels=3, latent_channels=16, block_out_cha
 
 # The vision half of an HF VLM: InternVL's vision tower and projector, Qwen2.5-VL's `visual` (merger included).
 VISION_MODULES = ("vision_tower", "multi_modal_projector", "visual")
-MLLM_ARCHITECTURES = {"internvl3-2b": internvl3_2b}
-VAE_ARCHITECTURES = {"flux-vae": FLUX_VAE}
+MLLM_ARCHITECTURES = {"internvl3-2b": internvl3_2b, "qwen2.5-vl-7b": qwen25_vl_7b}
+# Qwen-Image's VAE: AutoencoderKLQwenImage's defaults are its layout
+VAE_ARCHITECTURES = {"flux-vae": FLUX_VAE, "qwen-image-vae": {"_class_name": "AutoencoderKLQwenImage"}}
 
 
 def _mllm_config(cfg: Config) -> PretrainedConfig:
@@ -49,7 +68,7 @@ def _mllm_config(cfg: Config) -> PretrainedConfig:
     builtin = builtin_mllm(cfg.mllm.path)
     if builtin is not None:
         return builtin.architecture(cfg)
-    return AutoConfig.from_pretrained(cfg.mllm.path, local_files_only=True,
+    return AutoConfig.from_pretrained(component_dir(cfg.mllm.path, "text_encoder"), local_files_only=True,
                                       trust_remote_code=cfg.mllm.trust_remote_code)
 
 
@@ -57,7 +76,24 @@ def _vae_config(cfg: Config) -> dict:
     builtin = builtin_vae(cfg.codec.path)
     if builtin is not None:
         return builtin.architecture(cfg)
-    return dict(AutoencoderKL.load_config(cfg.codec.path, local_files_only=True))
+    return dict(AutoencoderKL.load_config(component_dir(cfg.codec.path, "vae"), local_files_only=True))
+
+
+def _vae(config: dict) -> nn.Module:
+    vae_class = AutoencoderKLQwenImage if config.get("_class_name") == "AutoencoderKLQwenImage" else AutoencoderKL
+    return vae_class.from_config({k: v for k, v in config.items() if k != "_class_name"})
+
+
+def _generator(cfg: Config, channels: int, sample_size: int, cond_width: int) -> nn.Module:
+    """The configured generator; a pretrained one from its config file when that is at hand, else the layout."""
+    g = cfg.generator
+    if g.pretrained is not None:
+        folder = component_dir(g.pretrained, "transformer")
+        if (folder / "config.json").is_file():
+            generator_class = GENERATOR_CLASSES[g.kind]
+            return generator_class.from_config(generator_class.load_config(folder, local_files_only=True))
+        g = dataclasses.replace(g, pretrained=None)
+    return build_generator(g, in_channels=channels, sample_size=sample_size, cond_width=cond_width)
 
 
 def _count(module: nn.Module | None) -> int:
@@ -70,26 +106,34 @@ def describe(cfg: Config) -> dict[str, int]:
     with torch.device("meta"):
         mllm = AutoModelForImageTextToText.from_config(mllm_config)
         adapter = build_adapter(cfg.adapter, hidden, embed_scale=1.0)
-        connector = Connector(cfg.connector, hidden)
+        connector = build_connector(cfg.connector, hidden)
         if cfg.codec.kind == "vae":
-            vae_config = VAE_ARCHITECTURES.get(cfg.codec.architecture or "") or _vae_config(cfg)
-            vae = AutoencoderKL.from_config(vae_config)
-            factor, channels = vae_factor(vae.config.block_out_channels), vae.config.latent_channels
+            vae = _vae(VAE_ARCHITECTURES.get(cfg.codec.architecture or "") or _vae_config(cfg))
+            factor = latent_factor({"_class_name": type(vae).__name__, **vae.config})
+            channels = getattr(vae.config, "latent_channels", None) or vae.config.z_dim
         else:
             vae, factor, channels = None, 1, 3
-        generator = build_generator(cfg.generator, in_channels=channels, sample_size=cfg.data.resolution // factor,
-                                    cond_width=cfg.connector.width)
+        generator = _generator(cfg, channels, cfg.data.resolution // factor, connector.width)
+        generator_count = _count(generator)
+        if cfg.train.lora.enabled:
+            add_lora(generator, cfg.train.lora)
     vision = sum(_count(getattr(mllm.model, name, None)) for name in VISION_MODULES)
     counts = {
         "mllm_vision": vision,
         "mllm_language": _count(mllm) - vision,
         "adapter": _count(adapter),
         "connector": _count(connector),
-        "generator": _count(generator),
+        "generator": generator_count,
         "vae": _count(vae),
     }
-    counts["trainable"] = counts["adapter"] + counts["connector"] + counts["generator"]
-    counts["total"] = sum(v for k, v in counts.items() if k != "trainable")
+    lora = cfg.train.lora
+    if lora.enabled:  # build_model: the base frozen; adapter and connector too when they come from lora.base
+        counts["lora"] = _count(generator) - generator_count
+        counts["trainable"] = counts["lora"] + (0 if lora.base else counts["adapter"] + counts["connector"])
+        counts["lora_base"] = counts["generator"] + (counts["adapter"] + counts["connector"] if lora.base else 0)
+    else:
+        counts["trainable"] = counts["adapter"] + counts["connector"] + counts["generator"]
+    counts["total"] = sum(v for k, v in counts.items() if k not in ("trainable", "lora_base"))
     return counts
 
 
@@ -113,6 +157,8 @@ def memory_per_gpu(counts: dict[str, int], gpus: int, parallel: str) -> dict[str
     """
     shards = gpus if parallel == "fsdp" else 1
     out = {name: counts["trainable"] * size / shards / GIB for name, size in TRAINABLE_BYTES.items()}
+    if "lora_base" in counts:  # a LoRA base: inside the sharded modules, so sharded by FSDP2 too
+        out["frozen_base"] = counts["lora_base"] * FROZEN_BYTES / shards / GIB
     out["frozen_mllm"] = (counts["mllm_vision"] + counts["mllm_language"]) * FROZEN_BYTES / GIB
     out["frozen_vae"] = counts["vae"] * FROZEN_BYTES / GIB
     out["total"] = sum(out.values())

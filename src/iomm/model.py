@@ -8,20 +8,22 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
 from torch import nn
 from torch.nn import functional as F
 
 from iomm.builtins import BuiltinModel, builtin_mllm, builtin_vae
 from iomm.conditioning.adapter import build_adapter
-from iomm.conditioning.connector import Connector
+from iomm.conditioning.connector import IdentityConnector, build_connector
 from iomm.conditioning.masking import random_keep_mask, zero_masked
 from iomm.conditioning.mllm import FrozenMLLM
-from iomm.conditioning.sequence import Segment, pack_left, positions_after
+from iomm.conditioning.prompt_format import NEGATIVE_PROMPT, prompt_format
+from iomm.conditioning.sequence import Segment, keep_first, pack_left, positions_after
 from iomm.config import Config
 from iomm.data.encoded import EncodedImages
-from iomm.generator.codec import PixelCodec, VAECodec
+from iomm.generator.codec import PixelCodec, load_codec
 from iomm.generator.flow import TIMESTEP_SCALE, flow_matching_loss, output_to_velocity
-from iomm.generator.network import build_generator, run_generator
+from iomm.generator.network import build_generator, generator_scheduler, run_generator
 from iomm.row_generators import Generators, rand, repeat_rows, select
 from iomm.training.phases import PhaseTimer
 
@@ -40,6 +42,8 @@ class Condition:
     image_tokens: torch.Tensor | None = None
     caption_rows: list[int] | None = None
     caption_tokens: torch.Tensor | None = None
+    # (B, L) bool: the valid tokens, where rows differ in length (raw conditions); None: every token is valid
+    mask: torch.Tensor | None = None
 
 
 def ensure_builtin(builtin: BuiltinModel, cfg: Config) -> str:
@@ -64,26 +68,30 @@ def build_codec(cfg: Config) -> nn.Module:
         return PixelCodec()
     builtin = builtin_vae(cfg.codec.path)
     path = ensure_builtin(builtin, cfg) if builtin is not None else cfg.codec.path
-    return VAECodec.from_pretrained(path, sample_posterior=cfg.codec.sample_posterior)
+    return load_codec(path, sample_posterior=cfg.codec.sample_posterior)
 
 
 class IOMM(nn.Module):
-    def __init__(self, cfg: Config, mllm: FrozenMLLM, codec: nn.Module, generator: nn.Module | None = None):
+    def __init__(self, cfg: Config, mllm: FrozenMLLM, codec: nn.Module, generator: nn.Module | None = None,
+                 scheduler: FlowMatchEulerDiscreteScheduler | None = None):
+        """`generator` and `scheduler`: a pipeline's own (default: built, or loaded, from the config)."""
         super().__init__()
         self.cfg = cfg
         self.mllm = mllm
         self.codec = codec
+        self.format = prompt_format(cfg)
         self.adapter = build_adapter(cfg.adapter, mllm.hidden_size, mllm.embed_scale)
-        self.connector = Connector(cfg.connector, mllm.hidden_size)
+        self.connector = build_connector(cfg.connector, mllm.hidden_size)
         self.generator = generator if generator is not None else build_generator(
             cfg.generator, in_channels=codec.channels, sample_size=cfg.data.resolution // codec.factor,
-            cond_width=cfg.connector.width)
-        self.token_head = self._build_token_head(cfg, mllm)
+            cond_width=self.connector.width)
+        self.scheduler = scheduler if generator is not None else generator_scheduler(cfg.generator)  # for sampling
+        self.token_head = self._build_token_head(cfg, mllm, self.connector.width)
         self._prompt_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.timer = PhaseTimer()  # off: `iomm bench train-step` turns it on to time the real step
 
     @staticmethod
-    def _build_token_head(cfg: Config, mllm: FrozenMLLM) -> nn.Linear | None:
+    def _build_token_head(cfg: Config, mllm: FrozenMLLM, width: int) -> nn.Linear | None:
         """The read-out of the token losses: condition token k -> image token k (training only)."""
         if cfg.adapter.token_loss == 0 and cfg.adapter.caption_token_loss == 0:
             return None
@@ -92,7 +100,7 @@ class IOMM(nn.Module):
             raise ValueError(f"adapter.token_loss / caption_token_loss: expected adapter.num_queries >= the "
                              f"{n_image} image tokens of one {cfg.data.resolution}-px image, "
                              f"got {cfg.adapter.num_queries}")
-        return nn.Linear(cfg.connector.width, mllm.hidden_size)
+        return nn.Linear(width, mllm.hidden_size)
 
     @classmethod
     def from_config(cls, cfg: Config) -> "IOMM":
@@ -108,7 +116,8 @@ class IOMM(nn.Module):
 
     # ---- conditions -------------------------------------------------------------------------
     def _text_segment(self, texts: list[str]) -> Segment:
-        if len(set(texts)) == 1:  # the fixed stage-1 prompt: embed once
+        """Texts as written into the condition, embedded (the fixed stage-1 prompt: once)."""
+        if len(set(texts)) == 1:
             key = texts[0]
             if key not in self._prompt_cache:
                 self._prompt_cache[key] = self.mllm.embed_text([key])
@@ -120,23 +129,34 @@ class IOMM(nn.Module):
     def _image_segment(self, tokens: torch.Tensor, generator: Generators, ratio: float) -> Segment:
         """The segment of image tokens (B, N, D) from `mllm.embed_images`, each masked with probability `ratio`."""
         valid = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
+        grid = self.mllm.image_grid(self.cfg.data.resolution)
         if ratio == 0.0:
-            return Segment(tokens, valid)
+            return Segment(tokens, valid, grid=grid)
         keep = random_keep_mask(tokens.shape[0], tokens.shape[1], ratio,
                                 min_keep=self.cfg.masking.min_keep, generator=generator, device=tokens.device)
         if self.cfg.masking.mode == "zero":
-            return Segment(zero_masked(tokens, keep), valid)
-        return Segment(tokens, keep, counts_position=valid)
+            return Segment(zero_masked(tokens, keep), valid, grid=grid)
+        return Segment(tokens, keep, counts_position=valid, grid=grid)
 
-    def encode(self, segments: list[Segment]) -> Condition:
-        """Condition sequence c -> concat(c, adapter(c)) -> frozen LLM -> connector."""
+    def _prompted_image(self, prompts: list[str], tokens: torch.Tensor, generator: Generators,
+                        ratio: float) -> list[Segment]:
+        """The segments of images (their tokens masked at `ratio`) written into their prompts (`PromptFormat`)."""
+        before, after = zip(*(self.format.image_parts(p) for p in prompts))
+        segments = [self._text_segment(list(before))] if any(before) else []
+        segments.append(self._image_segment(tokens, generator, ratio))
+        return segments + ([self._text_segment(list(after))] if any(after) else [])
+
+    def encode(self, segments: list[Segment], drop: int = 0) -> Condition:
+        """Condition sequence c -> concat(c, adapter(c)) -> frozen LLM -> connector. Without an adapter the LLM's
+        output of c itself is the condition, its first `drop` tokens left out, valid tokens first."""
         packed = pack_left(segments)
         if self.adapter is None:
-            hidden = self.mllm.forward_embeds(packed.embeds, packed.mask, packed.positions)
-            tokens, pooled = self.connector(hidden, packed.mask)
-            return Condition(tokens * packed.mask.unsqueeze(-1).to(tokens.dtype), pooled)
+            hidden = self.mllm.forward_embeds(packed.embeds, packed.mask, packed.llm_positions)
+            hidden, mask = keep_first(hidden, packed.mask, drop)
+            tokens, pooled = self.connector(hidden, mask)
+            return Condition(tokens * mask.unsqueeze(-1).to(tokens.dtype), pooled, mask=mask)
         queries = self.adapter(packed.embeds, packed.mask, packed.positions)
-        hidden = self.mllm.forward_suffix(packed.embeds, packed.mask, packed.positions,
+        hidden = self.mllm.forward_suffix(packed.embeds, packed.mask, packed.llm_positions,
                                           queries, positions_after(packed, queries.shape[1]))
         mask = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
         return Condition(*self.connector(hidden, mask))
@@ -156,22 +176,26 @@ class IOMM(nn.Module):
     def condition_masked_images(self, images: Images, generator: Generators = None,
                                 ratio: float | None = None) -> Condition:
         """Stage 1: c = concat(c_aux, mask(v(x))), masked at `ratio` (default: `masking.ratio`)."""
-        prompt = self._text_segment([self.cfg.masking.prompt] * len(images))
         tokens = self.image_tokens(images)
         ratio = self.cfg.masking.ratio if ratio is None else ratio
-        cond = self.encode([prompt, self._image_segment(tokens, generator, ratio)])
+        prompts = [self.cfg.masking.prompt] * len(images)
+        cond = self.encode(self._prompted_image(prompts, tokens, generator, ratio), self.format.image_drop)
         cond.image_rows, cond.image_tokens = list(range(len(images))), tokens
         return cond
 
     def condition_texts(self, texts: list[str]) -> Condition:
-        return self.encode([self._text_segment(texts)])
+        return self.encode([self._text_segment([self.format.text.format(t) for t in texts])], self.format.text_drop)
 
     def condition_edit(self, images: torch.Tensor, instructions: list[str]) -> Condition:
         """Zero-shot editing: the instruction and the unmasked reference image, as in stage 1's layout."""
         tokens = self.mllm.embed_images(images)
-        return self.encode([self._text_segment(instructions), self._image_segment(tokens, None, ratio=0.0)])
+        return self.encode(self._prompted_image(instructions, tokens, None, 0.0), self.format.image_drop)
 
     def null_condition(self, batch: int, length: int) -> Condition:
+        """The unconditional input of guidance: the connector's learned null tokens; without a connector (a
+        generator that reads the LLM directly, as Qwen-Image does) the condition of the empty prompt."""
+        if isinstance(self.connector, IdentityConnector):
+            return self.condition_texts([NEGATIVE_PROMPT] * batch)
         return Condition(*self.connector.null_condition(batch, length))
 
     def condition_batch(self, images: Images, captions: list[str | None], generator: Generators,
@@ -195,19 +219,25 @@ class IOMM(nn.Module):
             if self.cfg.adapter.caption_token_loss > 0:
                 caption_tokens = self.image_tokens(images[text_idx])
         length = max([c.tokens.shape[1] for _, c in parts], default=self._null_length())
-        tokens = self.connector.null.to(images.dtype).expand(b, length, -1).clone()
-        pooled = tokens[:, 0].clone()
+        null_tokens, null_pooled = self.connector.null_condition(b, length)
+        tokens, pooled = null_tokens.to(images.dtype).clone(), null_pooled.to(images.dtype).clone()
+        mask = torch.ones(b, length, dtype=torch.bool, device=tokens.device)
         for idx, cond in parts:
-            tokens[idx, : cond.tokens.shape[1]] = cond.tokens.to(tokens.dtype)
+            n = cond.tokens.shape[1]
+            tokens[idx, :n] = cond.tokens.to(tokens.dtype)
             pooled[idx] = cond.pooled.to(pooled.dtype)
-        return Condition(tokens, pooled, image_idx, image_tokens, text_idx, caption_tokens)
+            mask[idx, n:] = False
+            if cond.mask is not None:
+                mask[idx, :n] = cond.mask
+        return Condition(tokens, pooled, image_idx, image_tokens, text_idx, caption_tokens,
+                         mask=None if bool(mask.all()) else mask)
 
     def _null_length(self) -> int:
         return self.cfg.adapter.num_queries if self.adapter is not None else 1
 
     # ---- generator --------------------------------------------------------------------------
     def velocity(self, latents: torch.Tensor, t: torch.Tensor, cond: Condition) -> torch.Tensor:
-        out = run_generator(self.generator, latents, t * TIMESTEP_SCALE, cond.tokens, cond.pooled)
+        out = run_generator(self.generator, latents, t * TIMESTEP_SCALE, cond.tokens, cond.pooled, cond.mask)
         return output_to_velocity(self.cfg.flow, latents, out, t)
 
     def forward(self, images: Images, captions: list[str | None], generator: Generators) -> torch.Tensor:
@@ -241,6 +271,7 @@ class IOMM(nn.Module):
         repeats = self.cfg.flow.samples_per_condition
         if repeats > 1:  # one conditioning pass, several (noise, t) draws: more generator samples per second
             latents = latents.repeat_interleave(repeats, dim=0)
-            cond = Condition(*(x.repeat_interleave(repeats, dim=0) for x in (cond.tokens, cond.pooled)))
+            mask = None if cond.mask is None else cond.mask.repeat_interleave(repeats, dim=0)
+            cond = Condition(*(x.repeat_interleave(repeats, dim=0) for x in (cond.tokens, cond.pooled)), mask=mask)
             generator = repeat_rows(generator, repeats)
         return flow_matching_loss(lambda x, t: self.velocity(x, t, cond), latents, self.cfg.flow, generator)

@@ -25,6 +25,12 @@ class ConfigError(ValueError):
         super().__init__(f"{source}: field '{field_path}': expected {expected}, got {got!r}")
 
 
+def require(ok: bool, source: str, field_path: str, expected: str, got: Any) -> None:
+    """Raise the ConfigError naming `field_path` unless `ok`."""
+    if not ok:
+        raise ConfigError(source, field_path, expected, got)
+
+
 def _type_name(tp: Any) -> str:
     if get_origin(tp) is Literal:
         return "one of " + ", ".join(repr(a) for a in get_args(tp))

@@ -100,14 +100,16 @@ def load_trainable(model: IOMM, path: Path, *, use_ema: bool) -> None:
 
 
 def build_model(cfg: Config, model_fn: Callable[[Config], IOMM] = IOMM.from_config) -> IOMM:
-    """The model a config trains: with `train.lora`, the base weights (of `train.lora.base`, its EMA ones)
-    frozen and the generator's LoRA adapters the only trainable parameters."""
+    """The model a config trains: with `train.lora`, the base weights frozen and LoRA adapters on the generator.
+    The base is `train.lora.base` (its EMA weights: adapter and connector frozen too, the adapters the only trained
+    parameters), or else the generator alone (`generator.pretrained`, e.g. Qwen-Image's), beside a new adapter
+    and connector that train in full."""
     model = model_fn(cfg)
     lora = cfg.train.lora
     if lora.enabled:
         if lora.base is not None:
             load_trainable(model, resolve_checkpoint(lora.base), use_ema=True)
-        for module in model.trainable().values():
-            module.requires_grad_(False)
+            for module in model.trainable().values():
+                module.requires_grad_(False)
         add_lora(model.generator, lora)
     return model

@@ -1,4 +1,5 @@
-"""Connector: a shallow transformer and projection from the LLM width to the generator's condition width."""
+"""Connector: a shallow transformer and projection from the LLM width to the generator's condition width, or none
+(`connector.kind: identity`) for a generator with its own input layers for the LLM's states (Qwen-Image)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ MAX_TOKENS = 4096  # condition tokens an index embedding covers
 class Connector(nn.Module):
     def __init__(self, cfg: ConnectorConfig, in_width: int):
         super().__init__()
+        self.width = cfg.width
         self.proj_in = nn.Linear(in_width, cfg.width)
         # Query tokens carry no index of their own: with token_positions each gets a learned one.
         self.token_positions = nn.Embedding(MAX_TOKENS, cfg.width) if cfg.token_positions else None
@@ -41,3 +43,24 @@ class Connector(nn.Module):
     def null_condition(self, batch: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         tokens = self.null.expand(batch, length, -1)
         return tokens, tokens[:, 0]
+
+
+class IdentityConnector(nn.Module):
+    """The LLM's hidden states are the condition tokens; pooled: their masked mean. No learned null condition."""
+
+    def __init__(self, in_width: int):
+        super().__init__()
+        self.width = in_width
+
+    def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        weights = mask.unsqueeze(-1).to(hidden.dtype)
+        return hidden, (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+
+    def null_condition(self, batch: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Zeros: the filler of rows no condition is written into (there is no condition dropout without a null)."""
+        tokens = torch.zeros(batch, length, self.width)
+        return tokens, tokens[:, 0]
+
+
+def build_connector(cfg: ConnectorConfig, in_width: int) -> Connector | IdentityConnector:
+    return IdentityConnector(in_width) if cfg.kind == "identity" else Connector(cfg, in_width)

@@ -25,6 +25,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from iomm.conditioning.mllm_families import check_supported, family_for
+from iomm.config_checks import component_dir
 
 WEIGHT_FILES = (
     "model.safetensors",
@@ -46,17 +47,19 @@ def _read_json(path: Path) -> dict[str, Any]:
         return json.load(f)
 
 
-def check_checkpoint_dir(path: Path, *, trust_remote_code: bool) -> dict[str, Any]:
+def check_checkpoint_dir(path: Path, *, trust_remote_code: bool, tokenizer_dir: Path | None = None) -> dict[str, Any]:
     """Fail early with a clear message if `path` is not a loadable VLM checkpoint; return config.json."""
     if not path.is_dir():
         raise FileNotFoundError(f"MLLM checkpoint directory {path} does not exist")
+    tokenizer_dir = path if tokenizer_dir is None else tokenizer_dir
     missing = []
     if not (path / "config.json").is_file():
         missing.append("config.json")
     if not any((path / name).is_file() for name in WEIGHT_FILES):
         missing.append("weights (one of " + ", ".join(WEIGHT_FILES) + ")")
-    if not any((path / name).is_file() for name in TOKENIZER_FILES):
-        missing.append("tokenizer (" + " or ".join(TOKENIZER_FILES) + ")")
+    if not any((tokenizer_dir / name).is_file() for name in TOKENIZER_FILES):
+        missing.append(f"tokenizer ({' or '.join(TOKENIZER_FILES)}" + (f" in {tokenizer_dir})" if tokenizer_dir != path
+                                                                       else ")"))
     if missing:
         raise FileNotFoundError(f"MLLM checkpoint {path} is missing: " + "; ".join(missing))
     config = _read_json(path / "config.json")
@@ -133,17 +136,19 @@ class FrozenMLLM(nn.Module):
         dtype: torch.dtype = torch.float32,
         gradient_checkpointing: bool = False,
     ) -> "FrozenMLLM":
-        """Load model, tokenizer and image preprocessing settings from a local directory, offline."""
-        path = Path(path)
-        raw = check_checkpoint_dir(path, trust_remote_code=trust_remote_code)
+        """Load model, tokenizer and image preprocessing settings from a local directory, offline: a VLM
+        checkpoint, or a diffusers pipeline directory (its `text_encoder/`, `tokenizer/` and `processor/`)."""
+        root = Path(path)
+        path, tokenizer_dir = component_dir(root, "text_encoder"), component_dir(root, "tokenizer")
+        raw = check_checkpoint_dir(path, trust_remote_code=trust_remote_code, tokenizer_dir=tokenizer_dir)
         if "auto_map" not in raw:  # unsupported family: fail before loading anything (custom code: below)
             check_supported(raw.get("model_type"), f"MLLM checkpoint {path}")
         kwargs = {"local_files_only": True, "trust_remote_code": trust_remote_code}
         config = AutoConfig.from_pretrained(path, **kwargs)
         check_supported(config.model_type, f"MLLM checkpoint {path}")
         model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
-        preprocessing = read_preprocessing(path)
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, **kwargs)
+        preprocessing = read_preprocessing(component_dir(root, "processor"))
         mllm = cls(model, tokenizer, preprocessing, gradient_checkpointing=gradient_checkpointing)
         if not preprocessing:
             warnings.warn(f"MLLM checkpoint {path} has no image-processor settings ({PREPROCESSOR_FILE} or "
@@ -219,6 +224,11 @@ class FrozenMLLM(nn.Module):
         """LLM tokens one square `resolution`-pixel image becomes (InternVL: fixed, the image is resized)."""
         return self.family.tokens_for(resolution, resolution)
 
+    def image_grid(self, resolution: int) -> tuple[int, int] | None:
+        """(rows, columns) of one square image's LLM tokens where the LLM places them on a 3-D rotary grid
+        (Qwen2.5-VL), else None (1-D positions: InternVL)."""
+        return self.family.grid_for(resolution, resolution)
+
     def _require_tokenizer(self) -> Any:
         if self.tokenizer is None:
             raise RuntimeError("this FrozenMLLM has no tokenizer (built from a config without one)")
@@ -282,7 +292,7 @@ class FrozenMLLM(nn.Module):
         if not self.prefix_cache or self.gradient_checkpointing or prefix_embeds.shape[1] == 0:
             embeds = torch.cat([prefix_embeds.detach(), suffix_embeds.to(prefix_embeds.dtype)], 1)
             mask = torch.cat([prefix_mask, suffix_mask], 1)
-            positions = torch.cat([prefix_positions, suffix_positions], 1)
+            positions = torch.cat([prefix_positions, suffix_positions], -1)
             return self.forward_embeds(embeds, mask, positions)[:, prefix_embeds.shape[1]:]
         with torch.no_grad():
             cache = self.language_model(

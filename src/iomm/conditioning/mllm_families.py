@@ -89,6 +89,10 @@ class _Family:
         """(B, 3, H, W) in [0, 1] -> (B, N, D) embeddings in the LLM input space."""
         raise NotImplementedError
 
+    def grid_for(self, height: int, width: int) -> tuple[int, int] | None:
+        """(rows, columns) of an image's LLM tokens on the language model's 3-D rotary grid; None: 1-D positions."""
+        return None
+
     def model_inputs(self, images: Tensor, input_ids: Tensor) -> dict[str, Tensor]:
         """Keyword arguments carrying the image for the HF model's forward() / generate()."""
         raise NotImplementedError
@@ -159,6 +163,10 @@ class _Qwen25VL(_Family):
     def tokens_for(self, height: int, width: int) -> int:
         h, w = self.target_size(height, width)
         return (h // self.patch) * (w // self.patch) // self.merge**2
+
+    def grid_for(self, height: int, width: int) -> tuple[int, int]:
+        h, w = self.target_size(height, width)
+        return h // (self.patch * self.merge), w // (self.patch * self.merge)
 
     def patchify(self, images: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """Qwen2VLImageProcessor.patchify: (B*gh*gw, C*T*P*P) patches and the (B, 3) grid."""

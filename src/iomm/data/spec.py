@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from iomm.builtins import BuiltinData, builtin_data, registry, split_pairs_spec
-from iomm.typed_config import ConfigError
+from iomm.typed_config import ConfigError, require
 
 FILE_KINDS = ("folder", "jsonl", "webdataset", "hf")
 PAIR_KINDS = ("jsonl", "webdataset", "hf")  # a folder has no captions
@@ -63,40 +63,35 @@ def pair_spec(spec: str) -> FileSpec | tuple[BuiltinData, str]:
     return split_pairs_spec(spec) or FileSpec("jsonl", spec)
 
 
-def _check(ok: bool, source: str, field_path: str, expected: str, got: Any) -> None:
-    if not ok:
-        raise ConfigError(source, field_path, expected, got)
-
-
 def check_data(d: DataConfig, mix_ratio: float, source: str) -> list[BuiltinData]:
     """Range and consistency checks of the data section; returns the built-in sources it names."""
-    _check(d.num_workers >= 0, source, "data.num_workers", ">= 0", d.num_workers)
-    _check(d.holdout >= 0, source, "data.holdout", ">= 0", d.holdout)
-    _check(0.0 <= d.max_bad_fraction <= 1.0, source, "data.max_bad_fraction", "a value in [0, 1]", d.max_bad_fraction)
-    _check(d.resolution >= 8, source, "data.resolution", ">= 8", d.resolution)
+    require(d.num_workers >= 0, source, "data.num_workers", ">= 0", d.num_workers)
+    require(d.holdout >= 0, source, "data.holdout", ">= 0", d.holdout)
+    require(0.0 <= d.max_bad_fraction <= 1.0, source, "data.max_bad_fraction", "a value in [0, 1]", d.max_bad_fraction)
+    require(d.resolution >= 8, source, "data.resolution", ">= 8", d.resolution)
     builtins = [data for data in [builtin_data(d.source)] if data is not None]
     kinds = ", ".join(repr(k) for k in (*FILE_KINDS, *registry().data))
-    _check(d.source in FILE_KINDS or builtins, source, "data.source", f"one of {kinds}", d.source)
-    _check(d.source not in FILE_KINDS or bool(d.path), source, "data.path", f"a location for data.source={d.source}",
+    require(d.source in FILE_KINDS or builtins, source, "data.source", f"one of {kinds}", d.source)
+    require(d.source not in FILE_KINDS or bool(d.path), source, "data.path", f"a location for data.source={d.source}",
            d.path)
-    _check(mix_ratio == 1.0 or d.pairs is not None, source, "data.pairs",
+    require(mix_ratio == 1.0 or d.pairs is not None, source, "data.pairs",
            "a pair source (KIND:LOCATION, a JSONL path or NAME:N) when train.mix_ratio < 1", d.pairs)
     uses_hf = d.source == "hf" or (d.pairs or "").startswith("hf:")
-    _check(not d.streaming or uses_hf, source, "data.streaming", "false unless data.source or data.pairs is hf",
+    require(not d.streaming or uses_hf, source, "data.streaming", "false unless data.source or data.pairs is hf",
            d.streaming)
-    _check(d.stream_buffer >= 1, source, "data.stream_buffer", ">= 1", d.stream_buffer)
-    _check(d.latents is None or d.source in FILE_KINDS, source, "data.latents",
+    require(d.stream_buffer >= 1, source, "data.stream_buffer", ">= 1", d.stream_buffer)
+    require(d.latents is None or d.source in FILE_KINDS, source, "data.latents",
            f"null with a procedural data.source ({d.source!r}: nothing finite to cache)", d.latents)
     if d.pairs is not None:
         spec = pair_spec(d.pairs)
-        _check(d.latents is None or isinstance(spec, FileSpec), source, "data.latents",
+        require(d.latents is None or isinstance(spec, FileSpec), source, "data.latents",
                "null with built-in pairs (data.pairs NAME:N)", d.latents)
         if isinstance(spec, tuple):
-            _check(spec[1].isdecimal() and int(spec[1]) > 0, source, "data.pairs", "NAME:N with N a positive integer",
+            require(spec[1].isdecimal() and int(spec[1]) > 0, source, "data.pairs", "NAME:N with N a positive integer",
                    d.pairs)
             builtins.append(spec[0])
         else:
-            _check(bool(spec.location), source, "data.pairs", f"a location after '{spec.kind}:'", d.pairs)
+            require(bool(spec.location), source, "data.pairs", f"a location after '{spec.kind}:'", d.pairs)
     return builtins
 
 
@@ -114,10 +109,10 @@ def check_data_paths(d: DataConfig, source: str) -> None:
                 "hf": ("dir", "an existing dataset directory")}
     if d.source in expected and d.path is not None:
         kind, what = expected[d.source]
-        _check(path_exists(d.path, kind), source, "data.path", what, d.path)
+        require(path_exists(d.path, kind), source, "data.path", what, d.path)
     if d.pairs is not None and isinstance(spec := pair_spec(d.pairs), FileSpec) and spec.kind in expected:
         kind, what = expected[spec.kind]
-        _check(path_exists(spec.location, kind), source, "data.pairs", f"{what} (or NAME:N)", d.pairs)
+        require(path_exists(spec.location, kind), source, "data.pairs", f"{what} (or NAME:N)", d.pairs)
 
 
 # What a latent cache's content depends on: a cache made with other values cannot stand in for the online path.
@@ -136,5 +131,5 @@ def check_latent_cache(cfg: Any, cache: Path, source: str) -> None:
         raise ConfigError(source, "data.latents", f"a directory written by `iomm data cache` (with {CACHE_FILE})",
                           str(cache)) from None
     for name, value in latent_cache_fingerprint(cfg).items():
-        _check(made.get(name) == value, source, "data.latents", f"a cache made with {name}={value!r}",
+        require(made.get(name) == value, source, "data.latents", f"a cache made with {name}={value!r}",
                f"{cache} made with {name}={made.get(name)!r}")

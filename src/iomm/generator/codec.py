@@ -1,4 +1,5 @@
-"""Latent codecs: pixel space for tiny images, or a diffusers AutoencoderKL loaded from a local directory."""
+"""Latent codecs: pixel space for tiny images, or a diffusers VAE loaded from a local directory (an AutoencoderKL,
+or Qwen-Image's AutoencoderKLQwenImage; either on its own or in a pipeline directory's `vae/`)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from diffusers import AutoencoderKL
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from torch import nn
 
-from iomm.config import vae_factor
+from iomm.config_checks import component_dir, vae_factor
 from iomm.row_generators import Generators
 
 
@@ -68,3 +69,24 @@ class VAECodec(nn.Module):
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         images = self.vae.decode(latents / self.scale + self.shift).sample
         return ((images + 1.0) / 2.0).clamp(0.0, 1.0)
+
+
+def codec_for(vae: nn.Module, *, sample_posterior: bool = True) -> nn.Module:
+    """The codec around a loaded diffusers VAE."""
+    from iomm.generator.qwen_image import QwenImageCodec
+
+    if isinstance(vae, AutoencoderKL):
+        return VAECodec(vae, sample_posterior=sample_posterior)
+    return QwenImageCodec(vae, sample_posterior=sample_posterior)
+
+
+def load_codec(path: str | Path, *, sample_posterior: bool = True) -> nn.Module:
+    """The codec of a VAE directory, or of a pipeline directory's `vae/`, loaded with the class its config names."""
+    from diffusers import AutoencoderKLQwenImage
+
+    path = component_dir(path, "vae")
+    kind = AutoencoderKL.load_config(path, local_files_only=True).get("_class_name", "AutoencoderKL")
+    if kind == AutoencoderKLQwenImage.__name__:
+        return codec_for(AutoencoderKLQwenImage.from_pretrained(path, local_files_only=True),
+                         sample_posterior=sample_posterior)
+    return VAECodec.from_pretrained(path, sample_posterior=sample_posterior)

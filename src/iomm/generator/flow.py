@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import FlowMatchEulerDiscreteScheduler
+from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift
 from diffusers.training_utils import compute_density_for_timestep_sampling
 
 from iomm.config import FlowConfig
@@ -55,15 +57,21 @@ def output_to_velocity(cfg: FlowConfig, x_t: torch.Tensor, output: torch.Tensor,
     return output
 
 
-def guided(velocity_fn: Callable[[torch.Tensor, torch.Tensor, bool], torch.Tensor], scale: float) -> VelocityFn:
-    """Classifier-free guidance: v_null + s (v_cond - v_null); s == 1 is the conditional prediction."""
+Rescale = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (conditional, guided) -> guided, rescaled
+
+
+def guided(velocity_fn: Callable[[torch.Tensor, torch.Tensor, bool], torch.Tensor], scale: float,
+           rescale: Rescale | None = None) -> VelocityFn:
+    """Classifier-free guidance: v_null + s (v_cond - v_null), then `rescale` where the generator's own pipeline
+    rescales it (Qwen-Image's true CFG); s == 1 is the conditional prediction."""
 
     def fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         cond = velocity_fn(x, t, True)
         if scale == 1.0:
             return cond
         null = velocity_fn(x, t, False)
-        return null + scale * (cond - null)
+        combined = null + scale * (cond - null)
+        return combined if rescale is None else rescale(cond, combined)
 
     return fn
 
@@ -78,10 +86,17 @@ def euler_sample(velocity_fn: VelocityFn, noise: torch.Tensor, steps: int,
                  scheduler: FlowMatchEulerDiscreteScheduler | None = None) -> torch.Tensor:
     """Integrate dx/dt = v from t = 1 (noise) to t = 0 with diffusers' flow-matching Euler scheduler.
 
-    A fresh copy of `scheduler` (default: `flow_scheduler()`) each call: `set_timesteps` mutates its sigmas.
+    A fresh copy of `scheduler` (default: `flow_scheduler()`) each call: `set_timesteps` mutates its sigmas. With
+    dynamic shifting (Qwen-Image's scheduler) the sigmas and shift are those its pipeline sets.
     """
     scheduler = flow_scheduler() if scheduler is None else FlowMatchEulerDiscreteScheduler.from_config(scheduler.config)
-    scheduler.set_timesteps(steps, device=noise.device)
+    if scheduler.config.use_dynamic_shifting:  # a resolution-dependent shift, set as the Qwen-Image pipeline does
+        seq_len = noise[0, 0].numel() // 4  # tokens of 2x2 latent patches
+        mu = calculate_shift(seq_len, scheduler.config.base_image_seq_len, scheduler.config.max_image_seq_len,
+                             scheduler.config.base_shift, scheduler.config.max_shift)
+        scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu, device=noise.device)
+    else:
+        scheduler.set_timesteps(steps, device=noise.device)
     x = noise
     for timestep in scheduler.timesteps:
         t = (timestep / TIMESTEP_SCALE).expand(x.shape[0]).to(x.device)

@@ -21,6 +21,7 @@ LORA_FILE = "pytorch_lora_weights.safetensors"
 # transformers' image processors), that format's keyword and key prefix
 LORA_FORMATS = {"sd3": ("StableDiffusion3Pipeline", "transformer_lora_layers", "transformer"),
                 "zimage": ("ZImagePipeline", "transformer_lora_layers", "transformer"),
+                "qwen_image": ("QwenImagePipeline", "transformer_lora_layers", "transformer"),
                 "unet": ("StableDiffusionPipeline", "unet_lora_layers", "unet")}
 
 
@@ -38,9 +39,11 @@ def add_lora(generator: nn.Module, lora: LoRAConfig, source: str = "train.lora")
 
 
 def lora_state(generator: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapters' weights in peft's naming (full tensors, also of an FSDP2-sharded generator: collective)."""
+    """A copy of the adapters' weights in peft's naming (full tensors, also of an FSDP2-sharded generator:
+    collective). A copy, not a view: the EMA weights swapped in to be saved are swapped out again."""
     state = get_peft_model_state_dict(generator)
-    return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().cpu() for k, v in state.items()}
+    return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().to("cpu", copy=True)
+            for k, v in state.items()}
 
 
 def save_lora(state: dict[str, torch.Tensor], kind: str, out: Path) -> Path:

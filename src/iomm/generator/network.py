@@ -1,5 +1,5 @@
 """The generator F, chosen by config: the paper's diffusers MM-DiT, the single-stream Z-Image DiT (IOMM-XL),
-or a diffusers cross-attention U-Net.
+Qwen-Image's MM-DiT (`iomm.generator.qwen_image`), or a diffusers cross-attention U-Net.
 
 All read the condition tokens (the MM-DiT and the U-Net as `encoder_hidden_states`, Z-Image as `cap_feats`
 in one joint sequence with the image); the MM-DiT also takes the pooled condition. The U-Net's convolutions
@@ -10,17 +10,27 @@ budget cannot afford (bench/README.md, "A U-Net on posterior means").
 from __future__ import annotations
 
 import torch
-from diffusers import SD3Transformer2DModel, UNet2DConditionModel, ZImageTransformer2DModel
+from diffusers import (
+    FlowMatchEulerDiscreteScheduler,
+    QwenImageTransformer2DModel,
+    SD3Transformer2DModel,
+    UNet2DConditionModel,
+    ZImageTransformer2DModel,
+)
 from torch import nn
 
 from iomm.config import UNET_NORM_GROUPS, GeneratorConfig
-from iomm.generator.flow import TIMESTEP_SCALE
+from iomm.generator.flow import TIMESTEP_SCALE, Rescale
+from iomm.generator.qwen_image import build_transformer, load_scheduler, rescale_to_conditional, run_transformer
 
-GENERATOR_CLASSES: dict[str, type[SD3Transformer2DModel | UNet2DConditionModel | ZImageTransformer2DModel]] = {
-    "sd3": SD3Transformer2DModel, "unet": UNet2DConditionModel, "zimage": ZImageTransformer2DModel}
+GENERATOR_CLASSES: dict[str, type[nn.Module]] = {
+    "sd3": SD3Transformer2DModel, "unet": UNet2DConditionModel, "zimage": ZImageTransformer2DModel,
+    "qwen_image": QwenImageTransformer2DModel}
 
 
 def build_generator(cfg: GeneratorConfig, *, in_channels: int, sample_size: int, cond_width: int) -> nn.Module:
+    if cfg.kind == "qwen_image":
+        return build_transformer(cfg, latent_channels=in_channels, cond_width=cond_width)
     if cfg.pretrained is not None:
         return GENERATOR_CLASSES[cfg.kind].from_pretrained(cfg.pretrained).train()
     if cfg.kind == "unet":
@@ -64,9 +74,22 @@ def build_generator(cfg: GeneratorConfig, *, in_channels: int, sample_size: int,
     )
 
 
+def generator_scheduler(cfg: GeneratorConfig) -> FlowMatchEulerDiscreteScheduler | None:
+    """The sampling scheduler a pretrained generator comes with (Qwen-Image's); None: the flow's default."""
+    return load_scheduler(cfg) if cfg.kind == "qwen_image" else None
+
+
+def guidance_rescale(cfg: GeneratorConfig) -> Rescale | None:
+    """How the generator's own pipeline rescales guided velocities (Qwen-Image's); None: plain CFG."""
+    return rescale_to_conditional if cfg.kind == "qwen_image" else None
+
+
 def run_generator(generator: nn.Module, latents: torch.Tensor, timestep: torch.Tensor, tokens: torch.Tensor,
-                  pooled: torch.Tensor) -> torch.Tensor:
-    """The generator's raw output (velocity or clean sample, per `flow.prediction`) for noisy latents."""
+                  pooled: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The generator's raw output (velocity or clean sample, per `flow.prediction`) for noisy latents. `mask`
+    (B, L) marks the valid condition tokens; only Qwen-Image reads it (the others see padding as zeros)."""
+    if isinstance(generator, QwenImageTransformer2DModel):
+        return run_transformer(generator, latents, timestep, tokens, mask)
     if isinstance(generator, UNet2DConditionModel):
         return generator(latents, timestep, encoder_hidden_states=tokens, return_dict=False)[0]
     if isinstance(generator, ZImageTransformer2DModel):

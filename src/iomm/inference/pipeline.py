@@ -30,7 +30,7 @@ from iomm.conditioning.masking import random_keep_mask
 from iomm.conditioning.mllm import FrozenMLLM
 from iomm.config import Config, load_config
 from iomm.data.images import prepare_image
-from iomm.generator.codec import PixelCodec, VAECodec
+from iomm.generator.codec import PixelCodec, codec_for
 from iomm.generator.flow import flow_scheduler
 from iomm.generator.lora import load_lora
 from iomm.image_tensors import to_pil
@@ -57,13 +57,13 @@ def load_model(path: str | Path, *, use_ema: bool = True, device: str | torch.de
 
 
 def assemble(generator: nn.Module, vae: nn.Module | None, mllm: nn.Module, tokenizer: Any,
-             conditioner: IOMMConditioner) -> IOMM:
+             conditioner: IOMMConditioner, scheduler: FlowMatchEulerDiscreteScheduler | None = None) -> IOMM:
     """The IOMM model around a pipeline's components (sharing them, not copying)."""
     cfg = conditioner.iomm_config
     frozen = FrozenMLLM(mllm, tokenizer, conditioner.config.mllm_preprocessing)
     frozen.prefix_cache = cfg.mllm.prefix_cache
-    codec = PixelCodec() if vae is None else VAECodec(vae, sample_posterior=cfg.codec.sample_posterior)
-    model = IOMM(cfg, frozen, codec, generator)
+    codec = PixelCodec() if vae is None else codec_for(vae, sample_posterior=cfg.codec.sample_posterior)
+    model = IOMM(cfg, frozen, codec, generator, scheduler)
     model.adapter, model.connector, model.token_head = conditioner.adapter, conditioner.connector, None
     return model.eval()
 
@@ -77,7 +77,7 @@ class IOMMPipeline(DiffusionPipeline):
         super().__init__()
         self.register_modules(generator=generator, vae=vae, scheduler=scheduler, mllm=mllm, tokenizer=tokenizer,
                               conditioner=conditioner)
-        self.model = assemble(generator, vae, mllm, tokenizer, conditioner)
+        self.model = assemble(generator, vae, mllm, tokenizer, conditioner, scheduler)
 
     @property
     def cfg(self) -> Config:
@@ -89,8 +89,9 @@ class IOMMPipeline(DiffusionPipeline):
         mllm = model.mllm
         conditioner = IOMMConditioner(model.cfg.to_dict(), mllm.hidden_size, mllm.embed_scale, mllm.preprocessing)
         conditioner.adapter, conditioner.connector = model.adapter, model.connector
-        vae = model.codec.vae if isinstance(model.codec, VAECodec) else None
-        return cls(model.generator, flow_scheduler(), mllm.model, mllm.tokenizer, conditioner, vae)
+        vae = getattr(model.codec, "vae", None)
+        scheduler = model.scheduler if model.scheduler is not None else flow_scheduler()
+        return cls(model.generator, scheduler, mllm.model, mllm.tokenizer, conditioner, vae)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, *, use_ema: bool = True, device: str | torch.device | None = None,

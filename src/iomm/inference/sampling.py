@@ -6,6 +6,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
 from iomm.generator.flow import euler_sample, guided
+from iomm.generator.network import guidance_rescale
 from iomm.model import IOMM, Condition
 from iomm.row_generators import Generators, randn
 
@@ -27,4 +28,6 @@ def sample_images(model: IOMM, cond: Condition, *, generator: Generators, steps:
         return model.velocity(x, t, cond if conditional else null)
 
     noise = initial_noise(model, b, generator, cond.tokens.device)
-    return model.codec.decode(euler_sample(guided(velocity, guidance_scale), noise, steps, scheduler))
+    scheduler = model.scheduler if scheduler is None else scheduler
+    velocity_fn = guided(velocity, guidance_scale, guidance_rescale(model.cfg.generator))
+    return model.codec.decode(euler_sample(velocity_fn, noise, steps, scheduler))

@@ -66,9 +66,11 @@ def studies() -> dict[str, Study]:
             "adapter.token_loss to read: it trains without it)", "rqa",
             common=["train.sample_every=100"], curves=True),
         "lora-mix": Study("lora-mix", [
-            Arm(f"lora-{ft}", (PAIR,), ("train.lora.enabled=true", *FT[ft])) for ft in ("mix", "pair", "image")],
+            *(Arm(f"lora-{ft}", (PAIR,), ("train.lora.enabled=true", *FT[ft])) for ft in ("mix", "pair", "image")),
+            Arm("existing", (PAIR,), None)],
             "LoRA fine-tuning (rank 64, alpha 64, the generator's attention) of a model pre-trained on pairs only, the "
-            "'existing model': on the mix, on pairs only, or on images only, at equal steps", "lora-mix"),
+            "'existing model': on the mix, on pairs only, or on images only, at equal steps; and the existing model "
+            "itself", "lora-mix"),
         "editing": Study("editing", [
             Arm(f"{pre}-pretrain", (IMAGE if pre == "image" else PAIR,), None, edit=True) for pre in ("image", "pair")],
             "zero-shot editing success after image-only vs pair pre-training (no editing data)", "image-pretrain"),
@@ -117,13 +119,16 @@ def pretrain_command(arm: Arm, config: str, common: list[str], seed: int, out: P
 
 def arm_commands(arm: Arm, config: str, common: list[str], seed: int, out: Path, pretrained: Path | None,
                  per_category: int, samples: int = 4) -> list[list[str]]:
-    """The iomm commands of one arm and seed after its pre-training, in order (each resumable)."""
+    """The iomm commands of one arm and seed after its pre-training, in order (each resumable). An arm without
+    fine-tuning or editing scores its pre-trained model itself (`lora-mix`: the existing model)."""
     cmds = []
     if arm.finetune is not None:
         init = "none" if pretrained is None else str(pretrained)
         cmds.append([*_iomm(), "finetune", "--config", config, *_sets(common, seed, (*arm.pretrain, *arm.finetune)),
                      "--init", init, "--out", str(out / "finetune"), "--no-progress"])
-        cmds.append([*_iomm(), "eval", "shapes", "--model", str(out / "finetune"), "--out", str(out / "metrics.json"),
+    if not arm.edit:
+        scored = out / "finetune" if arm.finetune is not None else pretrained
+        cmds.append([*_iomm(), "eval", "shapes", "--model", str(scored), "--out", str(out / "metrics.json"),
                      "--per-category", str(per_category), "--samples", str(samples), "--seed", "0",
                      "--results", str(out / SHAPES_RESULTS)])
     if arm.edit:

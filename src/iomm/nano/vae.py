@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
 
-from iomm.config import vae_factor
+from iomm.config_checks import vae_factor
 from iomm.image_tensors import to_tensor, to_uint8
 from iomm.nano.scorer import detect_objects
 from iomm.nano.world import World, WorldConfig

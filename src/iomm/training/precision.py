@@ -39,3 +39,13 @@ def autocast(precision: str, device_type: str = "cpu") -> contextlib.AbstractCon
     if resolve_precision(precision, device_type) == "bf16":
         return torch.autocast(device_type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def store_frozen_in_bf16(module: torch.nn.Module, precision: str, device_type: str = "cpu") -> None:
+    """Where bf16 runs natively, frozen weights (the MLLM, the VAE, a LoRA base) are stored in bf16: half their
+    memory, and no gradients or optimizer state depend on their precision. Trained weights stay fp32."""
+    if resolve_precision(precision, device_type) != "bf16":
+        return
+    for parameter in module.parameters():
+        if not parameter.requires_grad:
+            parameter.data = parameter.data.to(torch.bfloat16)

@@ -39,7 +39,7 @@ from iomm.training.distributed import Distributed
 from iomm.training.ema import EMA
 from iomm.training.optimizers import build_optimizers, build_schedulers
 from iomm.training.parallel import distribute, gradient_sync, local_value
-from iomm.training.precision import autocast
+from iomm.training.precision import autocast, store_frozen_in_bf16
 from iomm.training.resume import config_changes
 from iomm.training.run_log import RunLog, plot_loss_curve, step_line
 from iomm.training.stopping import StopSignal, TrainingInterrupted, TrainingStopped
@@ -94,6 +94,7 @@ class Trainer:
             self.init = None
         torch.manual_seed(self.cfg.train.seed)  # the same initial weights on every rank and every rerun
         self.model = build_model(self.cfg, self.model_fn).to(self.device)
+        store_frozen_in_bf16(self.model, self.cfg.train.mixed_precision, self.device.type)
         if self.init is not None:
             load_trainable(self.model, ckpt.resolve_checkpoint(self.init), use_ema=False)
         t = self.cfg.train
@@ -305,7 +306,7 @@ class Trainer:
     def write_samples(self) -> None:
         """The sample grid and its metrics; a failure here is reported and never ends the run."""
         try:
-            with self.ema.applied():
+            with self.ema.applied(), self._autocast():
                 panel, metrics = self.sample_fn(self.model, self.cfg, self.held_out)
             if not panel or not self.dist.main:
                 return
