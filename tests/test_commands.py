@@ -112,3 +112,51 @@ def test_describe_gives_the_per_gpu_memory_of_the_model_state(capsys):
     report = json.loads(capsys.readouterr().out)
     assert report["command"] == f"iomm describe --config {config} --json --gpus 8 --parallel ddp"
     assert 50 < report["memory_gib"]["total"] < 80
+
+
+def test_gpu_bench_script_checks_its_arguments_and_runs_at_a_tiny_size_on_a_cpu(tmp_path):
+    import subprocess
+
+    script = str(Path(__file__).resolve().parents[1] / "scripts/gpu_bench.sh")
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", script, *args], capture_output=True, text=True, timeout=600)
+
+    assert subprocess.run(["bash", "-n", script]).returncode == 0
+    assert run("--help").returncode == 0
+    for args, message in ((("--batch", "x"), "--batch expects a whole number >= 1"),
+                          (("--steps", "0"), "--steps expects a whole number >= 1"),
+                          (("--bogus",), "unknown argument '--bogus'"), ((), "no CUDA device")):
+        result = run(*args)
+        assert result.returncode == 2 and message in result.stderr
+    tiny = ["--set", "mllm.path=bench-b-mini", "--set", f"mllm.nano_dir={tmp_path / 'mllm'}", "--set",
+            "codec.path=bench-b-mini", "--set", f"codec.nano_dir={tmp_path / 'vae'}", "--set", "data.resolution=64"]
+    result = run("--cpu", "--no-compile", "--config", str(CONFIGS / "bench-b-mini.yaml"), *tiny, "--batch", "2",
+                 "--steps", "1", "--warmup", "0", "--out", str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr
+    record = json.loads((tmp_path / "out/compile_false.json").read_text())
+    assert record["run"]["batch_size"] == 2 and "images/s" in result.stdout and "peak memory" in result.stdout
+
+
+def test_describe_flops_gives_the_paper_scale_proportions():
+    from iomm.describe import forward_flops
+
+    paper = forward_flops(load_config(CONFIGS / "iomm-b.yaml", check_paths=False))
+    mini = forward_flops(load_config(CONFIGS / "bench-b-mini.yaml", check_paths=False))
+    assert paper["tokens"] == {"prompt": 12, "image": 256, "queries": 256, "latent": 1024}
+    assert mini["tokens"]["queries"] / mini["tokens"]["latent"] == paper["tokens"]["queries"] / 1024
+    for ratio in ("mllm_to_generator", "vae_to_generator", "condition_to_latent_tokens"):  # within 20% of IOMM-B's
+        assert mini["ratios"][ratio] == pytest.approx(paper["ratios"][ratio], rel=0.2)
+
+
+def test_bench_sample_times_iomms_sampler_against_diffusers_loop(tiny_config, tmp_path):
+    from iomm.training.trainer import Trainer
+
+    Trainer(tiny_config("train.steps=1"), tmp_path / "run", progress=False).fit()
+    out = tmp_path / "sample.json"
+    assert main(["bench", "sample", "--model", str(tmp_path / "run"), "--prompts", "3", "--steps", "2",
+                 "--repeats", "1", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["images"] == 3 and result["iomm_s"] > 0 and result["diffusers_loop_s"] > 0
+    assert result["max_abs_difference"] < 1e-4  # the same images: one batch of both halves, or two calls
+    assert result["command"].startswith("iomm bench sample --model=")

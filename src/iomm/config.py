@@ -168,6 +168,8 @@ class TrainConfig:
     # ddp: a replica per rank; fsdp: FSDP2 shards of the trainable weights, gradients, optimizer state and EMA
     parallel: Literal["ddp", "fsdp"] = "ddp"
     activation_checkpointing: bool = False  # recompute each generator block in the backward pass
+    compile: bool = False  # torch.compile each generator block (compiled on the first steps)
+    fused_optimizer: bool = False  # AdamW's fused kernel (CPU and CUDA) instead of its per-parameter loop
     optimizer: Literal["adamw", "muon"] = "adamw"  # muon: the generator blocks' matrices (iomm.training.optimizers)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
 

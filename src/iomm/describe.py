@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from diffusers import AutoencoderKL, AutoencoderKLQwenImage
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoConfig, AutoModelForImageTextToText, PretrainedConfig
 
 from iomm.builtins import builtin_mllm, builtin_vae
 from iomm.conditioning.adapter import build_adapter
 from iomm.conditioning.connector import build_connector
+from iomm.conditioning.mllm_families import family_for
 from iomm.config import Config
 from iomm.config_checks import component_dir, latent_factor
 from iomm.generator.lora import add_lora
-from iomm.generator.network import GENERATOR_CLASSES, build_generator
+from iomm.generator.network import GENERATOR_CLASSES, build_generator, run_generator
 
 
 def internvl3_2b() -> PretrainedConfig:
@@ -100,7 +104,21 @@ def _count(module: nn.Module | None) -> int:
     return sum(p.numel() for p in module.parameters()) if module is not None else 0
 
 
-def describe(cfg: Config) -> dict[str, int]:
+@dataclass
+class MetaParts:
+    """The configured model's parts on the meta device (shapes, no weights)."""
+
+    mllm_config: PretrainedConfig
+    mllm: nn.Module
+    adapter: nn.Module | None
+    connector: nn.Module
+    vae: nn.Module | None
+    factor: int  # pixels per latent cell
+    channels: int  # latent channels
+    generator: nn.Module
+
+
+def meta_parts(cfg: Config) -> MetaParts:
     mllm_config = _mllm_config(cfg)
     hidden = int(mllm_config.get_text_config().hidden_size)
     with torch.device("meta"):
@@ -114,8 +132,15 @@ def describe(cfg: Config) -> dict[str, int]:
         else:
             vae, factor, channels = None, 1, 3
         generator = _generator(cfg, channels, cfg.data.resolution // factor, connector.width)
-        generator_count = _count(generator)
-        if cfg.train.lora.enabled:
+    return MetaParts(mllm_config, mllm, adapter, connector, vae, factor, channels, generator)
+
+
+def describe(cfg: Config) -> dict[str, int]:
+    parts = meta_parts(cfg)
+    mllm, adapter, connector, vae, generator = parts.mllm, parts.adapter, parts.connector, parts.vae, parts.generator
+    generator_count = _count(generator)
+    if cfg.train.lora.enabled:
+        with torch.device("meta"):
             add_lora(generator, cfg.train.lora)
     vision = sum(_count(getattr(mllm.model, name, None)) for name in VISION_MODULES)
     counts = {
@@ -171,4 +196,63 @@ def format_memory(memory: dict[str, float], gpus: int, parallel: str, gpu_gib: f
     room = gpu_gib - memory["total"]
     lines.append(f"{'left of ' + format(gpu_gib, 'g') + ' GiB':>15s}  {room:9.2f}  for activations"
                  + ("" if room > 0 else " (does not fit: use fsdp or more GPUs)"))
+    return "\n".join(lines)
+
+
+# The stage-1 prompt ("Generate an image that is identical to the reference image:") in InternVL3's and
+# Qwen2.5-VL's tokenizer (Qwen2's BPE): its length, for counting without a tokenizer at hand.
+PROMPT_TOKENS = 12
+
+
+def _flops(fn: Callable[[], object]) -> int:
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def forward_flops(cfg: Config) -> dict[str, dict[str, float]]:
+    """Forward FLOPs of one stage-1 sample through each part (`FlopCounterMode` on the meta device), the token
+    counts, and the proportions the training step's cost follows (MLLM and VAE against the generator)."""
+    parts = meta_parts(cfg)
+    family = family_for(parts.mllm_config, {})
+    resolution, hidden = cfg.data.resolution, int(parts.mllm_config.get_text_config().hidden_size)
+    n_image = family.tokens_for(resolution, resolution)
+    n_prefix = PROMPT_TOKENS + n_image
+    n_queries = cfg.adapter.num_queries if parts.adapter is not None else 0
+    n_condition = n_queries or n_prefix
+    side = resolution // parts.factor
+    patch = cfg.generator.patch_size if cfg.generator.kind != "unet" else 1
+    width = parts.connector.width
+    with torch.device("meta"):
+        images, ones = torch.rand(1, 3, resolution, resolution), torch.ones(1, n_prefix, dtype=torch.bool)
+        prefix, positions = torch.randn(1, n_prefix, hidden), torch.arange(n_prefix).unsqueeze(0)
+        flops = {
+            "mllm_vision": _flops(lambda: family.image_features(parts.mllm, images)),
+            "mllm_language": _flops(lambda: parts.mllm.model.language_model(
+                inputs_embeds=torch.randn(1, n_prefix + n_queries, hidden))),
+            "adapter": _flops(lambda: parts.adapter(prefix, ones, positions)) if parts.adapter is not None else 0,
+            "connector": _flops(lambda: parts.connector(torch.randn(1, n_condition, hidden),
+                                                        torch.ones(1, n_condition, dtype=torch.bool))),
+            "vae_encode": _flops(lambda: parts.vae.encode(images * 2 - 1)) if parts.vae is not None else 0,
+            "generator": _flops(lambda: run_generator(
+                parts.generator, torch.randn(1, parts.channels, side, side), torch.tensor([500.0]),
+                torch.randn(1, n_condition, width), torch.randn(1, width))),
+        }
+    generator = max(flops["generator"], 1)
+    return {
+        "flops": {k: float(v) for k, v in flops.items()},
+        "tokens": {"prompt": PROMPT_TOKENS, "image": n_image, "queries": n_queries,
+                   "latent": (side // patch) ** 2},
+        "ratios": {"mllm_to_generator": (flops["mllm_vision"] + flops["mllm_language"]) / generator,
+                   "vae_to_generator": flops["vae_encode"] / generator,
+                   "condition_to_latent_tokens": n_prefix / (side // patch) ** 2,
+                   "queries_to_latent_tokens": n_queries / (side // patch) ** 2},
+    }
+
+
+def format_flops(result: dict[str, dict[str, float]]) -> str:
+    lines = ["forward FLOPs of one stage-1 sample:"]
+    lines += [f"{name:>15s}  {value / 1e9:12.2f} GFLOP" for name, value in result["flops"].items()]
+    lines.append("tokens: " + ", ".join(f"{k} {v:g}" for k, v in result["tokens"].items()))
+    lines.append("ratios: " + ", ".join(f"{k} {v:.2f}" for k, v in result["ratios"].items()))
     return "\n".join(lines)

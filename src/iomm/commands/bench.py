@@ -1,20 +1,15 @@
-"""`iomm bench train-step`: images/s and the time split of a training step, as JSON."""
+"""`iomm bench train-step`: images/s and the time split of a training step, as JSON; `iomm bench speedups`."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shlex
 from pathlib import Path
 
+from iomm.commands import bench_speedups
 from iomm.commands.train import add_config_args
 from iomm.config import load_config
-
-# The naive faithful step: the paper's algorithm as written, fp32, masked tokens zeroed in place, and
-# the whole condition + queries sequence differentiated through the frozen LLM.
-NAIVE = ["train.mixed_precision=fp32", "masking.mode=zero", "mllm.prefix_cache=false"]
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -25,11 +20,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     b.add_argument("--steps", type=int, default=10)
     b.add_argument("--warmup", type=int, default=2)
     b.add_argument("--compare-naive", action="store_true",
-                   help="also time the naive faithful step (fp32, zero masking, no prefix cache) "
-                        "and report the speed-up")
+                   help="also time the naive faithful step (fp32, zero masking, no prefix cache, online VAE, "
+                        "eager blocks, AdamW's loop) and report the speed-up")
     b.add_argument("--out", default="runs/bench/train_step.json",
                    help="result JSON (default: runs/bench/train_step.json, outside the tracked tree)")
     b.set_defaults(func=_train_step)
+    bench_speedups.register(sub)
+    s = sub.add_parser("sample", help="text-to-image with iomm's sampler against diffusers' scheduler loop")
+    s.add_argument("--model", required=True, help="run, checkpoint or exported pipeline directory")
+    s.add_argument("--prompts", type=int, default=16, help="how many (held-out world prompts)")
+    s.add_argument("--steps", type=int, default=None, help="Euler steps (default: config)")
+    s.add_argument("--cfg", type=float, default=None, help="guidance scale (default: config)")
+    s.add_argument("--repeats", type=int, default=3)
+    s.add_argument("--out", default="runs/bench/sample.json")
+    s.set_defaults(func=_sample)
     w = sub.add_parser("world", help="render speed of the procedural world (images/s, one thread)")
     w.add_argument("--n", type=int, default=5000)
     w.add_argument("--resolution", type=int, default=32)
@@ -37,7 +41,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _train_step(args: argparse.Namespace) -> int:
-    from iomm.training.bench import bench_train_step
+    from iomm.training.bench import NAIVE, bench_train_step, machine
 
     command = ["iomm", "bench", "train-step", *(["--config", args.config] if args.config else []),
                *(f"--set={o}" for o in args.overrides), f"--steps={args.steps}", f"--warmup={args.warmup}",
@@ -57,16 +61,33 @@ def _train_step(args: argparse.Namespace) -> int:
     return 0
 
 
-def machine() -> str:
-    """CPU model and core count (Linux reports no processor name through `platform`)."""
-    name = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text(encoding="utf-8", errors="replace").splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    return f"{name}, {os.cpu_count()} cores"
+def _sample(args: argparse.Namespace) -> int:
+    import torch
+
+    from iomm.inference.pipeline import IOMMPipeline
+    from iomm.inference.sample_bench import bench_sample
+    from iomm.nano.prompts import eval_prompts
+    from iomm.training.bench import machine
+
+    pipe = IOMMPipeline.from_pretrained(args.model)
+    cfg = pipe.cfg
+    prompts = [p["prompt"] for p in eval_prompts(max(1, args.prompts // 6 + 1), seed=0,
+                                                  resolution=cfg.data.resolution)][:args.prompts]
+    with torch.no_grad():
+        result = bench_sample(pipe.model, prompts, args.steps or cfg.flow.sample_steps,
+                              cfg.flow.guidance_scale if args.cfg is None else args.cfg, args.repeats)
+    command = ["iomm", "bench", "sample", f"--model={args.model}", f"--prompts={args.prompts}",
+               *([f"--steps={args.steps}"] if args.steps else []), *([f"--cfg={args.cfg}"] if args.cfg else []),
+               f"--repeats={args.repeats}", f"--out={args.out}"]
+    record = {"command": shlex.join(command), "machine": machine(), "threads": torch.get_num_threads(), **result}
+    print(f"{result['images']} images, {result['steps']} steps: iomm {result['iomm_s']:.2f} s, diffusers' loop "
+          f"{result['diffusers_loop_s']:.2f} s ({result['iomm_over_diffusers']:.2f}x the time); images differ by "
+          f"at most {result['max_abs_difference']:.1e}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=1), encoding="utf-8")
+    print(f"wrote {out}")
+    return 0
 
 
 def _print(title: str, run: dict) -> None:

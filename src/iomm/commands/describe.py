@@ -15,23 +15,30 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--gpus", type=int, default=None, help="also the per-GPU memory of the model state on N GPUs")
     p.add_argument("--parallel", choices=("ddp", "fsdp"), default="ddp", help="with --gpus: replicated or sharded")
+    p.add_argument("--flops", action="store_true", help="also the forward FLOPs of one sample per part, and ratios")
     p.set_defaults(func=_describe)
 
 
 def _describe(args: argparse.Namespace) -> int:
-    from iomm.describe import describe, format_counts, format_memory, memory_per_gpu
+    from iomm.describe import describe, format_counts, format_flops, format_memory, forward_flops, memory_per_gpu
 
-    counts = describe(load_config(args.config, args.overrides, check_paths=False))
+    cfg = load_config(args.config, args.overrides, check_paths=False)
+    counts = describe(cfg)
+    flops = forward_flops(cfg) if args.flops else None
     if args.gpus is not None and args.gpus < 1:
         raise SystemExit(f"iomm describe: expected --gpus >= 1, got {args.gpus}")
     memory = memory_per_gpu(counts, args.gpus, args.parallel) if args.gpus else None
     if args.json:
         command = " ".join(["iomm describe", *([f"--config {args.config}"] if args.config else []),
                             *(f"--set {o}" for o in args.overrides), "--json",
-                            *([f"--gpus {args.gpus} --parallel {args.parallel}"] if memory else [])])
-        print(json.dumps({"command": command, **counts, **({"memory_gib": memory} if memory else {})}, indent=1))
+                            *([f"--gpus {args.gpus} --parallel {args.parallel}"] if memory else []),
+                            *(["--flops"] if flops else [])])
+        print(json.dumps({"command": command, **counts, **({"memory_gib": memory} if memory else {}),
+                          **({"forward": flops} if flops else {})}, indent=1))
         return 0
     print(format_counts(counts))
     if memory:
         print(format_memory(memory, args.gpus, args.parallel))
+    if flops:
+        print(format_flops(flops))
     return 0

@@ -33,7 +33,8 @@ def muon_parameters(generator: nn.Module, params: dict[str, nn.Parameter], prefi
 
 def build_optimizers(params: dict[str, nn.Parameter], generator: nn.Module,
                      train: TrainConfig) -> list[torch.optim.Optimizer]:
-    adamw = partial(torch.optim.AdamW, lr=train.lr, betas=tuple(train.betas), weight_decay=train.weight_decay)
+    adamw = partial(torch.optim.AdamW, lr=train.lr, betas=tuple(train.betas), weight_decay=train.weight_decay,
+                    fused=train.fused_optimizer or None)
     if train.optimizer == "adamw":
         return [adamw(params.values())]
     matrices = muon_parameters(generator, params)

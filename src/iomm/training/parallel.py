@@ -60,6 +60,9 @@ def distribute(model: nn.Module, generator: nn.Module, train: TrainConfig, world
     Parameters are collected after this call: fully_shard replaces them with DTensors."""
     if train.activation_checkpointing:
         generator.enable_gradient_checkpointing()  # diffusers: recompute each block in the backward pass
+    if train.compile:  # per block, before sharding, as torchtitan does: the blocks are where the FLOPs are
+        for block in generator_blocks(generator):
+            block.compile()
     if world == 1:
         return model
     if train.parallel == "fsdp":

@@ -19,7 +19,8 @@ APPLIED_ON_RESUME = frozenset({
     "train.steps", "train.lr", "train.warmup_steps", "train.decay_fraction", "train.betas", "train.weight_decay",
     "train.grad_clip", "train.ema_decay", "train.mixed_precision", "train.threads", "train.log_every",
     "train.sample_every", "train.checkpoint_every", "train.keep_last", "train.keep_every",
-    "train.max_nonfinite_in_row", "train.parallel", "train.activation_checkpointing",
+    "train.max_nonfinite_in_row", "train.parallel", "train.activation_checkpointing", "train.compile",
+    "train.fused_optimizer",
     "data.num_workers", "data.max_bad_fraction",
     "flow.sample_steps", "flow.guidance_scale", "mllm.gradient_checkpointing", "mllm.prefix_cache",
     # stage-2 settings only act when a fine-tuning config is made; a run's own stage is in `train`
