@@ -55,8 +55,10 @@ def test_bench_times_every_phase_of_the_real_step(tiny_mllm_dir, tmp_path, capsy
         assert run["images_per_s"] == pytest.approx(run["batch_size"] / seconds["step"])
     assert result["speedup"] == pytest.approx(result["run"]["images_per_s"] / result["naive"]["images_per_s"])
     assert result["command"].startswith("iomm bench train-step ") and "--compare-naive" in result["command"]
-    flops = result["run"]["flops_per_step"]
-    assert flops["step"] >= flops["generator"] + flops["mllm"] > 0 and flops["generator"] > 0
+    flops = result["run"]["flops_per_step"]  # per phase, read at the phases' own boundaries
+    assert all(flops[phase] > 0 for phase in ("generator_forward", "generator_backward", "conditioning_forward"))
+    assert flops["generator_backward"] == pytest.approx(2 * flops["generator_forward"], rel=0.3)  # dW and dx
+    assert flops["step"] >= sum(flops[phase] for phase in PHASES if phase in flops)
     assert 0 < result["run"]["mfu"]["step"] < 1 and 0 < result["run"]["mfu"]["generator"] < 1
 
 
@@ -160,3 +162,18 @@ def test_bench_sample_times_iomms_sampler_against_diffusers_loop(tiny_config, tm
     assert result["images"] == 3 and result["iomm_s"] > 0 and result["diffusers_loop_s"] > 0
     assert result["max_abs_difference"] < 1e-4  # the same images: one batch of both halves, or two calls
     assert result["command"].startswith("iomm bench sample --model=")
+
+
+def test_bench_speedups_rows_are_valid_configs_each_against_the_naive_step():
+    from iomm.commands.bench_speedups import rows
+    from iomm.training.bench import NAIVE
+
+    table = rows()
+    assert table[0].name == "naive faithful step" and not table[0].overrides and not table[0].cached_latents
+    assert len({row.name for row in table}) == len(table)
+    for row in table:
+        cfg = load_config(CONFIGS / "bench-b-mini.yaml", [*NAIVE, *row.overrides], check_paths=False)
+        assert cfg.mllm.prefix_cache == ("mllm.prefix_cache=true" in row.overrides)
+    naive = load_config(CONFIGS / "bench-b-mini.yaml", NAIVE, check_paths=False)
+    assert (naive.train.mixed_precision, naive.masking.mode, naive.mllm.prefix_cache, naive.data.latents,
+            naive.train.compile, naive.train.fused_optimizer) == ("fp32", "zero", False, None, False, False)

@@ -91,3 +91,18 @@ def test_reconstruction_shows_the_masked_condition_and_the_understanding_tab_ans
     assert isinstance(pipe.answer(image, "what color is the shape?", max_new_tokens=4), str)
     with pytest.raises(ValueError, match="mask_ratio"):
         pipe.reconstruct(image, 1.0)
+
+
+def test_a_run_with_a_builtin_model_is_not_loaded_with_another_one(tmp_path, monkeypatch):
+    """Built-in models live in directories relative to the working directory: loading a run from elsewhere
+    must fail clearly, not build (train) a different nano MLLM and use it."""
+    from iomm.config import load_config
+    from iomm.inference.pipeline import require_builtins
+
+    cfg = load_config(None, ["mllm.path=nano", "mllm.nano_dir=.cache/nano-mllm"], check_paths=False)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="mllm.nano_dir.*Run from the directory the run was trained in"):
+        require_builtins(cfg, tmp_path / "run/checkpoints/step_00000001")
+    (tmp_path / ".cache/nano-mllm").mkdir(parents=True)
+    (tmp_path / ".cache/nano-mllm/config.json").write_text("{}")
+    require_builtins(cfg, tmp_path / "run/checkpoints/step_00000001")  # there: it is the run's own

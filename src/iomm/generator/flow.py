@@ -61,15 +61,17 @@ Rescale = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (conditional, 
 
 
 def guided(velocity_fn: Callable[[torch.Tensor, torch.Tensor, bool], torch.Tensor], scale: float,
-           rescale: Rescale | None = None) -> VelocityFn:
+           rescale: Rescale | None = None,
+           both_fn: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
+           ) -> VelocityFn:
     """Classifier-free guidance: v_null + s (v_cond - v_null), then `rescale` where the generator's own pipeline
-    rescales it (Qwen-Image's true CFG); s == 1 is the conditional prediction."""
+    rescales it (Qwen-Image's true CFG); s == 1 is the conditional prediction. `both_fn(x, t)` gives
+    (v_cond, v_null) in one call, where they can share a batch."""
 
     def fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        cond = velocity_fn(x, t, True)
         if scale == 1.0:
-            return cond
-        null = velocity_fn(x, t, False)
+            return velocity_fn(x, t, True)
+        cond, null = both_fn(x, t) if both_fn is not None else (velocity_fn(x, t, True), velocity_fn(x, t, False))
         combined = null + scale * (cond - null)
         return combined if rescale is None else rescale(cond, combined)
 

@@ -24,6 +24,7 @@ from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, ImageP
 from PIL import Image
 from torch import nn
 
+from iomm.builtins import builtin_mllm, builtin_vae
 from iomm.checkpointing.checkpoint import resolve_checkpoint
 from iomm.checkpointing.weights import build_model, load_trainable
 from iomm.conditioning.masking import random_keep_mask
@@ -51,9 +52,23 @@ def load_model(path: str | Path, *, use_ema: bool = True, device: str | torch.de
         return IOMMPipeline.from_pretrained(path).model.to(device).eval()
     checkpoint = resolve_checkpoint(path)
     cfg = load_config(checkpoint / "config.yaml")
+    require_builtins(cfg, checkpoint)
     model = build_model(cfg, model_fn)
     load_trainable(model, checkpoint, use_ema=use_ema)
     return model.to(device).eval()
+
+
+def require_builtins(cfg: Config, checkpoint: Path) -> None:
+    """A trained model's built-in MLLM and VAE must be the ones it was trained with: their directories are named
+    relative to the working directory, and a missing one would be built anew (another model) rather than loaded."""
+    for section, builtin, directory in (("mllm", builtin_mllm(cfg.mllm.path), cfg.mllm.nano_dir),
+                                        ("codec", builtin_vae(cfg.codec.path) if cfg.codec.kind == "vae" else None,
+                                         cfg.codec.nano_dir)):
+        if builtin is not None and not (Path(directory) / "config.json").is_file():
+            raise FileNotFoundError(
+                f"{checkpoint} was trained with the built-in {section} model of {Path(directory)} (its "
+                f"{section}.nano_dir), which is not there from {Path.cwd()}: a new one would be built, and it would "
+                "not be the model this run was trained with. Run from the directory the run was trained in.")
 
 
 def assemble(generator: nn.Module, vae: nn.Module | None, mllm: nn.Module, tokenizer: Any,

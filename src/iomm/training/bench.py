@@ -21,7 +21,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from iomm.config import Config
 from iomm.training.distributed import Distributed
-from iomm.training.precision import resolve_precision
+from iomm.training.precision import bf16_is_native, resolve_precision
 from iomm.training.trainer import Trainer
 
 # The paper's algorithm as written: fp32, masked tokens zeroed, the whole condition differentiated through the
@@ -40,7 +40,8 @@ def machine() -> str:
                 name = line.split(":", 1)[1].strip()
                 break
     gpu = f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
-    return f"{name}, {os.cpu_count()} cores{gpu}"
+    bf16 = ", bf16 native" if bf16_is_native() else ", bf16 emulated"
+    return f"{name}, {os.cpu_count()} cores, {torch.backends.cpu.get_cpu_capability()}{bf16}{gpu}"
 
 
 def bench_train_step(cfg: Config, steps: int = 10, warmup: int = 2) -> dict:
@@ -71,8 +72,10 @@ def bench_train_step(cfg: Config, steps: int = 10, warmup: int = 2) -> dict:
         parameters = {name: sum(p.numel() for p in module.parameters())
                       for name, module in trainer.model.trainable().items()}
         flops = step_flops(trainer, [trainer.batches[k] for k in range(accum)])
-    peak = matmul_peak(trainer.device)
-    generator_s = per_step.get("generator_forward", 0.0) + per_step.get("generator_backward", 0.0)
+    precision = resolve_precision(cfg.train.mixed_precision, trainer.device.type)
+    peak = matmul_peak(trainer.device, torch.bfloat16 if precision == "bf16" else torch.float32)
+    generator_s = sum(per_step.get(phase, 0.0) for phase in GENERATOR_PHASES)
+    generator_flops = sum(flops.get(phase, 0) for phase in GENERATOR_PHASES)
     return {
         "images_per_s": cfg.train.batch_size * accum / per_step["step"],
         "warmup_s": warmup_s,  # the untimed first steps: torch.compile compiles there
@@ -81,25 +84,31 @@ def bench_train_step(cfg: Config, steps: int = 10, warmup: int = 2) -> dict:
         "batch_size": cfg.train.batch_size,
         "grad_accum": accum,
         "threads": torch.get_num_threads(),
-        "mixed_precision": resolve_precision(cfg.train.mixed_precision),
+        "mixed_precision": precision,
         "masking_mode": cfg.masking.mode,
         "parameters": parameters,
         "flops_per_step": flops,
         "matmul_peak_flops": peak,
         "mfu": {"step": flops["step"] / (per_step["step"] * peak),
-                "generator": flops["generator"] / (generator_s * peak) if generator_s else None},
+                "generator": generator_flops / (generator_s * peak) if generator_s else None},
     }
 
 
-COMPONENTS = ("mllm", "adapter", "connector", "generator", "codec", "token_head")
+GENERATOR_PHASES = ("generator_forward", "generator_backward")
 
 
 def step_flops(trainer: Trainer, micro: list) -> dict[str, int]:
-    """FLOPs of one real `train_step`, whole and per component of the model."""
-    with FlopCounterMode(display=False) as counter:
-        trainer.train_step(micro)
-    counts = {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items()}
-    return {"step": counts.get("Global", 0), **{name: counts.get(f"IOMM.{name}", 0) for name in COMPONENTS}}
+    """FLOPs of one real `train_step`: the whole step and each of its phases (the timer's boundaries)."""
+    timer = trainer.model.timer
+    timer.enabled, timer.flop_counter = True, FlopCounterMode(display=False)
+    timer.reset()
+    try:
+        with timer.flop_counter:
+            with timer("step"):
+                trainer.train_step(micro)
+    finally:
+        timer.enabled, timer.flop_counter = False, None
+    return dict(timer.flop_totals)
 
 
 def peak_memory_mib() -> float:
@@ -110,11 +119,11 @@ def peak_memory_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def matmul_peak(device: torch.device | None = None, repeats: int = 10) -> float:
-    """This machine's matmul FLOP/s: fp32 1024 x 1024 products on a CPU (at the current thread count), bf16
-    8192 x 8192 on a GPU; the best of `repeats`."""
+def matmul_peak(device: torch.device | None = None, dtype: torch.dtype = torch.float32, repeats: int = 10) -> float:
+    """This machine's matmul FLOP/s in `dtype` (the step's precision): n x n products, n = 1024 on a CPU (at the
+    current thread count), 8192 on a GPU; the best of `repeats`."""
     cuda = device is not None and device.type == "cuda"
-    n, dtype = (8192, torch.bfloat16) if cuda else (1024, torch.float32)
+    n = 8192 if cuda else 1024
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     torch.mm(a, b)
     best = float("inf")

@@ -1,9 +1,11 @@
-"""Wall time of the phases of the real training step, for `iomm bench train-step`.
+"""Wall time (and, with a FLOP counter, FLOPs) of the phases of the real training step, for `iomm bench
+train-step`.
 
 The model and the trainer mark their phases with a `PhaseTimer`; it is a no-op unless a benchmark enables
 it, so the benchmark times `Trainer.train_step` itself rather than a copy of it. Backward is split where
 the gradient reaches the condition tokens: before that the generator's backward runs, after it the
-conditioning path's (connector, the frozen LLM's query positions, adapter).
+conditioning path's (connector, the frozen LLM's query positions, adapter). FLOPs are read from a running
+`FlopCounterMode` at the same boundaries (its own per-module split misattributes backward FLOPs).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from collections import defaultdict
 from collections.abc import Iterator
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 GENERATOR_BACKWARD = "generator_backward"
 CONDITIONING_BACKWARD = "conditioning_backward"
@@ -23,10 +26,16 @@ class PhaseTimer:
     def __init__(self) -> None:
         self.enabled = False
         self.totals: dict[str, float] = defaultdict(float)
-        self._gradient_arrival: float | None = None
+        self.flop_totals: dict[str, int] = defaultdict(int)
+        self.flop_counter: FlopCounterMode | None = None  # set while a benchmark counts FLOPs
+        self._gradient_arrival: tuple[float, int] | None = None
 
     def reset(self) -> None:
         self.totals.clear()
+        self.flop_totals.clear()
+
+    def _flops(self) -> int:
+        return self.flop_counter.get_total_flops() if self.flop_counter is not None else 0
 
     @staticmethod
     def _now() -> float:
@@ -39,9 +48,10 @@ class PhaseTimer:
         if not self.enabled:
             yield
             return
-        start = self._now()
+        start, flops = self._now(), self._flops()
         yield
         self.totals[name] += self._now() - start
+        self.flop_totals[name] += self._flops() - flops
 
     def mark_gradient(self, *tensors: torch.Tensor) -> None:
         """Note when backward reaches `tensors` (the condition): the generator's backward ends there."""
@@ -52,7 +62,7 @@ class PhaseTimer:
                 tensor.register_hook(self._arrived)
 
     def _arrived(self, grad: torch.Tensor) -> None:
-        self._gradient_arrival = self._now()
+        self._gradient_arrival = self._now(), self._flops()
 
     def backward(self, loss: torch.Tensor) -> None:
         """`loss.backward()`, timed in two parts when enabled."""
@@ -60,9 +70,11 @@ class PhaseTimer:
             loss.backward()
             return
         self._gradient_arrival = None
-        start = self._now()
+        start, start_flops = self._now(), self._flops()
         loss.backward()
-        end = self._now()
-        split = self._gradient_arrival if self._gradient_arrival is not None else end
+        end, end_flops = self._now(), self._flops()
+        split, split_flops = self._gradient_arrival if self._gradient_arrival is not None else (end, end_flops)
         self.totals[GENERATOR_BACKWARD] += split - start
         self.totals[CONDITIONING_BACKWARD] += end - split
+        self.flop_totals[GENERATOR_BACKWARD] += split_flops - start_flops
+        self.flop_totals[CONDITIONING_BACKWARD] += end_flops - split_flops
