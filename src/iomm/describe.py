@@ -17,7 +17,8 @@ from iomm.conditioning.adapter import build_adapter
 from iomm.conditioning.connector import build_connector
 from iomm.conditioning.mllm_families import family_for
 from iomm.config import Config
-from iomm.config_checks import component_dir, latent_factor
+from iomm.config_checks import component_dir
+from iomm.generator.codec import PixelCodec, codec_for
 from iomm.generator.lora import add_lora
 from iomm.generator.network import GENERATOR_CLASSES, build_generator, run_generator
 
@@ -127,10 +128,10 @@ def meta_parts(cfg: Config) -> MetaParts:
         connector = build_connector(cfg.connector, hidden)
         if cfg.codec.kind == "vae":
             vae = _vae(VAE_ARCHITECTURES.get(cfg.codec.architecture or "") or _vae_config(cfg))
-            factor = latent_factor({"_class_name": type(vae).__name__, **vae.config})
-            channels = getattr(vae.config, "latent_channels", None) or vae.config.z_dim
+            codec = codec_for(vae)
         else:
-            vae, factor, channels = None, 1, 3
+            vae, codec = None, PixelCodec()
+        factor, channels = codec.factor, codec.channels
         generator = _generator(cfg, channels, cfg.data.resolution // factor, connector.width)
     return MetaParts(mllm_config, mllm, adapter, connector, vae, factor, channels, generator)
 
@@ -214,6 +215,9 @@ def forward_flops(cfg: Config) -> dict[str, dict[str, float]]:
     """Forward FLOPs of one stage-1 sample through each part (`FlopCounterMode` on the meta device), the token
     counts, and the proportions the training step's cost follows (MLLM and VAE against the generator)."""
     parts = meta_parts(cfg)
+    if parts.mllm_config.model_type != "internvl":
+        raise ValueError(f"forward FLOPs: a {parts.mllm_config.model_type} vision tower reads the values of its "
+                         "image grid, which the meta device does not hold; counted for InternVL MLLMs only")
     family = family_for(parts.mllm_config, {})
     resolution, hidden = cfg.data.resolution, int(parts.mllm_config.get_text_config().hidden_size)
     n_image = family.tokens_for(resolution, resolution)

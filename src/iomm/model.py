@@ -220,7 +220,8 @@ class IOMM(nn.Module):
                 caption_tokens = self.image_tokens(images[text_idx])
         length = max([c.tokens.shape[1] for _, c in parts], default=self._null_length())
         null_tokens, null_pooled = self.connector.null_condition(b, length)
-        tokens, pooled = null_tokens.to(images.dtype).clone(), null_pooled.to(images.dtype).clone()
+        # on the model's device: IdentityConnector's filler has no parameter to place it
+        tokens, pooled = (x.to(self.mllm.device, images.dtype).clone() for x in (null_tokens, null_pooled))
         mask = torch.ones(b, length, dtype=torch.bool, device=tokens.device)
         for idx, cond in parts:
             n = cond.tokens.shape[1]

@@ -24,7 +24,10 @@ def _describe(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides, check_paths=False)
     counts = describe(cfg)
-    flops = forward_flops(cfg) if args.flops else None
+    try:
+        flops = forward_flops(cfg) if args.flops else None
+    except ValueError as err:
+        raise SystemExit(f"iomm describe --flops: {err}") from None
     if args.gpus is not None and args.gpus < 1:
         raise SystemExit(f"iomm describe: expected --gpus >= 1, got {args.gpus}")
     memory = memory_per_gpu(counts, args.gpus, args.parallel) if args.gpus else None

@@ -12,6 +12,12 @@ from iomm.config import ConnectorConfig
 MAX_TOKENS = 4096  # condition tokens an index embedding covers
 
 
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, L, W), bool (B, L) -> (B, W): the mean over each row's valid tokens (the pooled condition)."""
+    weights = mask.unsqueeze(-1).to(x.dtype)
+    return (x * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+
+
 class Connector(nn.Module):
     def __init__(self, cfg: ConnectorConfig, in_width: int):
         super().__init__()
@@ -36,9 +42,7 @@ class Connector(nn.Module):
             index = torch.arange(x.shape[1], device=x.device).clamp(max=MAX_TOKENS - 1)
             x = x + self.token_positions(index).to(x.dtype)
         x = self.norm(self.blocks(x, src_key_padding_mask=~mask))
-        weights = mask.unsqueeze(-1).to(x.dtype)
-        pooled = (x * weights).sum(1) / weights.sum(1).clamp(min=1.0)
-        return x, pooled
+        return x, masked_mean(x, mask)
 
     def null_condition(self, batch: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         tokens = self.null.expand(batch, length, -1)
@@ -53,8 +57,7 @@ class IdentityConnector(nn.Module):
         self.width = in_width
 
     def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        weights = mask.unsqueeze(-1).to(hidden.dtype)
-        return hidden, (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+        return hidden, masked_mean(hidden, mask)
 
     def null_condition(self, batch: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Zeros: the filler of rows no condition is written into (there is no condition dropout without a null)."""

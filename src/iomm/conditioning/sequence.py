@@ -41,8 +41,8 @@ class Packed:
     @property
     def next_position(self) -> torch.Tensor:
         """(B,) the LLM position after the last valid token (on every rotary axis)."""
-        positions = self.llm_positions.masked_fill(~self.mask, -1)
-        return (positions.amax(dim=-1).amax(dim=0) if self.rope is not None else positions.amax(dim=1)) + 1
+        last = self.llm_positions.masked_fill(~self.mask, -1).amax(dim=-1)  # (B,), or (3, B) with rotary ones
+        return (last if self.rope is None else last.amax(dim=0)) + 1
 
 
 def pack_left(segments: list[Segment]) -> Packed:

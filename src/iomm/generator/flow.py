@@ -8,7 +8,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import FlowMatchEulerDiscreteScheduler
-from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift
 from diffusers.training_utils import compute_density_for_timestep_sampling
 
 from iomm.config import FlowConfig
@@ -93,6 +92,8 @@ def euler_sample(velocity_fn: VelocityFn, noise: torch.Tensor, steps: int,
     """
     scheduler = flow_scheduler() if scheduler is None else FlowMatchEulerDiscreteScheduler.from_config(scheduler.config)
     if scheduler.config.use_dynamic_shifting:  # a resolution-dependent shift, set as the Qwen-Image pipeline does
+        from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift  # (a pipeline: slow to import)
+
         seq_len = noise[0, 0].numel() // 4  # tokens of 2x2 latent patches
         mu = calculate_shift(seq_len, scheduler.config.base_image_seq_len, scheduler.config.max_image_seq_len,
                              scheduler.config.base_shift, scheduler.config.max_shift)

@@ -1,11 +1,11 @@
-"""Qwen-Image's own parts as IOMM's generator and codec (`generator.kind: qwen_image`).
+"""Qwen-Image's own parts as IOMM's generator (`generator.kind: qwen_image`).
 
 From a local diffusers `QwenImagePipeline` directory: `QwenImageTransformer2DModel` (the generator, on 2x2-packed
-latents, reading the LLM's states through its own `txt_norm` / `txt_in`), `AutoencoderKLQwenImage` with its
-per-channel latent mean and std (the codec), the pipeline's scheduler (dynamic shift), and its Qwen2.5-VL
-`text_encoder` and `tokenizer` (the frozen MLLM: `iomm.conditioning.mllm`). Packing, unpacking and the
-normalisation are the pipeline's own functions and formulas, so a LoRA trained here loads into
-`QwenImagePipeline` and gives the same images.
+latents, reading the LLM's states through its own `txt_norm` / `txt_in`) and the pipeline's scheduler (dynamic
+shift). Its `AutoencoderKLQwenImage` is the codec (`iomm.generator.codec.QwenImageCodec`), its Qwen2.5-VL
+`text_encoder` and `tokenizer` the frozen MLLM (`iomm.conditioning.mllm`). Packing, unpacking and guidance are
+the pipeline's own functions and formulas, so a LoRA trained here loads into `QwenImagePipeline` and gives the
+same images.
 """
 
 from __future__ import annotations
@@ -13,14 +13,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline
+from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers import QwenImageTransformer2DModel as QwenImageTransformer
-from torch import nn
 
 from iomm.config import GeneratorConfig
-from iomm.config_checks import QWEN_IMAGE_DIR, latent_factor, qwen_image_problem
+from iomm.config_checks import QWEN_IMAGE_DIR, qwen_image_problem
 from iomm.generator.flow import TIMESTEP_SCALE
-from iomm.row_generators import Generators
 
 
 def check_pipeline_dir(path: str | Path) -> Path:
@@ -50,58 +48,29 @@ def load_scheduler(cfg: GeneratorConfig) -> FlowMatchEulerDiscreteScheduler | No
     return FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler", local_files_only=True)
 
 
+def _pipeline() -> type:
+    """`QwenImagePipeline`, imported when first used: the pipelines module takes a second to import."""
+    from diffusers import QwenImagePipeline
+
+    return QwenImagePipeline
+
+
 def run_transformer(transformer: QwenImageTransformer, latents: torch.Tensor, timestep: torch.Tensor,
                     tokens: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """The velocity for (B, C, h, w) latents, called as `QwenImagePipeline.__call__` calls it (time in [0, 1])."""
     b, c, h, w = latents.shape
-    packed = QwenImagePipeline._pack_latents(latents, b, c, h, w)
+    packed = _pipeline()._pack_latents(latents, b, c, h, w)
     out = transformer(hidden_states=packed, timestep=timestep / TIMESTEP_SCALE, encoder_hidden_states=tokens,
                       encoder_hidden_states_mask=None if mask is None or bool(mask.all()) else mask,
                       img_shapes=[[(1, h // 2, w // 2)]] * b, return_dict=False)[0]
-    return QwenImagePipeline._unpack_latents(out, h, w, vae_scale_factor=1).squeeze(2)
+    return _pipeline()._unpack_latents(out, h, w, vae_scale_factor=1).squeeze(2)
 
 
 def rescale_to_conditional(cond: torch.Tensor, combined: torch.Tensor) -> torch.Tensor:
     """`QwenImagePipeline`'s true CFG: the guided velocity of each packed 2x2 patch rescaled to the norm of the
     conditional one."""
     b, c, h, w = cond.shape
-    cond, combined = (QwenImagePipeline._pack_latents(v, b, c, h, w) for v in (cond, combined))
+    cond, combined = (_pipeline()._pack_latents(v, b, c, h, w) for v in (cond, combined))
     out = combined * (torch.norm(cond, dim=-1, keepdim=True) / torch.norm(combined, dim=-1, keepdim=True))
-    return QwenImagePipeline._unpack_latents(out, h, w, vae_scale_factor=1).squeeze(2)
+    return _pipeline()._unpack_latents(out, h, w, vae_scale_factor=1).squeeze(2)
 
-
-class QwenImageCodec(nn.Module):
-    """A frozen AutoencoderKLQwenImage on single frames: latents = (mean - latents_mean) / latents_std."""
-
-    def __init__(self, vae: AutoencoderKLQwenImage, *, sample_posterior: bool = True):
-        super().__init__()
-        self.vae = vae.eval().requires_grad_(False)
-        self.sample_posterior = sample_posterior
-        self.factor = latent_factor(vae.config)
-        self.channels = vae.config.z_dim
-        self.register_buffer("mean", torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(vae.config.latents_std).view(1, -1, 1, 1), persistent=False)
-
-    def train(self, mode: bool = True) -> "QwenImageCodec":
-        return super().train(False)
-
-    @torch.no_grad()
-    def moments(self, images: torch.Tensor) -> torch.Tensor:
-        """The posterior's mean and log-variance (B, 2C, h, w) of (B, 3, H, W) images in [0, 1]."""
-        return self.vae.encode((images * 2.0 - 1.0).unsqueeze(2)).latent_dist.parameters.squeeze(2)
-
-    def latents(self, moments: torch.Tensor, generator: Generators = None) -> torch.Tensor:
-        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
-
-        posterior = DiagonalGaussianDistribution(moments)
-        latents = posterior.sample(generator) if self.sample_posterior else posterior.mode()
-        return (latents - self.mean.to(latents)) / self.std.to(latents)
-
-    def encode(self, images: torch.Tensor, generator: Generators = None) -> torch.Tensor:
-        return self.latents(self.moments(images), generator)
-
-    @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        z = latents * self.std.to(latents) + self.mean.to(latents)
-        images = self.vae.decode(z.to(self.vae.dtype).unsqueeze(2), return_dict=False)[0][:, :, 0]
-        return ((images.float() + 1.0) / 2.0).clamp(0.0, 1.0)

@@ -2,8 +2,9 @@
 
 Its components, one subfolder each in a pipeline directory (`iomm export`), each saved by its own library:
 
-    generator      the diffusers model (SD3Transformer2DModel, ZImageTransformer2DModel or UNet2DConditionModel)
-    vae            AutoencoderKL (none for a pixel-space model)
+    generator      the diffusers model (SD3Transformer2DModel, ZImageTransformer2DModel, QwenImageTransformer2DModel
+                   or UNet2DConditionModel)
+    vae            AutoencoderKL or AutoencoderKLQwenImage (none for a pixel-space model)
     scheduler      FlowMatchEulerDiscreteScheduler
     mllm, tokenizer  the frozen MLLM (transformers)
     conditioner    IOMMConditioner: adapter + connector, and the iomm config
