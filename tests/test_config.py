@@ -132,6 +132,8 @@ def test_any_value_loads_or_fails_with_a_config_error(values):
     ("data.num_workers=-1", "data.num_workers"),
     ("flow.sample_steps=0", "flow.sample_steps"),
     ("flow.logit_std=0", "flow.logit_std"),
+    ("flow.guidance_scale=-1", "flow.guidance_scale"),
+    ("flow.reconstruct_guidance_scale=nan", "flow.reconstruct_guidance_scale"),
     ("connector.num_heads=0", "connector.num_heads"),  # was a ZeroDivisionError inside validate
     ("generator.num_layers=0", "generator.num_layers"),
     ("codec.kind=vae", "codec.path"),  # was a traceback from inside diffusers

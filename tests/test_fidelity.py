@@ -6,9 +6,11 @@ import dataclasses
 import itertools
 import json
 import math
+import shlex
 
 import numpy as np
 import pytest
+import torch
 
 from iomm.nano.fidelity import ATTRIBUTES, TOLERANCE, compare, summarize, tolerance_px
 from iomm.nano.world import COLORS, SHAPES, Scene, World, WorldConfig, WorldObject
@@ -180,9 +182,10 @@ def test_a_perfect_regeneration_of_the_held_out_set_scores_one():
 
 
 def test_eval_reconstruct_on_a_tiny_run_matches_a_direct_call(tiny_config, tmp_path, capsys):
+    from iomm.builtins import builtin_data
     from iomm.cli import main
     from iomm.inference.pipeline import load_model
-    from iomm.nano.regeneration import evaluate_reconstruction
+    from iomm.nano.regeneration import evaluate_reconstruction, regenerate
     from iomm.training.trainer import Trainer
 
     cfg = tiny_config("train.steps=1", "masking.ratio=0.45")
@@ -204,11 +207,22 @@ def test_eval_reconstruct_on_a_tiny_run_matches_a_direct_call(tiny_config, tmp_p
         assert all(0.0 <= metrics[key] <= 1.0 for key in (*ATTRIBUTES, "mse_own", "mse_other"))
         assert metrics == pytest.approx(direct[float(ratio)])
     assert "mse_own" in printed and f"wrote {out}" in printed
+    assert report["guidance_scale"] == model.cfg.flow.guidance_scale and report["steps"] == model.cfg.flow.sample_steps
+
+    originals = builtin_data("world").held_out(model.cfg, 2)
+    model.cfg.flow.reconstruct_guidance_scale = 2.5  # regenerations follow it, text-to-image keeps guidance_scale
+    assert torch.equal(regenerate(model, originals, 0.0, seed=1), regenerate(model, originals, 0.0, 1, None, 2.5))
+    assert not torch.equal(regenerate(model, originals, 0.0, seed=1),
+                           regenerate(model, originals, 0.0, 1, None, model.cfg.flow.guidance_scale))
 
     results = tmp_path / "records.jsonl"
     assert main(["eval", "reconstruct", "--model", str(tmp_path / "run"), "--ratio", "0.2", "--n", "2",
-                 "--out", str(out), "--results", str(results)]) == 0
-    assert set(json.loads(out.read_text())["ratios"]) == {"0.2"}
+                 "--steps", "3", "--cfg", "2.0", "--out", str(out), "--results", str(results)]) == 0
+    second = json.loads(out.read_text())
+    assert set(second["ratios"]) == {"0.2"} and second["steps"] == 3 and second["guidance_scale"] == 2.0
+    assert second["command"] == shlex.join(["iomm", "eval", "reconstruct", "--model", str(tmp_path / "run"), "--n", "2",
+                                            "--seed", "0", "--ratio", "0.2", "--steps", "3", "--cfg", "2.0",
+                                            "--out", str(out), "--results", str(results)])
     records = [json.loads(line) for line in results.read_text().splitlines()]
     assert [(r["ratio"], r["scene"]) for r in records] == [("0.2", 0), ("0.2", 1)]
     assert np.mean([r["exact"] for r in records]) == json.loads(out.read_text())["ratios"]["0.2"]["exact"]

@@ -113,6 +113,10 @@ class FlowConfig:
     logit_std: float = 1.0
     sample_steps: int = 25
     guidance_scale: float = 3.0
+    # Guidance when regenerating an image from its own stage-1 condition (sample grids, `iomm eval reconstruct`,
+    # the pipeline's `reconstruct`); None: guidance_scale. Kept apart because the two need not agree: on the nano
+    # recipe, 1.5 raised regeneration `exact` from 0.465 to 0.621 while text-to-image gains nothing above 1.
+    reconstruct_guidance_scale: float | None = None
     # What the generator outputs: the velocity z - x (SD3 / FLUX, the paper), or the clean sample x, from which
     # the velocity (x_t - x) / t is derived (x-prediction, as in JiT: pixel-space models with few parameters
     # learn the low-dimensional image far faster than the full-dimensional noise). Loss, guidance and sampler
@@ -123,6 +127,10 @@ class FlowConfig:
     # Training draws this many (noise, t) per image and condition. The frozen-MLLM pass is shared, so where
     # conditioning is a large part of the step the generator sees more samples per second.
     samples_per_condition: int = 1
+
+    @property
+    def reconstruct_guidance(self) -> float:
+        return self.guidance_scale if self.reconstruct_guidance_scale is None else self.reconstruct_guidance_scale
 
 
 @dataclass
@@ -259,6 +267,11 @@ def validate(cfg: Config, source: str = "<config>", *, check_paths: bool = True)
     require(math.isfinite(t.weight_decay) and t.weight_decay >= 0, source, "train.weight_decay", "a finite number >= 0",
            t.weight_decay)
     require(cfg.flow.sample_steps >= 1, source, "flow.sample_steps", ">= 1", cfg.flow.sample_steps)
+    require(math.isfinite(cfg.flow.guidance_scale) and cfg.flow.guidance_scale >= 0, source, "flow.guidance_scale",
+           "a finite number >= 0", cfg.flow.guidance_scale)
+    regeneration = cfg.flow.reconstruct_guidance_scale
+    require(regeneration is None or math.isfinite(regeneration) and regeneration >= 0, source,
+           "flow.reconstruct_guidance_scale", "null or a finite number >= 0", regeneration)
     require(cfg.flow.samples_per_condition >= 1, source, "flow.samples_per_condition", ">= 1",
            cfg.flow.samples_per_condition)
     require(math.isfinite(cfg.flow.logit_std) and cfg.flow.logit_std > 0, source, "flow.logit_std",

@@ -19,7 +19,8 @@ def register_under(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--n", type=int, default=64, help="held-out images")
     p.add_argument("--seed", type=int, default=0, help="masks and sampling noise")
     p.add_argument("--steps", type=int, default=None, help="Euler steps (default: config)")
-    p.add_argument("--cfg", type=float, default=None, help="guidance scale (default: config)")
+    p.add_argument("--cfg", type=float, default=None,
+                   help="guidance scale (default: the run's flow.reconstruct_guidance_scale, else flow.guidance_scale)")
     p.add_argument("--out", type=Path, required=True, help="metrics JSON file")
     p.add_argument("--results", type=Path, default=None,
                    help="also write per-image records (JSONL: ratio, scene, attributes; for iomm eval compare)")
@@ -52,9 +53,14 @@ def _reconstruct(args: argparse.Namespace) -> int:
                          f"the scene metadata this needs exists for data.source={WORLD!r} only")
     records = reconstruction_records(model, args.ratio, args.n, args.seed, steps=args.steps, guidance_scale=args.cfg)
     ratios = {str(ratio): metrics for ratio, metrics in summaries(records).items()}
+    options = [("--steps", args.steps), ("--cfg", args.cfg), ("--out", args.out), ("--results", args.results)]
     command = ["iomm", "eval", "reconstruct", "--model", str(args.model), "--n", str(args.n), "--seed", str(args.seed),
-               *[arg for ratio in args.ratio or [] for arg in ("--ratio", str(ratio))], "--out", str(args.out)]
-    report = {"command": shlex.join(command), "model": str(args.model), "n": args.n, "ratios": ratios,
+               *[arg for ratio in args.ratio or [] for arg in ("--ratio", str(ratio))],
+               *[arg for flag, value in options if value is not None for arg in (flag, str(value))]]
+    flow = model.cfg.flow
+    report = {"command": shlex.join(command), "model": str(args.model), "n": args.n,
+              "steps": args.steps or flow.sample_steps,
+              "guidance_scale": flow.reconstruct_guidance if args.cfg is None else args.cfg, "ratios": ratios,
               "tolerance": {"fraction_of_extent": TOLERANCE, "px": tolerance_px(model.cfg.data.resolution)}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")

@@ -33,7 +33,7 @@ def reconstruction_panel(model: IOMM, cfg: Config, originals: torch.Tensor,
     originals = originals.to(device)
     cond = model.condition_masked_images(originals, torch.Generator().manual_seed(HELD_OUT_SEED))
     recon = sample_images(model, cond, generator=torch.Generator().manual_seed(HELD_OUT_SEED),
-                          steps=steps or cfg.flow.sample_steps, guidance_scale=cfg.flow.guidance_scale)
+                          steps=steps or cfg.flow.sample_steps, guidance_scale=cfg.flow.reconstruct_guidance)
     own = ((recon - originals) ** 2).mean().item()
     other = ((recon - originals.roll(1, dims=0)) ** 2).mean().item()
     model.train()

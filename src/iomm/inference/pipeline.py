@@ -174,7 +174,7 @@ class IOMMPipeline(DiffusionPipeline):
         masked = pixels * shown + 0.5 * (1 - shown)
         regenerated = sample_images(self.model, cond, generator=generator, scheduler=self.scheduler,
                                     steps=num_inference_steps or self.cfg.flow.sample_steps,
-                                    guidance_scale=self.cfg.flow.guidance_scale)
+                                    guidance_scale=self.cfg.flow.reconstruct_guidance)
         return to_pil(masked.cpu())[0], to_pil(regenerated.cpu())[0]
 
     @torch.no_grad()

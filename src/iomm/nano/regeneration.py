@@ -38,7 +38,7 @@ def regenerate(model: IOMM, originals: torch.Tensor, ratio: float, seed: int, st
         raise ValueError(f"ratio: expected a value in [0, 1), got {ratio}")
     cfg = model.cfg
     steps = steps or cfg.flow.sample_steps
-    scale = cfg.flow.guidance_scale if guidance_scale is None else guidance_scale
+    scale = cfg.flow.reconstruct_guidance if guidance_scale is None else guidance_scale
     device = next(model.generator.parameters()).device
     masks = torch.Generator().manual_seed(seed)
     was_training = model.training

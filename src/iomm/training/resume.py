@@ -22,7 +22,8 @@ APPLIED_ON_RESUME = frozenset({
     "train.max_nonfinite_in_row", "train.parallel", "train.activation_checkpointing", "train.compile",
     "train.fused_optimizer",
     "data.num_workers", "data.max_bad_fraction",
-    "flow.sample_steps", "flow.guidance_scale", "mllm.gradient_checkpointing", "mllm.prefix_cache",
+    "flow.sample_steps", "flow.guidance_scale", "flow.reconstruct_guidance_scale",
+    "mllm.gradient_checkpointing", "mllm.prefix_cache",
     # stage-2 settings only act when a fine-tuning config is made; a run's own stage is in `train`
     "finetune.steps", "finetune.mix_ratio", "finetune.lr",
 })
