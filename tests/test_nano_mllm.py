@@ -15,7 +15,14 @@ from iomm.conditioning.mllm_families import family_for
 from iomm.nano import mllm_training
 from iomm.nano.mllm import build_nano_mllm, nano_config, preprocessing_config, save_nano_mllm, tiny_config
 from iomm.nano.mllm_training import DenseHead, SelectionLoss, TaskSampler, ensure_nano_mllm, train_nano_mllm
-from iomm.nano.questions import QUESTION_TYPES, TEXT_WEIGHTS, SequenceBuilder, ask, patch_labels, selected_patches
+from iomm.nano.questions import (
+    DESCRIPTION_WEIGHTS,
+    QUESTION_TYPES,
+    SequenceBuilder,
+    ask,
+    patch_labels,
+    selected_patches,
+)
 from iomm.nano.tokenizer import AUX_PROMPT, build_tokenizer
 from iomm.nano.understanding import evaluate_understanding
 from iomm.nano.world import COLORS, SHAPES, Scene, World, WorldConfig, WorldObject
@@ -116,13 +123,21 @@ def test_understanding_json(trained: Path) -> None:
     n = TRAINED_CONFIG.eval_n
     assert (results["n_per_type"], results["seed"]) == (n, 1000)  # train_nano_mllm evaluates with seed + 1000
     assert set(results["accuracy"]) == set(QUESTION_TYPES)
-    assert set(results["text_accuracy"]) == set(TEXT_WEIGHTS)
+    assert set(results["text_accuracy"]) == set(DESCRIPTION_WEIGHTS)  # relations asked about a scene description
     for value in [*results["accuracy"].values(), *results["text_accuracy"].values()]:
         assert 0 <= value * n <= n and value * n == pytest.approx(round(value * n))  # exact matches out of n
     by_objects = results["accuracy_by_objects"]["color"]
     assert set(by_objects) <= {"1", "2", "3", "4"} and all(0.0 <= v <= 1.0 for v in by_objects.values())
     assert results["image_tokens"] == TRAINED_CONFIG.image_tokens
-    assert evaluate_understanding(trained, n=n, seed=1000) == results  # the saved numbers are reproducible
+    records = []
+    assert evaluate_understanding(trained, n=n, seed=1000, records=records) == results  # reproducible
+    saved = [json.loads(line) for line in (trained / "understanding.jsonl").read_text().splitlines()]
+    assert saved == records and len(records) == n * (len(QUESTION_TYPES) + len(DESCRIPTION_WEIGHTS))
+    for path, accuracies in (("image", results["accuracy"]), ("text", results["text_accuracy"])):
+        for kind, accuracy in accuracies.items():
+            answers = [r["correct"] for r in records if r["path"] == path and r["tag"] == kind]
+            assert [r["prompt"] for r in records if r["path"] == path and r["tag"] == kind] == list(range(n))
+            assert sum(answers) / n == pytest.approx(accuracy)
 
 
 def test_ensure_reuses_and_checks_kind(trained: Path) -> None:

@@ -36,6 +36,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--out", type=Path, required=True, help="output JSON file")
     evaluate.add_argument("--n", type=int, default=200, help="questions per question type")
     evaluate.add_argument("--seed", type=int, default=1234)
+    evaluate.add_argument("--results", type=Path, default=None,
+                          help="also write one record per answer (JSONL: path image/text, tag, prompt, correct)")
     evaluate.set_defaults(func=run_eval)
 
     understand = subparsers.add_parser("understand", help="ask a VLM checkpoint a question about an image")
@@ -66,9 +68,13 @@ def run_train(args: argparse.Namespace) -> int:
 def run_eval(args: argparse.Namespace) -> int:
     from iomm.nano.understanding import evaluate_understanding
 
-    results = evaluate_understanding(args.mllm, n=args.n, seed=args.seed)
+    records: list[dict] = []
+    results = evaluate_understanding(args.mllm, n=args.n, seed=args.seed, records=records)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    if args.results is not None:
+        args.results.parent.mkdir(parents=True, exist_ok=True)
+        args.results.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
     print(json.dumps(results["accuracy"]))
     return 0
 

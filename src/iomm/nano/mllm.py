@@ -66,7 +66,15 @@ class NanoMLLMConfig:
     text_batch_size: int = 32  # caption-context sequences per step (0: no text task)
     max_turns: int = 4  # questions per sequence (1..max_turns)
     aux_prompt_prob: float = 0.25  # image sequences prefixed by AUX_PROMPT
-    text_warmup: float = 0.0  # first fraction of training on caption-context batches only
+    # When images enter (Keh et al. 2025, "Should VLMs be pre-trained with image data?"). Training is pre-training,
+    # then a final `image_phase` fraction; image sequences enter at `image_start` of pre-training (0: from the
+    # first step; 1: only in the image phase, a fully text-trained LM). Before that every sequence of a step is
+    # text (batch_size + text_batch_size of them); after it, batch_size : text_batch_size is the image:text ratio.
+    image_start: float = 0.0
+    image_phase: float = 0.0
+    # Share of text sequences whose context is the scene description (the caption and its objects' relations,
+    # `questions.scene_description`) rather than the caption, with relation questions among theirs.
+    description_prob: float = 0.0
     # Weight of an auxiliary per-patch loss on the vision tower (which shape and colour covers each patch).
     # Answer tokens alone are a sparse signal; dense labels teach the ViT shapes several times faster.
     # Its linear head is used in training only and is not part of the saved checkpoint.
@@ -91,6 +99,19 @@ class NanoMLLMConfig:
         if not 0 <= self.selection_layer < self.text_layers:
             raise ConfigError("NanoMLLMConfig", "selection_layer", f"a layer index in 0..{self.text_layers - 1}",
                               self.selection_layer)
+        for name, low, high in (("image_start", 0.0, 1.0), ("image_phase", 0.0, 0.99), ("description_prob", 0.0, 1.0)):
+            if not low <= getattr(self, name) <= high:
+                raise ConfigError("NanoMLLMConfig", name, f"a fraction in [{low:g}, {high:g}]", getattr(self, name))
+        if self.image_start == 1.0 and self.image_phase == 0.0:
+            raise ConfigError("NanoMLLMConfig", "image_phase", "> 0 when image_start is 1 (else no step has an "
+                              "image)", self.image_phase)
+        if self.batch_size < 1 or self.image_start > 0 and self.text_batch_size < 1:
+            raise ConfigError("NanoMLLMConfig", "batch_size, text_batch_size", ">= 1 image sequence per step, and "
+                              ">= 1 text sequence when image_start > 0", (self.batch_size, self.text_batch_size))
+
+    def images_at(self, progress: float) -> bool:
+        """Whether a step at this training progress (in [0, 1)) has image sequences."""
+        return progress >= self.image_start * (1.0 - self.image_phase)
 
     @property
     def image_tokens(self) -> int:

@@ -30,6 +30,7 @@ from iomm.nano.mllm import (
 )
 from iomm.nano.questions import (
     COLOR_FREE_TYPES,
+    DESCRIPTION_WEIGHTS,
     IMAGE_WEIGHTS,
     TEXT_WEIGHTS,
     Batch,
@@ -37,10 +38,11 @@ from iomm.nano.questions import (
     collate,
     patch_labels,
     sample_turns,
+    scene_description,
     selected_patches,
 )
 from iomm.nano.tokenizer import AUX_PROMPT
-from iomm.nano.understanding import evaluate_understanding
+from iomm.nano.understanding import UNDERSTANDING_RECORDS, evaluate_understanding
 from iomm.nano.world import (
     COLORS,
     SHAPES,
@@ -150,14 +152,18 @@ class TaskSampler:
             batch.selected_patches = torch.from_numpy(np.stack(selected))
         return batch
 
-    def text_batch(self) -> Batch:
+    def text_batch(self, size: int) -> Batch:
         rows = []
-        for _ in range(self.cfg.text_batch_size):
+        for _ in range(size):
             scene = self.world.sample_scene(self.rng)
-            with_color = bool(self.rng.random() >= 0.25)
-            weights = TEXT_WEIGHTS if with_color else {k: TEXT_WEIGHTS[k] for k in COLOR_FREE_TYPES}
+            if self.cfg.description_prob > 0 and self.rng.random() < self.cfg.description_prob:
+                context, weights = scene_description(self.world, scene), DESCRIPTION_WEIGHTS
+            else:
+                with_color = bool(self.rng.random() >= 0.25)
+                context = self.world.caption(scene, with_color)
+                weights = TEXT_WEIGHTS if with_color else {k: TEXT_WEIGHTS[k] for k in COLOR_FREE_TYPES}
             turns = sample_turns(self.world, scene, weights, self.n_turns(), self.rng)
-            rows.append(self.builder.build(self.builder.words(self.world.caption(scene, with_color)), turns))
+            rows.append(self.builder.build(self.builder.words(context), turns))
         return collate(rows, self.pad, None)
 
 
@@ -193,20 +199,23 @@ def train_loop(
     params = list(model.parameters()) + (list(dense.parameters()) if dense is not None else [])
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     model.train()
-    log, step, frac, loss = Progress(progress, tag="nano-mllm"), 0, 0.0, float("nan")
+    log, step, frac, loss, images_seen = Progress(progress, tag="nano-mllm"), 0, 0.0, float("nan"), 0
     while frac < 1.0:
         for group in opt.param_groups:
             group["lr"] = cfg.lr * lr_factor(frac, cfg, step)
-        total = torch.zeros(())
-        if frac >= cfg.text_warmup or cfg.text_batch_size == 0:
+        total, text_rows = torch.zeros(()), cfg.text_batch_size
+        if cfg.images_at(frac):
             batch = sampler.image_batch()
             total = total + batch_loss(model, batch, cfg)
             if dense is not None:
                 total = total + cfg.dense_weight * dense.loss(batch.patch_labels)
             if selection is not None:
                 total = total + cfg.selection_weight * selection.loss(batch)
-        if cfg.text_batch_size > 0:
-            total = total + batch_loss(model, sampler.text_batch(), cfg)
+            images_seen += 1
+        else:  # a text-only step: as many sequences, all text
+            text_rows += cfg.batch_size
+        if text_rows > 0:
+            total = total + batch_loss(model, sampler.text_batch(text_rows), cfg)
         opt.zero_grad(set_to_none=True)
         total.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
@@ -219,7 +228,8 @@ def train_loop(
         if aux is not None:
             aux.hook.remove()
     model.eval()
-    return {"steps": step, "train_seconds": round(log.elapsed(), 1), "final_loss": round(loss, 4)}
+    return {"steps": step, "image_steps": images_seen, "train_seconds": round(log.elapsed(), 1),
+            "final_loss": round(loss, 4)}
 
 
 def train_nano_mllm(
@@ -251,8 +261,10 @@ def train_nano_mllm(
     meta = {"seed": seed, "random_init": random_init, "parameters": n_params, "threads": torch.get_num_threads(),
             **stats}
     save_nano_mllm(out_dir, model, tokenizer, cfg, meta)
-    results = evaluate_understanding(out_dir, n=cfg.eval_n, seed=seed + 1000)
+    records: list[dict[str, Any]] = []
+    results = evaluate_understanding(out_dir, n=cfg.eval_n, seed=seed + 1000, records=records)
     _write_json(out_dir / "understanding.json", results)
+    (out_dir / UNDERSTANDING_RECORDS).write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
     if progress:
         print(f"[nano-mllm] saved {out_dir}; understanding: " + json.dumps(results["accuracy"]), flush=True)
     return out_dir

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import combinations
 from typing import Any
 
 import numpy as np
@@ -37,6 +38,8 @@ IMAGE_WEIGHTS: dict[str, float] = {
 }
 # What a caption lets one answer: colour words may be missing and relations need not be stated.
 TEXT_WEIGHTS: dict[str, float] = {"color": 2.0, "shape": 2.0, "count": 2.0, "count_objects": 1.0, "exists": 1.5}
+# What a scene description (`scene_description`: the caption and its objects' relations) lets one answer.
+DESCRIPTION_WEIGHTS: dict[str, float] = {**TEXT_WEIGHTS, "relation": 1.5}
 COLOR_FREE_TYPES = ("count", "count_objects")
 
 QA = tuple[str, str]
@@ -122,6 +125,18 @@ ASK: dict[str, Callable[[Scene, np.random.Generator], QA | None]] = {
     "color": ask_color, "shape": ask_shape, "count": ask_count, "count_objects": ask_count_objects,
     "relation": ask_relation, "background": ask_background, "exists": ask_exists,
 }
+
+
+def scene_description(world: World, scene: Scene) -> str:
+    """The caption, then a sentence per clear relation between two objects of different kinds ("a photo of a red
+    circle and a blue square . the red circle is left of the blue square ."): text that answers every relation
+    question `ask_relation` can ask about the scene, so a language model can learn layout from text alone."""
+    kinds = _unique(scene, lambda o: (o.color, o.shape))
+    objects = [next(o for o in scene.objects if (o.color, o.shape) == kind) for kind in kinds]
+    sentences = [f"the {a.color} {a.shape} is {relation} the {b.color} {b.shape} ."
+                 for a, b in combinations(objects, 2)
+                 for relation in sorted(relative_position(a.bbox, b.bbox, CLEAR_POSITION_THRESHOLD))]
+    return " ".join([world.caption(scene), ".", *sentences])
 
 
 def ask(world: World, scene: Scene, kind: str, rng: np.random.Generator) -> QA | None:

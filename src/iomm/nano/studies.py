@@ -89,13 +89,13 @@ def check_arms(study: Study, config: str, overrides: list[str]) -> None:
             finetune_config(load_config(config, sets, check_paths=False), config_source(config, sets))
 
 
-def _run(argv: list[str], log: Path) -> None:
+def run_logged(argv: list[str], log: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     with log.open("a", encoding="utf-8") as f:
         subprocess.run(argv, check=True, env=env, stdout=f, stderr=subprocess.STDOUT)
 
 
-def _iomm() -> list[str]:
+def iomm_argv() -> list[str]:
     return [sys.executable, "-m", "iomm.cli"]
 
 
@@ -113,7 +113,7 @@ def arm_dir(study_out: Path, arm: Arm) -> Path:
 
 
 def pretrain_command(arm: Arm, config: str, common: list[str], seed: int, out: Path) -> list[str]:
-    return [*_iomm(), "pretrain", "--config", config, *_sets(common, seed, arm.pretrain),
+    return [*iomm_argv(), "pretrain", "--config", config, *_sets(common, seed, arm.pretrain),
             "--out", str(out), "--no-progress"]
 
 
@@ -124,15 +124,15 @@ def arm_commands(arm: Arm, config: str, common: list[str], seed: int, out: Path,
     cmds = []
     if arm.finetune is not None:
         init = "none" if pretrained is None else str(pretrained)
-        cmds.append([*_iomm(), "finetune", "--config", config, *_sets(common, seed, (*arm.pretrain, *arm.finetune)),
+        cmds.append([*iomm_argv(), "finetune", "--config", config, *_sets(common, seed, (*arm.pretrain, *arm.finetune)),
                      "--init", init, "--out", str(out / "finetune"), "--no-progress"])
     if not arm.edit:
         scored = out / "finetune" if arm.finetune is not None else pretrained
-        cmds.append([*_iomm(), "eval", "shapes", "--model", str(scored), "--out", str(out / "metrics.json"),
+        cmds.append([*iomm_argv(), "eval", "shapes", "--model", str(scored), "--out", str(out / "metrics.json"),
                      "--per-category", str(per_category), "--samples", str(samples), "--seed", "0",
                      "--results", str(out / SHAPES_RESULTS)])
     if arm.edit:
-        cmds.append([*_iomm(), "eval", "edits", "--model", str(pretrained), "--out", str(out / "metrics.json")])
+        cmds.append([*iomm_argv(), "eval", "edits", "--model", str(pretrained), "--out", str(out / "metrics.json")])
     return cmds
 
 
@@ -140,7 +140,7 @@ def run_pretrain(arm: Arm, config: str, common: list[str], seed: int, out: Path)
     """Stage 1 of an arm; resumes an interrupted run and returns at once when it is complete."""
     out.mkdir(parents=True, exist_ok=True)
     if not (out / "done").is_file():
-        _run(pretrain_command(arm, config, common, seed, out), out / "log.txt")
+        run_logged(pretrain_command(arm, config, common, seed, out), out / "log.txt")
         (out / "done").write_text("", encoding="utf-8")
     return out
 
@@ -152,7 +152,7 @@ def run_arm(arm: Arm, config: str, common: list[str], seed: int, out: Path, pret
         return json.loads((out / "metrics.json").read_text(encoding="utf-8"))
     start = time.time()
     for argv in arm_commands(arm, config, common, seed, out, pretrained, per_category, samples):
-        _run(argv, out / "log.txt")
+        run_logged(argv, out / "log.txt")
     metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
     metrics["wall_s"] = time.time() - start
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1), encoding="utf-8")

@@ -14,13 +14,16 @@ from torch import Tensor
 from iomm.conditioning.mllm import FrozenMLLM
 from iomm.image_tensors import to_tensor
 from iomm.nano.mllm import NanoMLLMConfig
-from iomm.nano.questions import QUESTION_TYPES, TEXT_WEIGHTS, ask
+from iomm.nano.questions import DESCRIPTION_WEIGHTS, QUESTION_TYPES, TEXT_WEIGHTS, ask, scene_description
 from iomm.nano.world import (
+    Scene,
     World,
     WorldConfig,
 )
 
 # ------------------------------------------------------------------------------ evaluation
+
+UNDERSTANDING_RECORDS = "understanding.jsonl"  # beside understanding.json: one record per held-out answer
 
 
 @dataclass
@@ -30,6 +33,12 @@ class EvalSet:
     answers: list[str]
     contexts: list[str] = field(default_factory=list)  # captions, for the text path
     objects: list[int] = field(default_factory=list)  # objects in each question's scene
+
+
+def text_context(world: World, scene: Scene, kind: str) -> str:
+    """What the text path reads instead of the image: the caption, or for relation questions (which a caption
+    need not answer) the scene description."""
+    return world.caption(scene) if kind in TEXT_WEIGHTS else scene_description(world, scene)
 
 
 def eval_set(world: World, kind: str, n: int, rng: np.random.Generator, text: bool) -> EvalSet:
@@ -42,7 +51,7 @@ def eval_set(world: World, kind: str, n: int, rng: np.random.Generator, text: bo
         images.append(world.render(scene))
         questions.append(qa[0])
         answers.append(qa[1])
-        contexts.append(world.caption(scene) if text else "")
+        contexts.append(text_context(world, scene, kind) if text else "")
         objects.append(len(scene.objects))
     return EvalSet(to_tensor(images), questions, answers, contexts, objects)
 
@@ -84,12 +93,21 @@ def retrieval_top1(mllm: FrozenMLLM, world: World, n: int, rng: np.random.Genera
     return round(float((sim.argmax(1) == torch.arange(n)).float().mean()), 4)
 
 
+def _records(predictions: list[str], data: EvalSet, kind: str, path: str) -> list[dict[str, Any]]:
+    return [{"path": path, "tag": kind, "prompt": i, "objects": data.objects[i], "correct": p == data.answers[i]}
+            for i, p in enumerate(predictions)]
+
+
 @torch.no_grad()
-def evaluate_understanding(path: str | Path, n: int = 200, seed: int = 1234, batch_size: int = 100) -> dict[str, Any]:
+def evaluate_understanding(path: str | Path, n: int = 200, seed: int = 1234, batch_size: int = 100,
+                           records: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """Held-out accuracy of a saved nano MLLM on fresh scenes (exact match of the greedy answer).
 
-    `accuracy[kind]` asks with the image; `text_accuracy[kind]` asks about the scene's caption
-    without the image; `retrieval_top1` is image -> caption retrieval among 64 scenes.
+    `accuracy[kind]` asks with the image; `text_accuracy[kind]` asks the same questions about the scene in
+    text instead of the image (`text_context`); `retrieval_top1` is image -> caption retrieval among 64
+    scenes. The questions depend on `seed` only, so two models evaluated with one seed answer the same
+    ones; `records`, when given, receives one record per answer (`path` "image" or "text", `tag`, `prompt`,
+    `correct`) for paired comparisons.
     """
     mllm = FrozenMLLM.from_pretrained(path)
     meta_path = Path(path) / "nano_mllm.json"
@@ -97,15 +115,18 @@ def evaluate_understanding(path: str | Path, n: int = 200, seed: int = 1234, bat
     world = World(WorldConfig(resolution=cfg["resolution"], background=cfg["background"]))
     rng = np.random.default_rng([seed, 7919])
     accuracy, text_accuracy, by_objects, text_by_objects = {}, {}, {}, {}
+    sink: list[dict[str, Any]] = [] if records is None else records
     for kind in QUESTION_TYPES:
-        data = eval_set(world, kind, n, rng, text=kind in TEXT_WEIGHTS)
+        data = eval_set(world, kind, n, rng, text=kind in DESCRIPTION_WEIGHTS)
         predictions = answer_all(mllm, data.images, data.questions, batch_size)
         accuracy[kind], by_objects[kind] = _accuracy(predictions, data.answers), _accuracy_by_objects(predictions, data)
-        if kind in TEXT_WEIGHTS:
+        sink += _records(predictions, data, kind, "image")
+        if kind in DESCRIPTION_WEIGHTS:
             prompts = [f"{c} {q}" for c, q in zip(data.contexts, data.questions)]
             predictions = answer_all(mllm, None, prompts, batch_size)
             text_accuracy[kind] = _accuracy(predictions, data.answers)
             text_by_objects[kind] = _accuracy_by_objects(predictions, data)
+            sink += _records(predictions, data, kind, "text")
     return {
         "n_per_type": n,
         "seed": seed,
