@@ -23,7 +23,7 @@ def sets(*overrides: str) -> list[str]:
 
 def test_recipe_runs_every_stage_and_writes_its_score(tiny_mllm_dir, tmp_path, capsys):
     out = tmp_path / "recipe"
-    code = main(["recipe", "nano", "--out", str(out), "--per-category", "1", "--no-progress",
+    code = main(["recipe", "nano", "--out", str(out), "--per-category", "1", "--fidelity-n", "8", "--no-progress",
                  *sets(f"mllm.path={tiny_mllm_dir}", *TINY_OVERRIDES, "train.steps=2", "finetune.steps=2",
                        "data.pairs=world:8", "train.sample_every=2")])
     assert code == 0
@@ -38,6 +38,9 @@ def test_recipe_runs_every_stage_and_writes_its_score(tiny_mllm_dir, tmp_path, c
     assert (out / "pretrain/checkpoints/step_00000002/manifest.json").is_file()
     assert (out / "finetune/samples/step_00000002.png").is_file()
     assert len((out / "eval/metadata.jsonl").read_text().splitlines()) == 6
+    fidelity = summary["fidelity"]  # stage 1's regenerations of held-out scenes, as iomm eval reconstruct scores them
+    assert fidelity["n"] == 8 and fidelity["ratio"] == 0.0 and 0.0 <= fidelity["exact"] <= 1.0
+    assert f"exact={fidelity['exact']:.3f}" in printed
 
 
 def test_bench_times_every_phase_of_the_real_step(tiny_mllm_dir, tmp_path, capsys, monkeypatch):
