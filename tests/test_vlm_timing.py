@@ -10,10 +10,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import TINY_OVERRIDES
 
 from iomm.nano.mllm import NanoMLLMConfig, build_nano_mllm, tiny_config
-from iomm.nano.mllm_training import TaskSampler, train_loop
+from iomm.nano.mllm_training import TaskSampler, lr_factor, phase_progress, train_loop
 from iomm.nano.questions import ask_relation, scene_description
 from iomm.nano.tokenizer import build_tokenizer
 from iomm.nano.world import World, WorldConfig
@@ -54,6 +55,26 @@ def test_images_enter_at_image_start_of_pre_training(image_start, image_phase, i
     assert stats["steps"] == 10 and stats["image_steps"] == image_steps
     text_only = 10 - image_steps  # the first steps: every sequence is text, as many as an image step's
     assert calls == [5] * text_only + ["image", 2] * image_steps
+
+
+def test_the_image_phase_has_its_own_learning_rate_schedule() -> None:
+    cfg = dataclasses.replace(tiny_config(), image_start=1.0, image_phase=0.25)
+    assert phase_progress(0.0, cfg) == (False, 0.0) and phase_progress(0.375, cfg) == (False, 0.5)
+    assert phase_progress(0.75, cfg) == (True, 0.0) and phase_progress(0.875, cfg) == (True, 0.5)
+    model, tokenizer = build_nano_mllm(cfg, seed=0)
+    rates = []
+    original = torch.optim.AdamW.step
+
+    def record(self, *args, **kwargs):
+        rates.append(self.param_groups[0]["lr"])
+        return original(self, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.optim.AdamW, "step", record)
+        train_loop(model, TaskSampler(cfg, tokenizer, seed=0), cfg, steps=8, minutes=None, progress=False)
+    assert len(rates) == 8 and rates[6] == rates[0]  # step 6 starts the image phase's warm-up again
+    assert rates[1] > rates[5] < rates[7]  # after pre-training's decay, the image phase's own cosine
+    assert rates[7] == pytest.approx(cfg.lr * lr_factor(0.5, cfg, 1))
 
 
 def test_descriptions_bring_relation_questions_to_the_text_path() -> None:

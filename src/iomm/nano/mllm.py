@@ -70,6 +70,7 @@ class NanoMLLMConfig:
     # then a final `image_phase` fraction; image sequences enter at `image_start` of pre-training (0: from the
     # first step; 1: only in the image phase, a fully text-trained LM). Before that every sequence of a step is
     # text (batch_size + text_batch_size of them); after it, batch_size : text_batch_size is the image:text ratio.
+    # Each of the two parts has its own warm-up and cosine learning-rate schedule.
     image_start: float = 0.0
     image_phase: float = 0.0
     # Share of text sequences whose context is the scene description (the caption and its objects' relations,

@@ -172,10 +172,19 @@ class TaskSampler:
 
 
 def lr_factor(progress: float, cfg: NanoMLLMConfig, step: int) -> float:
-    """Linear warm-up, then cosine decay to `min_lr_ratio` over training progress in [0, 1]."""
+    """Linear warm-up over `step`s, then cosine decay to `min_lr_ratio` over `progress` in [0, 1]."""
     warm = min(1.0, (step + 1) / max(1, cfg.warmup_steps))
     cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
     return warm * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine)
+
+
+def phase_progress(frac: float, cfg: NanoMLLMConfig) -> tuple[bool, float]:
+    """(in the final image phase, progress within the current phase): pre-training and the image phase each
+    have their own warm-up and cosine schedule, as a pre-trained LM's fine-tuning stage has in Keh et al."""
+    pretraining = 1.0 - cfg.image_phase
+    if frac < pretraining:
+        return False, frac / pretraining
+    return True, (frac - pretraining) / cfg.image_phase
 
 
 def batch_loss(model: InternVLForConditionalGeneration, batch: Batch, cfg: NanoMLLMConfig) -> Tensor:
@@ -200,9 +209,12 @@ def train_loop(
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     model.train()
     log, step, frac, loss, images_seen = Progress(progress, tag="nano-mllm"), 0, 0.0, float("nan"), 0
+    phase_start = None  # the step at which the image phase began
     while frac < 1.0:
+        final, within = phase_progress(frac, cfg)
+        phase_start = step if final and phase_start is None else phase_start
         for group in opt.param_groups:
-            group["lr"] = cfg.lr * lr_factor(frac, cfg, step)
+            group["lr"] = cfg.lr * lr_factor(within, cfg, step - (phase_start or 0))
         total, text_rows = torch.zeros(()), cfg.text_batch_size
         if cfg.images_at(frac):
             batch = sampler.image_batch()
