@@ -72,7 +72,7 @@ def paired_items(ref_dir: Path, arm_dir: Path, path: str, kinds: tuple[str, ...]
     for seed in range(seeds):
         rows = []
         for directory in (ref_dir, arm_dir):
-            file = mllm_dir(directory.parent, directory.name, seed) / UNDERSTANDING_RECORDS
+            file = directory / f"seed{seed}" / UNDERSTANDING_RECORDS
             if not file.is_file():
                 raise FileNotFoundError(f"{file}: an arm's per-answer records are missing (rerun the study)")
             rows.append([r for _, r in read_jsonl(file) if r["path"] == path and r["tag"] in kinds])
@@ -82,7 +82,7 @@ def paired_items(ref_dir: Path, arm_dir: Path, path: str, kinds: tuple[str, ...]
 
 
 def compare(out: Path, seeds: int, n_boot: int = 2000) -> dict[str, dict[str, Any]]:
-    """{"vision"|"text": {arm: paired result of arm (b) against the reference (a)}}."""
+    """{"image"|"text" (the question's path): {arm: paired result of arm (b) against the reference (a)}}."""
     arms = [arm_name(s) for s in IMAGE_STARTS if arm_name(s) != REFERENCE]
     return {path: {arm: paired_bootstrap(paired_items(out / REFERENCE, out / arm, path, kinds, seeds), n_boot=n_boot)
                    for arm in arms}
