@@ -37,10 +37,11 @@ def format_table(ratios: dict[str, dict[str, Any]]) -> str:
 
 
 def _reconstruct(args: argparse.Namespace) -> int:
+    from iomm.evaluation.prompt_images import write_jsonl
     from iomm.inference.pipeline import load_model
     from iomm.nano.builtins import WORLD
     from iomm.nano.fidelity import TOLERANCE, tolerance_px
-    from iomm.nano.regeneration import reconstruction_records, summaries
+    from iomm.nano.regeneration import reconstruction_records, regeneration_guidance, summaries
 
     if args.n < 1:
         raise SystemExit(f"--n: expected >= 1, got {args.n}")
@@ -57,17 +58,14 @@ def _reconstruct(args: argparse.Namespace) -> int:
     command = ["iomm", "eval", "reconstruct", "--model", str(args.model), "--n", str(args.n), "--seed", str(args.seed),
                *[arg for ratio in args.ratio or [] for arg in ("--ratio", str(ratio))],
                *[arg for flag, value in options if value is not None for arg in (flag, str(value))]]
-    flow = model.cfg.flow
     report = {"command": shlex.join(command), "model": str(args.model), "n": args.n,
-              "steps": args.steps or flow.sample_steps,
-              "guidance_scale": flow.reconstruct_guidance if args.cfg is None else args.cfg, "ratios": ratios,
+              "steps": args.steps or model.cfg.flow.sample_steps,
+              "guidance_scale": regeneration_guidance(model.cfg, args.cfg), "ratios": ratios,
               "tolerance": {"fraction_of_extent": TOLERANCE, "px": tolerance_px(model.cfg.data.resolution)}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     if args.results is not None:
-        args.results.parent.mkdir(parents=True, exist_ok=True)
-        args.results.write_text("".join(json.dumps({"ratio": str(ratio), **r}) + "\n"
-                                        for ratio, rows in records.items() for r in rows), encoding="utf-8")
+        write_jsonl(args.results, ({"ratio": str(ratio), **r} for ratio, rows in records.items() for r in rows))
     print(format_table(ratios))
     print(f"wrote {args.out}")
     return 0

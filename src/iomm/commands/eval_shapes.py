@@ -21,6 +21,7 @@ from iomm.evaluation.geneval_export import (
     write_geneval_layout,
     write_one_per_prompt,
 )
+from iomm.evaluation.prompt_images import write_jsonl
 from iomm.nano.prompts import eval_prompts
 from iomm.nano.scorer import judge_directory, read_prompts, score
 
@@ -105,7 +106,7 @@ def run_shapes(args: argparse.Namespace) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(metrics, indent=2) + "\n")
     if args.results is not None:
-        args.results.write_text("".join(json.dumps(r) + "\n" for r in records))
+        write_jsonl(args.results, records)
     print(format_table(metrics))
     print(f"wrote {args.out}")
     return 0

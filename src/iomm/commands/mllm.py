@@ -66,6 +66,7 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_eval(args: argparse.Namespace) -> int:
+    from iomm.evaluation.prompt_images import write_jsonl
     from iomm.nano.understanding import evaluate_understanding
 
     records: list[dict] = []
@@ -73,8 +74,7 @@ def run_eval(args: argparse.Namespace) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     if args.results is not None:
-        args.results.parent.mkdir(parents=True, exist_ok=True)
-        args.results.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+        write_jsonl(args.results, records)
     print(json.dumps(results["accuracy"]))
     return 0
 

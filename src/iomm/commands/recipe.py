@@ -86,10 +86,10 @@ def evaluate_run(model_path: Path, out_dir: Path, per_category: int, seed: int =
 def stage1_fidelity(run: Path, n: int) -> dict:
     """`iomm eval reconstruct --model RUN --ratio 0 --n N`'s metrics, with the guidance it sampled at."""
     from iomm.inference.pipeline import load_model
-    from iomm.nano.regeneration import evaluate_reconstruction
+    from iomm.nano.regeneration import evaluate_reconstruction, regeneration_guidance
 
     model = load_model(run)
-    return {"ratio": 0.0, "guidance_scale": model.cfg.flow.reconstruct_guidance,
+    return {"ratio": 0.0, "guidance_scale": regeneration_guidance(model.cfg),
             **evaluate_reconstruction(model, [0.0], n=n)[0.0]}
 
 

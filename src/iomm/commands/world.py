@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from iomm.evaluation.prompt_images import save_prompt_images
+from iomm.evaluation.prompt_images import save_prompt_images, write_jsonl
 from iomm.nano.prompts import eval_prompts
 from iomm.nano.world import BACKGROUNDS, World, WorldConfig, captioned_grid, is_held_out, scene_to_dict
 
@@ -84,8 +84,7 @@ def run_sample(args: argparse.Namespace) -> int:
 
 def run_prompts(args: argparse.Namespace) -> int:
     prompts = eval_prompts(args.per_category, args.seed, args.resolution)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("".join(json.dumps(meta) + "\n" for meta in prompts))
+    write_jsonl(args.out, prompts)
     print(f"wrote {len(prompts)} prompts to {args.out}")
     if args.render is not None:
         world, rng = _world(args), np.random.default_rng([args.seed, 3])

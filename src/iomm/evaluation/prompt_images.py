@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -12,6 +12,13 @@ from iomm.image_tensors import as_pil
 
 if TYPE_CHECKING:
     from iomm.inference.pipeline import IOMMPipeline
+
+
+def write_jsonl(path: str | Path, records: Iterable[Mapping[str, Any]]) -> None:
+    """One JSON object per line (the per-item results files that `read_jsonl` and `iomm eval compare` read)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
 
 
 def read_jsonl(path: str | Path) -> list[tuple[str, dict[str, Any]]]:

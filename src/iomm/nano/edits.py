@@ -6,7 +6,6 @@ objects (shape, colour) of the target scene in the edited image.
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -14,6 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from iomm.evaluation.prompt_images import write_jsonl
 from iomm.inference.pipeline import generate_images
 from iomm.nano.scorer import detect_objects
 from iomm.nano.world import COLORS, SHAPES, Scene, World, WorldConfig
@@ -97,7 +97,7 @@ def evaluate_edits(pipeline, out_dir: Path, n_per_kind: int = 16, seed: int = 0)
         results.append({"kind": case.kind, "instruction": case.instruction,
                         "success": edit_success(np.asarray(after), case.target),
                         "unchanged": edit_success(np.asarray(after), case.source)})
-    (out_dir / "edits.jsonl").write_text("".join(json.dumps(r) + "\n" for r in results), encoding="utf-8")
+    write_jsonl(out_dir / "edits.jsonl", results)
     metrics = {f"edit_{k}": float(np.mean([r["success"] for r in results if r["kind"] == k])) for k in EDIT_KINDS}
     metrics["edit_overall"] = float(np.mean([metrics[f"edit_{k}"] for k in EDIT_KINDS]))
     metrics["copied_source"] = float(np.mean([r["unchanged"] for r in results]))

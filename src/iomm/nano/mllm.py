@@ -110,10 +110,6 @@ class NanoMLLMConfig:
             raise ConfigError("NanoMLLMConfig", "batch_size, text_batch_size", ">= 1 image sequence per step, and "
                               ">= 1 text sequence when image_start > 0", (self.batch_size, self.text_batch_size))
 
-    def images_at(self, progress: float) -> bool:
-        """Whether a step at this training progress (in [0, 1)) has image sequences."""
-        return progress >= self.image_start * (1.0 - self.image_phase)
-
     @property
     def image_tokens(self) -> int:
         return int(round((self.resolution // self.patch_size) ** 2 * self.downsample_ratio**2))

@@ -18,6 +18,7 @@ from transformers import (
 from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
 
 from iomm.conditioning.mllm_families import family_for
+from iomm.evaluation.prompt_images import write_jsonl
 from iomm.image_tensors import to_tensor
 from iomm.nano.mllm import (
     DEFAULT_MINUTES,
@@ -216,7 +217,7 @@ def train_loop(
         for group in opt.param_groups:
             group["lr"] = cfg.lr * lr_factor(within, cfg, step - (phase_start or 0))
         total, text_rows = torch.zeros(()), cfg.text_batch_size
-        if cfg.images_at(frac):
+        if final or within >= cfg.image_start:  # images enter at image_start of pre-training
             batch = sampler.image_batch()
             total = total + batch_loss(model, batch, cfg)
             if dense is not None:
@@ -276,7 +277,7 @@ def train_nano_mllm(
     records: list[dict[str, Any]] = []
     results = evaluate_understanding(out_dir, n=cfg.eval_n, seed=seed + 1000, records=records)
     _write_json(out_dir / "understanding.json", results)
-    (out_dir / UNDERSTANDING_RECORDS).write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    write_jsonl(out_dir / UNDERSTANDING_RECORDS, records)
     if progress:
         print(f"[nano-mllm] saved {out_dir}; understanding: " + json.dumps(results["accuracy"]), flush=True)
     return out_dir

@@ -18,6 +18,7 @@ from iomm.nano.world import Scene
 BATCH = 32  # images regenerated at once
 
 if TYPE_CHECKING:
+    from iomm.config import Config
     from iomm.model import IOMM
 
 
@@ -30,6 +31,11 @@ def held_out_scenes(model: IOMM, n: int) -> tuple[torch.Tensor, list[Scene]]:
     return world_held_out_scenes(cfg, n)
 
 
+def regeneration_guidance(cfg: Config, guidance_scale: float | None = None) -> float:
+    """The guidance a regeneration samples at: `guidance_scale`, else the run's `flow.reconstruct_guidance`."""
+    return cfg.flow.reconstruct_guidance if guidance_scale is None else guidance_scale
+
+
 @torch.no_grad()
 def regenerate(model: IOMM, originals: torch.Tensor, ratio: float, seed: int, steps: int | None = None,
                guidance_scale: float | None = None) -> torch.Tensor:
@@ -38,7 +44,7 @@ def regenerate(model: IOMM, originals: torch.Tensor, ratio: float, seed: int, st
         raise ValueError(f"ratio: expected a value in [0, 1), got {ratio}")
     cfg = model.cfg
     steps = steps or cfg.flow.sample_steps
-    scale = cfg.flow.reconstruct_guidance if guidance_scale is None else guidance_scale
+    scale = regeneration_guidance(cfg, guidance_scale)
     device = next(model.generator.parameters()).device
     masks = torch.Generator().manual_seed(seed)
     was_training = model.training

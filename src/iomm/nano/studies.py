@@ -99,7 +99,7 @@ def iomm_argv() -> list[str]:
     return [sys.executable, "-m", "iomm.cli"]
 
 
-def _sets(common: list[str], seed: int, extra: tuple[str, ...] = ()) -> list[str]:
+def arm_sets(common: list[str], seed: int, extra: tuple[str, ...] = ()) -> list[str]:
     return [f"--set={s}" for s in [*common, f"train.seed={seed}", "train.threads=1", *extra]]
 
 
@@ -113,7 +113,7 @@ def arm_dir(study_out: Path, arm: Arm) -> Path:
 
 
 def pretrain_command(arm: Arm, config: str, common: list[str], seed: int, out: Path) -> list[str]:
-    return [*iomm_argv(), "pretrain", "--config", config, *_sets(common, seed, arm.pretrain),
+    return [*iomm_argv(), "pretrain", "--config", config, *arm_sets(common, seed, arm.pretrain),
             "--out", str(out), "--no-progress"]
 
 
@@ -124,8 +124,9 @@ def arm_commands(arm: Arm, config: str, common: list[str], seed: int, out: Path,
     cmds = []
     if arm.finetune is not None:
         init = "none" if pretrained is None else str(pretrained)
-        cmds.append([*iomm_argv(), "finetune", "--config", config, *_sets(common, seed, (*arm.pretrain, *arm.finetune)),
-                     "--init", init, "--out", str(out / "finetune"), "--no-progress"])
+        sets = arm_sets(common, seed, (*arm.pretrain, *arm.finetune))
+        cmds.append([*iomm_argv(), "finetune", "--config", config, *sets, "--init", init,
+                     "--out", str(out / "finetune"), "--no-progress"])
     if not arm.edit:
         scored = out / "finetune" if arm.finetune is not None else pretrained
         cmds.append([*iomm_argv(), "eval", "shapes", "--model", str(scored), "--out", str(out / "metrics.json"),

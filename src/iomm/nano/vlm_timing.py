@@ -22,7 +22,7 @@ from typing import Any
 
 from iomm.evaluation.paired import OVERALL, PairedItem, pair_records, paired_bootstrap
 from iomm.evaluation.prompt_images import read_jsonl
-from iomm.nano.studies import iomm_argv, markdown_summary, plot_summary, run_logged, summarize
+from iomm.nano.studies import arm_sets, iomm_argv, markdown_summary, plot_summary, run_logged, summarize
 from iomm.nano.study_comparisons import markdown_table
 from iomm.nano.understanding import UNDERSTANDING_RECORDS
 
@@ -107,10 +107,8 @@ def link_run(out: Path, arm: str, config: str, steps: int, n: int, overrides: li
     run, log = out / "link" / arm, out / "link" / f"{arm}.log"
     if not (run / "fidelity.json").is_file():
         run.parent.mkdir(parents=True, exist_ok=True)
-        sets = [*overrides, f"mllm.path={mllm_dir(out, arm, 0).resolve()}", f"train.steps={steps}", "train.threads=1",
-                "train.seed=0"]
-        run_logged([*iomm_argv(), "pretrain", "--config", config, *[f"--set={s}" for s in sets], "--no-progress",
-                    "--out", str(run)], log)
+        sets = arm_sets(overrides, 0, (f"mllm.path={mllm_dir(out, arm, 0).resolve()}", f"train.steps={steps}"))
+        run_logged([*iomm_argv(), "pretrain", "--config", config, *sets, "--no-progress", "--out", str(run)], log)
         run_logged([*iomm_argv(), "eval", "reconstruct", "--model", str(run), "--ratio", "0", "--n", str(n),
                     "--out", str(run / "fidelity.json"), "--results", str(run / "fidelity.jsonl")], log)
     return {"arm": arm, **json.loads((run / "fidelity.json").read_text(encoding="utf-8"))["ratios"]["0.0"]}
