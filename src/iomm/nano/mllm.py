@@ -121,11 +121,12 @@ DEFAULT_MINUTES = 9.0
 
 
 def tiny_config() -> NanoMLLMConfig:
-    """A few-second version for tests."""
+    """A few-second version for tests. fp32 everywhere, so that its numbers are the same on a CPU with native bf16
+    (where "auto" would train in bf16) as on one without."""
     return NanoMLLMConfig(
         patch_size=8, vision_width=32, vision_layers=1, vision_heads=2, text_width=32, text_layers=1,
         text_heads=2, text_kv_heads=1, batch_size=4, text_batch_size=4, max_turns=2, warmup_steps=2,
-        eval_n=8, selection_layer=0,
+        eval_n=8, selection_layer=0, precision="fp32",
     )
 
 
