@@ -121,3 +121,22 @@ def test_every_arm_of_every_study_is_a_valid_config_of_the_nano_recipe(name: str
     check_arms(studies()[name], str(packaged_config("nano")), [])
     with pytest.raises(ConfigError, match="adapter.token_loss"):  # what `iomm study` now refuses up front
         check_arms(Study("x", [Arm("raw", ("adapter.kind=raw",))], "", "raw"), str(packaged_config("nano")), [])
+
+
+def test_condition_path_study_runs_the_paper_path_through_both_stages() -> None:
+    from iomm.config import config_source, finetune_config, load_config
+
+    config = str(packaged_config("nano"))
+    arms = {a.name: a for a in studies()["condition-path"].arms}
+
+    def layout(cfg) -> tuple:
+        return (cfg.adapter.key_positions, cfg.adapter.query_scale, cfg.adapter.token_loss,
+                cfg.connector.token_positions, cfg.flow.logit_mean)
+
+    for name, expected in (("nano", (True, 47.0, 1.0, True, 1.0)), ("paper-path", (False, 1.0, 0.0, False, 0.0))):
+        arm = arms[name]
+        stage1 = load_config(config, list(arm.pretrain), check_paths=False)
+        sets = [*arm.pretrain, *arm.finetune]
+        stage2 = finetune_config(load_config(config, sets, check_paths=False), config_source(config, sets))
+        assert layout(stage1) == layout(stage2) == expected, name
+        assert stage2.train.mix_ratio == 0.5

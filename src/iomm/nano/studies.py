@@ -43,6 +43,9 @@ class Study:
 
 IMAGE, PAIR = "train.mix_ratio=1.0", "train.mix_ratio=0.0"
 NO_QUERY_LOSS = ("adapter.token_loss=0",)
+# configs/nano.yaml's options that make stage 1 carry the layout, turned off: the paper's conditioning path
+PAPER_PATH = ("adapter.key_positions=false", "adapter.query_scale=1", "adapter.token_loss=0",
+              "connector.token_positions=false", "flow.logit_mean=0")
 FT = {"image": ("finetune.mix_ratio=1.0",), "pair": ("finetune.mix_ratio=0.0",), "mix": ("finetune.mix_ratio=0.5",)}
 
 
@@ -71,6 +74,12 @@ def studies() -> dict[str, Study]:
             "LoRA fine-tuning (rank 64, alpha 64, the generator's attention) of a model pre-trained on pairs only, the "
             "'existing model': on the mix, on pairs only, or on images only, at equal steps; and the existing model "
             "itself", "lora-mix"),
+        "condition-path": Study("condition-path", [
+            Arm("nano", (), FT["mix"]), Arm("paper-path", PAPER_PATH, FT["mix"])],
+            "configs/nano.yaml's conditioning path (positions on the adapter's keys and the condition tokens, queries "
+            "at the image tokens' scale, the token loss, high-noise draws) against the paper's, through both stages "
+            "and the mix fine-tuning: does a stage 1 that carries the image carry over to text-to-image? (Not a "
+            "paper finding: 'reproduced' means the nano path is better.)", "nano"),
         "editing": Study("editing", [
             Arm(f"{pre}-pretrain", (IMAGE if pre == "image" else PAIR,), None, edit=True) for pre in ("image", "pair")],
             "zero-shot editing success after image-only vs pair pre-training (no editing data)", "image-pretrain"),
