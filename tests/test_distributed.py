@@ -40,7 +40,7 @@ def _torchrun_argv(config, run_dir, program=("-m", "iomm.cli")):
             "--no-progress"]
 
 
-GLOO_ABORT = "terminate called without an active exception"  # a C++ thread of gloo's, torn down while joinable
+GLOO_ABORT = "terminate called without an active exception"  # std::terminate's message, no Python traceback
 
 
 def _torchrun(config, run_dir, timeout=240, program=("-m", "iomm.cli")):
@@ -48,15 +48,16 @@ def _torchrun(config, run_dir, timeout=240, program=("-m", "iomm.cli")):
     pytorch/pytorch#179291; seen once, in a full suite beside two training jobs on a 2-core machine), the same
     command is rerun once, as a user would rerun it: it resumes from the run's checkpoint, and a step logged
     twice keeps its last entry. Any other failure, and any failure of another program, is returned as it is."""
-    for attempt in range(2):
+    def launch():
         # its own session: a rank that kills its process group (the SIGKILL test) takes the launcher with it
-        done = subprocess.run(_torchrun_argv(config, run_dir, program), env=ENV, capture_output=True, text=True,
+        return subprocess.run(_torchrun_argv(config, run_dir, program), env=ENV, capture_output=True, text=True,
                               timeout=timeout, start_new_session=True)
-        retry = program == ("-m", "iomm.cli") and done.returncode != 0 and GLOO_ABORT in done.stderr
-        if attempt == 1 or not retry:
-            return done
+
+    done = launch()
+    if program == ("-m", "iomm.cli") and done.returncode != 0 and GLOO_ABORT in done.stderr:
         print(f"torchrun: a rank aborted in gloo ({GLOO_ABORT!r}); rerunning the same command on {run_dir}")
-    raise AssertionError("unreachable")
+        done = launch()
+    return done
 
 
 def _write_config(cfg, path):

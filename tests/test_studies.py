@@ -14,6 +14,7 @@ from iomm.nano.studies import (
     Arm,
     Study,
     arm_commands,
+    arm_configs,
     check_arms,
     mean_curve,
     pretrain_dir,
@@ -124,19 +125,14 @@ def test_every_arm_of_every_study_is_a_valid_config_of_the_nano_recipe(name: str
 
 
 def test_condition_path_study_runs_the_paper_path_through_both_stages() -> None:
-    from iomm.config import config_source, finetune_config, load_config
-
-    config = str(packaged_config("nano"))
-    arms = {a.name: a for a in studies()["condition-path"].arms}
+    study = studies()["condition-path"]
+    arms = {a.name: a for a in study.arms}
 
     def layout(cfg) -> tuple:
         return (cfg.adapter.key_positions, cfg.adapter.query_scale, cfg.adapter.token_loss,
                 cfg.connector.token_positions, cfg.flow.logit_mean)
 
     for name, expected in (("nano", (True, 47.0, 1.0, True, 1.0)), ("paper-path", (False, 1.0, 0.0, False, 0.0))):
-        arm = arms[name]
-        stage1 = load_config(config, list(arm.pretrain), check_paths=False)
-        sets = [*arm.pretrain, *arm.finetune]
-        stage2 = finetune_config(load_config(config, sets, check_paths=False), config_source(config, sets))
+        stage1, stage2 = arm_configs(study, arms[name], str(packaged_config("nano")), [])
         assert layout(stage1) == layout(stage2) == expected, name
         assert stage2.train.mix_ratio == 0.5

@@ -16,8 +16,12 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from iomm.nano.study_comparisons import SHAPES_RESULTS, compare_to_reference, finding, markdown_table
+
+if TYPE_CHECKING:
+    from iomm.config import Config
 
 CATEGORIES = ("single_object", "two_object", "counting", "colors", "position", "color_attr", "overall")
 
@@ -44,7 +48,7 @@ class Study:
 IMAGE, PAIR = "train.mix_ratio=1.0", "train.mix_ratio=0.0"
 NO_QUERY_LOSS = ("adapter.token_loss=0",)
 # configs/nano.yaml's options that make stage 1 carry the layout, turned off: the paper's conditioning path
-PAPER_PATH = ("adapter.key_positions=false", "adapter.query_scale=1", "adapter.token_loss=0",
+PAPER_PATH = ("adapter.key_positions=false", "adapter.query_scale=1", *NO_QUERY_LOSS,
               "connector.token_positions=false", "flow.logit_mean=0")
 FT = {"image": ("finetune.mix_ratio=1.0",), "pair": ("finetune.mix_ratio=0.0",), "mix": ("finetune.mix_ratio=0.5",)}
 
@@ -86,16 +90,22 @@ def studies() -> dict[str, Study]:
     }
 
 
-def check_arms(study: Study, config: str, overrides: list[str]) -> None:
-    """Every arm's stage-1 and stage-2 config is valid: a clash fails before any compute, not mid-study."""
+def arm_configs(study: Study, arm: Arm, config: str, overrides: list[str]) -> tuple[Config, Config | None]:
+    """The stage-1 and stage-2 configs an arm runs with (stage 2: None for an arm without fine-tuning)."""
     from iomm.config import config_source, finetune_config, load_config
 
+    sets = [*study.common, *overrides, *arm.pretrain]
+    stage1 = load_config(config, sets, check_paths=False)
+    if arm.finetune is None:
+        return stage1, None
+    sets = [*sets, *arm.finetune]
+    return stage1, finetune_config(load_config(config, sets, check_paths=False), config_source(config, sets))
+
+
+def check_arms(study: Study, config: str, overrides: list[str]) -> None:
+    """Every arm's stage-1 and stage-2 config is valid: a clash fails before any compute, not mid-study."""
     for arm in study.arms:
-        sets = [*study.common, *overrides, *arm.pretrain]
-        load_config(config, sets, check_paths=False)
-        if arm.finetune is not None:
-            sets = [*sets, *arm.finetune]
-            finetune_config(load_config(config, sets, check_paths=False), config_source(config, sets))
+        arm_configs(study, arm, config, overrides)
 
 
 def run_logged(argv: list[str], log: Path) -> None:
