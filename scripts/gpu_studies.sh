@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# The five nano studies at 10x the nano recipe's compute on one GPU, with paired intervals
+# The pair-budget study, then the five nano studies, at 10x the nano recipe's compute on one GPU, with paired intervals
 # (iomm study: 64 prompts per category x 4 images, every arm against the paper's best arm).
 #
 #   bash scripts/gpu_studies.sh [OUT]        # default OUT: runs/gpu-studies
 #
 # 10x budget: batch 320 instead of 32 (same steps, same schedule), so each stage sees ten times the
 # images; arms run as parallel one-thread processes sharing the GPU (PARALLEL, default 8).
-# The nano MLLM and VAE are built on first use (wall-clock budgets of 9 and about 3 minutes): carry a
+# The nano MLLM and VAE are built on first use (1,250 and 600 steps): carry a
 # .cache with both (e.g. from this machine's nano recipe) so the GPU time goes to the studies.
 # SEEDS (default 3), PARALLEL and BATCH override the defaults from the environment.
 set -euo pipefail
@@ -29,7 +29,7 @@ for cache in .cache/nano-mllm .cache/nano-vae; do
 done
 mkdir -p "$OUT"
 start=$(date +%s)
-for study in recipes mask-ratio mix-ratio adapter editing; do
+for study in pair-budget recipes mask-ratio mix-ratio adapter editing; do
   .venv/bin/iomm study "$study" --seeds "$SEEDS" --parallel "$PARALLEL" --per-category 64 --samples 4 \
     --set train.batch_size="$BATCH" --set train.mixed_precision=auto --out "$OUT/$study"
   echo "[$study] done at $(( $(date +%s) - start )) s"

@@ -119,6 +119,28 @@ def test_describe_gives_the_per_gpu_memory_of_the_model_state(capsys):
     assert 50 < report["memory_gib"]["total"] < 80
 
 
+def test_describe_counts_muon_state_as_muon_keeps_it_against_the_gpu_a_flag_names(capsys):
+    from iomm.describe import memory_per_gpu
+
+    config = str(CONFIGS / "iomm-xl.yaml")  # Muon for the generator blocks' matrices
+    counts = describe(load_config(config, check_paths=False))
+    muon, rest = counts["muon_matrices"], counts["trainable"] - counts["muon_matrices"]
+    assert 0.9 * counts["generator"] < muon < counts["trainable"]
+    fsdp = memory_per_gpu(counts, 8, "fsdp")  # Muon: one fp32 momentum; AdamW: two fp32 moments
+    assert fsdp["optimizer"] == pytest.approx((4 * muon + 8 * rest) / 8 / 2**30)
+    assert main(["describe", "--config", config, "--gpus", "8", "--parallel", "fsdp", "--gpu", "H200"]) == 0
+    printed = capsys.readouterr().out
+    assert f"left of 141 GiB  {141 - fsdp['total']:9.2f}  for activations (--gpu h200)" in printed
+    assert f"Muon's one fp32 momentum for the {muon / 1e9:.2f} B parameters" in printed
+    assert main(["describe", "--config", config, "--gpus", "8", "--parallel", "fsdp"]) == 0
+    assert "left of 80 GiB" in (printed := capsys.readouterr().out) and "by default an H100; set --gpu" in printed
+    assert main(["describe", "--config", config, "--gpus", "8", "--gpu-memory", "96", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["gpu_memory_gib"] == 96 and report["command"].endswith("--gpus 8 --parallel ddp --gpu-memory 96")
+    with pytest.raises(SystemExit, match="add --gpus N"):
+        main(["describe", "--config", config, "--gpu", "h100"])
+
+
 def test_gpu_bench_script_checks_its_arguments_and_runs_at_a_tiny_size_on_a_cpu(tmp_path):
     import subprocess
 
@@ -182,3 +204,28 @@ def test_bench_speedups_rows_are_valid_configs_each_against_the_naive_step():
     naive = load_config(CONFIGS / "bench-b-mini.yaml", NAIVE, check_paths=False)
     assert (naive.train.mixed_precision, naive.masking.mode, naive.mllm.prefix_cache, naive.data.latents,
             naive.train.compile, naive.train.fused_optimizer) == ("fp32", "zero", False, None, False, False)
+
+
+def test_reconstruct_writes_the_masked_view_beside_its_regeneration(tiny_config, tmp_path, capsys):
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from iomm.image_tensors import image_grid, to_tensor
+    from iomm.inference.pipeline import IOMMPipeline
+    from iomm.training.trainer import Trainer
+
+    Trainer(tiny_config("train.steps=2"), tmp_path / "run", progress=False).fit()
+    Image.new("RGB", (48, 40), (200, 30, 30)).save(tmp_path / "mine.png")
+    out = tmp_path / "out/rec.png"
+    assert main(["reconstruct", "--model", str(tmp_path / "run"), "--image", str(tmp_path / "mine.png"),
+                 "--mask-ratio", "0.5", "--seed", "3", "--out", str(out)]) == 0
+    assert f"wrote {out}" in capsys.readouterr().out
+    written = Image.open(out)
+    assert written.size == (2 + 32 + 2 + 32 + 2, 2 + 32 + 2)  # two 32 px panels in one row, 2 px apart
+    pipe = IOMMPipeline.from_pretrained(tmp_path / "run")  # the demo's reconstruction tab: the same two images
+    shown = pipe.reconstruct(Image.open(tmp_path / "mine.png"), 0.5, generator=torch.Generator().manual_seed(3))
+    assert np.array_equal(np.asarray(written.convert("RGB")), np.asarray(image_grid([to_tensor(list(shown))])))
+    with pytest.raises(SystemExit, match="--mask-ratio"):
+        main(["reconstruct", "--model", str(tmp_path / "run"), "--image", str(tmp_path / "mine.png"),
+              "--mask-ratio", "1"])

@@ -128,6 +128,57 @@ def test_iomm_data_shards_writes_shards_that_train_as_images_and_as_pairs(tiny_c
     assert list((tmp_path / "run").glob("shard_index_*.npz"))  # listed once, by the main rank
 
 
+def test_iomm_data_shards_keeps_source_names_and_warns_when_pairs_lack_captions(tiny_config, tmp_path, capsys):
+    folder = _images(tmp_path, n=4)
+    (folder / "000.txt").unlink()
+    (folder / "sub").mkdir()
+    Image.new("RGB", (40, 40)).save(folder / "sub/x.png")  # no caption either: 3 of 5 captioned
+    out = tmp_path / "shards"
+    assert main(["data", "shards", "--input", str(folder), "--out", str(out), "--resolution", "32",
+                 "--format", "png", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "captions: 3 of 5 samples" in printed and "warning: as data.pairs, the 2 without a caption (40%)" in printed
+    assert "data: 5 samples read, none skipped" in printed
+    assert json.loads((out / "shards.json").read_text())["captioned"] == 3
+    with tarfile.open(out / "000000.tar") as tar:
+        sources = [json.loads(tar.extractfile(m).read())["source"] for m in tar if m.name.endswith(".json")]
+    assert sources == ["000.png", "001.png", "002.png", "003.png", "sub/x.png"]
+    sources = build_sources(tiny_config("data.source=webdataset", f"data.path={out}/*.tar", "data.holdout=0"))
+    assert len(sources.images.keep) == 5
+
+
+def test_a_shard_glob_expands_sorted_and_one_matching_nothing_says_what_names_shards(tmp_path):
+    from iomm.data.shards import expand_shards
+
+    for name in ("b-001.tar", "a-000.tar", "b-000.tar", "notes.txt"):
+        (tmp_path / name).write_bytes(b"")
+    assert expand_shards(f"{tmp_path}/*.tar") == [tmp_path / n for n in ("a-000.tar", "b-000.tar", "b-001.tar")]
+    assert expand_shards(f"{tmp_path}/{{b,a}}-*.tar") == [tmp_path / n for n in ("b-000.tar", "b-001.tar", "a-000.tar")]
+    works = r"; a glob \(shards/\*\.tar\), a brace pattern \(shard-\{000\.\.009\}\.tar\) or a directory"
+    with pytest.raises(FileNotFoundError, match=r"no shard matches .*/c-\*\.tar \(1 missing\)" + works):
+        expand_shards(f"{tmp_path}/c-*.tar")
+
+
+def test_iomm_data_cache_prints_its_counts_and_the_bad_data_report(tmp_path, capsys, monkeypatch):
+    from types import SimpleNamespace
+
+    import iomm.data.latent_cache
+    import iomm.model
+    from iomm.data.images import DataReport
+
+    report = DataReport()
+    report.ok()
+    report.bad("data/broken.png", "unreadable image (UnidentifiedImageError)")
+    info = {"samples": {"images": 53, "pairs": 30}, "data": report.to_dict()}
+    monkeypatch.setattr(iomm.model, "load_mllm", lambda cfg: SimpleNamespace(device="cpu"))
+    monkeypatch.setattr(iomm.model, "build_codec", lambda cfg: torch.nn.Identity())
+    monkeypatch.setattr(iomm.data.latent_cache, "write_latent_cache", lambda *args, **kwargs: info)
+    assert main(["data", "cache", "--out", str(tmp_path / "cache"), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert f"cached 53 images, 30 pairs -> {tmp_path / 'cache'}" in printed
+    assert report.summary() in printed  # as `iomm data shards` prints it
+
+
 def _tar(path, members):
     with tarfile.open(path, "w") as tar:
         for name, data in members:

@@ -6,6 +6,7 @@ import shutil
 import socket
 
 import numpy as np
+import pytest
 import torch
 
 from iomm.inference.demo import demo_page, generate_in_page, launch
@@ -43,3 +44,19 @@ def test_text_to_image_in_a_real_browser(tiny_config, tmp_path):
     expected = pipe("a red circle", generator=torch.Generator().manual_seed(0)).images[0]
     assert np.array_equal(np.asarray(shown), np.asarray(expected))  # the page defaults: steps, guidance, seed 0
     assert (tmp_path / "demo.png").stat().st_size > 10_000
+
+
+def test_the_server_log_says_share_and_keeps_refused_input_to_the_page(tiny_config, tmp_path, capfd):
+    from gradio_client import Client
+
+    Trainer(tiny_config("train.steps=2"), tmp_path / "run", progress=False).fit()
+    port = _port()
+    demo = launch(str(tmp_path / "run"), port=port, block=False)
+    try:
+        with pytest.raises(Exception, match="Type a prompt first."):
+            Client(f"http://127.0.0.1:{port}/", verbose=False).predict("", 3, 1.0, 0, api_name="/text_to_image")
+    finally:
+        demo.close()
+    log = "".join(capfd.readouterr())
+    assert f"http://127.0.0.1:{port}" in log and "--share" in log
+    assert "share=True" not in log and "Traceback" not in log, log

@@ -1,5 +1,6 @@
 """The IOMM model on a tiny real-architecture MLLM: gradients, freezing, conditions, save/load."""
 
+import pytest
 import torch
 
 from iomm.data.mixed_batches import MixedBatches, build_sources
@@ -88,3 +89,17 @@ def test_building_a_builtin_model_leaves_the_random_state_alone(tmp_path):
     torch.manual_seed(0)
     assert ensure_builtin(BuiltinModel(ensure=train_then_return, architecture=lambda cfg: None), None) == str(tmp_path)
     assert torch.equal(torch.rand(3), expected)
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_under_torch_distributed_rank_0_builds_a_builtin_while_the_others_wait(rank, monkeypatch):
+    from iomm import model as model_module
+    from iomm.builtins import BuiltinModel
+
+    events: list[str] = []
+    monkeypatch.setattr(model_module.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(model_module.dist, "get_rank", lambda: rank)
+    monkeypatch.setattr(model_module.dist, "barrier", lambda: events.append("barrier"))
+    builtin = BuiltinModel(ensure=lambda cfg: events.append("build") or "dir", architecture=lambda cfg: None)
+    assert model_module.ensure_builtin(builtin, None) == "dir"
+    assert events == (["build", "barrier"] if rank == 0 else ["barrier", "build"])  # the others find it built

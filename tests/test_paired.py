@@ -5,7 +5,16 @@ import json
 import numpy as np
 import pytest
 
-from iomm.evaluation.paired import PairedItem, pair_records, paired_bootstrap
+from iomm.evaluation.paired import (
+    NOT_DECIDED,
+    PairedItem,
+    pair_records,
+    pair_runs,
+    paired_bootstrap,
+    seed_bootstrap,
+    t_interval,
+    t_quantile_975,
+)
 
 
 def _items(a_rate: float, b_rate: float, prompts: int = 64, samples: int = 4, seed: int = 0) -> list[PairedItem]:
@@ -62,9 +71,104 @@ def test_eval_compare_reads_shapes_results_and_names_a_bad_line(tmp_path, capsys
     out = tmp_path / "cmp.json"
     assert main(["eval", "compare", str(a), str(b), "--n-boot", "200", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
-    assert report["value"] == "correct" and report["cluster"] == "prompt"
+    assert report["value"] == "correct" and report["cluster"] == "prompt" and "one training run" in report["unit"]
     assert report["results"]["overall"]["diff"] == 0.5 and report["results"]["overall"]["verdict"] == "b_better"
     assert "b_better" in capsys.readouterr().out
     b.write_text("{not json\n")
     with pytest.raises(SystemExit, match=r"b.jsonl:1: invalid JSON"):
         main(["eval", "compare", str(a), str(b), "--out", str(out)])
+
+
+def _runs(effect: float, run_sd: float, seeds: int, prompts: int = 32, samples: int = 4,
+          rng_seed: int = 0) -> dict[str, list[PairedItem]]:
+    """Per seed, each arm's run has its own success rate: 0.4 (+ effect for B) + an offset of sd `run_sd` drawn
+    once per run and shared by all its images (a training-draw effect)."""
+    rng = np.random.default_rng(rng_seed)
+    runs = {}
+    for seed in range(seeds):
+        rate_a = float(np.clip(0.4 + rng.normal(0, run_sd), 0, 1))
+        rate_b = float(np.clip(0.4 + effect + rng.normal(0, run_sd), 0, 1))
+        runs[f"seed{seed}"] = [PairedItem(tag, f"{tag}-{p}", float(rng.random() < rate_a), float(rng.random() < rate_b))
+                               for tag in ("single_object", "counting") for p in range(prompts) for _ in range(samples)]
+    return runs
+
+
+def test_a_constant_large_effect_over_seeds_is_decided():
+    result = seed_bootstrap(_runs(effect=0.3, run_sd=0.01, seeds=3), n_boot=500)["overall"]
+    assert result["verdict"] == "b_better" and result["n_seeds"] == 3
+    assert result["ci95"][0] > 0.1 and result["t_ci95"][0] > 0.1
+    assert len(result["per_seed"]) == 3 and all(d > 0.15 for d in result["per_seed"].values())
+    flipped = seed_bootstrap({s: [PairedItem(i.category, i.cluster, i.b, i.a) for i in items]
+                              for s, items in _runs(effect=0.3, run_sd=0.01, seeds=3).items()}, n_boot=500)
+    assert flipped["overall"]["verdict"] == "a_better"
+
+
+def test_a_training_draw_effect_fools_the_image_level_bootstrap_but_not_the_seed_level_rule():
+    runs = _runs(effect=0.0, run_sd=0.15, seeds=3, prompts=64, rng_seed=3)  # same distribution, per-run offsets
+    pooled = paired_bootstrap([item for items in runs.values() for item in items], n_boot=500)["overall"]
+    assert pooled["verdict"] != "inconclusive"  # the old rule: decided, on images of three runs per arm
+    by_seed = seed_bootstrap(runs, n_boot=500)["overall"]
+    assert by_seed["verdict"] == "inconclusive"
+    assert by_seed["t_ci95"][0] < 0 < by_seed["t_ci95"][1]
+    assert by_seed["diff"] == pytest.approx(pooled["diff"])  # the same difference, a wider interval
+
+
+def test_one_training_run_decides_nothing():
+    result = seed_bootstrap(_runs(effect=0.4, run_sd=0.0, seeds=1), n_boot=200)
+    assert {s["verdict"] for s in result.values()} == {NOT_DECIDED}
+    assert result["overall"]["t_ci95"] is None and result["overall"]["ci95"][0] > 0.2  # large, still one run
+
+
+def test_seed_scores_average_the_runs_and_runs_must_share_their_categories():
+    runs = {"s0": [PairedItem("x", "p", 0.0, 1.0), PairedItem("y", "q", 0.0, 0.0)],
+            "s1": [PairedItem("y", "q", 1.0, 1.0), PairedItem("x", "p", 0.0, 0.0)]}
+    result = seed_bootstrap(runs, n_boot=200)
+    assert result["x"]["per_seed"] == {"s0": 1.0, "s1": 0.0} and result["x"]["diff"] == 0.5
+    assert result["overall"]["a"] == pytest.approx(0.25) and result["overall"]["b"] == pytest.approx(0.5)
+    assert result["overall"]["n"] == 4
+    with pytest.raises(ValueError, match="categories"):
+        seed_bootstrap({**runs, "s2": [PairedItem("z", "r", 0.0, 1.0)]}, n_boot=200)
+
+
+def test_t_quantiles_and_interval():
+    assert t_quantile_975(2) == 4.303 and t_quantile_975(10) == pytest.approx(2.228, abs=1e-3)
+    assert t_quantile_975(30) == pytest.approx(2.042, abs=1e-3)
+    assert t_quantile_975(1000) == pytest.approx(1.962, abs=1e-3)
+    assert t_interval([1.0]) is None
+    low, high = t_interval([1.0, 2.0, 3.0])
+    assert low == pytest.approx(2 - 4.303 / np.sqrt(3)) and high == pytest.approx(2 + 4.303 / np.sqrt(3))
+
+
+def test_records_carrying_seeds_are_paired_within_their_seed():
+    a = [{"tag": "t", "prompt": "p", "correct": False, "seed": s} for s in (0, 0, 1)]
+    runs = pair_runs(a, [{**r, "correct": True} for r in a], "correct", "tag", "prompt", "seed")
+    assert list(runs) == ["0", "1"] and len(runs["0"]) == 2 and runs["1"][0].b == 1.0
+    with pytest.raises(ValueError, match="differs in 'seed'"):
+        pair_runs(a, [{**r, "seed": 1} for r in a], "correct", "tag", "prompt", "seed")
+
+
+def test_eval_compare_decides_several_runs_per_arm_at_the_level_of_seeds(tmp_path, capsys):
+    from iomm.cli import main
+
+    files = []
+    for seed in range(3):  # B is better by 0.5 in every run
+        rows = [{"tag": "single_object", "prompt": f"p{i // 4}", "correct": i % 2 == 0} for i in range(32)]
+        a, b = tmp_path / f"a{seed}.jsonl", tmp_path / f"b{seed}.jsonl"
+        a.write_text("".join(json.dumps({**r, "correct": False}) + "\n" for r in rows))
+        b.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        files += [str(a), str(b)]
+    out = tmp_path / "cmp.json"
+    assert main(["eval", "compare", *files, "--n-boot", "200", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    overall = report["results"]["overall"]
+    assert overall["n_seeds"] == 3 and overall["verdict"] == "b_better" and overall["t_ci95"] == [0.5, 0.5]
+    assert "training runs" in report["unit"] and len(report["a"]) == 3
+    assert "t over seeds" in capsys.readouterr().out
+    merged = tmp_path / "merged_a.jsonl"
+    merged.write_text("".join(json.dumps({"tag": "t", "prompt": "p", "correct": False, "seed": 0}) + "\n"
+                              for _ in range(4)))
+    assert main(["eval", "compare", str(merged), str(merged), "--seed-field", "seed", "--n-boot", "200",
+                 "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["results"]["overall"]["verdict"] == NOT_DECIDED
+    with pytest.raises(SystemExit, match="in pairs A B"):
+        main(["eval", "compare", *files[:3], "--out", str(out)])

@@ -20,6 +20,30 @@ def test_fsdp_computes_in_bf16_and_reduces_in_fp32_where_bf16_is_native(monkeypa
     assert fsdp_policy(TrainConfig(mixed_precision="auto"), "cpu").param_dtype is None
 
 
+# Tiny overrides of every generator kind (on top of tiny_config's), for the FSDP tests here and on two ranks.
+TINY_GENERATORS = {
+    "sd3": ("generator.kind=sd3",),
+    "unet": ("generator.kind=unet", "generator.block_out_channels=[32,32]", "generator.attention_head_dim=16"),
+    "zimage": ("generator.kind=zimage", "generator.attention_head_dim=16", "generator.refiner_layers=1"),
+    "qwen_image": ("generator.kind=qwen_image", "generator.patch_size=2", "generator.attention_head_dim=32",
+                   "generator.num_attention_heads=1"),
+}
+
+
+@pytest.mark.parametrize("kind", TINY_GENERATORS)
+def test_generator_blocks_hold_every_no_split_module_once(tiny_config, kind):
+    """fully_shard takes each parameter once: a listed class inside another (the U-Net's ResnetBlock2D in its
+    CrossAttnUpBlock2D) is part of the outer block, never a block of its own."""
+    generator = IOMM.from_config(tiny_config(*TINY_GENERATORS[kind])).generator
+    blocks = generator_blocks(generator)
+    inside = [id(m) for block in blocks for m in block.modules()]
+    assert blocks and len(inside) == len(set(inside))  # no block inside another
+    listed = [m for m in generator.modules() if type(m).__name__ in generator._no_split_modules]
+    assert all(id(m) in inside for m in listed)
+    if kind == "unet":
+        assert [type(b).__name__ for b in blocks].count("CrossAttnUpBlock2D") == 2
+
+
 def test_generator_blocks_are_the_diffusers_no_split_modules(tiny_config):
     model = IOMM.from_config(tiny_config("generator.num_layers=2"))
     blocks = generator_blocks(model.generator)

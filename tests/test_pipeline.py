@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from diffusers import AutoencoderKL, SD3Transformer2DModel
+from diffusers import AutoencoderKL, DiffusionPipeline, SD3Transformer2DModel
 from PIL import Image
 from transformers import AutoModelForImageTextToText
 
@@ -31,7 +31,7 @@ def test_export_is_a_diffusers_pipeline_directory_that_loads_back(tiny_config, t
     assert main(["export", "--model", str(tmp_path / "run"), "--out", str(tmp_path / "export"),
                  "--scores", str(tmp_path / "scores.json")]) == 0
     index = json.loads((tmp_path / "export/model_index.json").read_text())
-    assert index["_class_name"] == "IOMMPipeline"
+    assert index["_class_name"] == ["pipeline", "IOMMPipeline"]  # diffusers' generic loader: OUT/pipeline.py
     assert index["conditioner"] == ["iomm.inference.conditioner", "IOMMConditioner"]
     assert index["generator"] == ["diffusers", "SD3Transformer2DModel"]
     assert index["vae"] == ["diffusers", "AutoencoderKL"]
@@ -39,6 +39,11 @@ def test_export_is_a_diffusers_pipeline_directory_that_loads_back(tiny_config, t
     assert index["mllm"] == ["transformers", "InternVLForConditionalGeneration"]
     card = (tmp_path / "export/README.md").read_text()
     assert "2 steps of 2" in card and "overall = 0.250" in card and "iomm eval shapes --model run" in card
+    # the checkpoint is named inside its run, without the local path to it
+    record = json.loads((tmp_path / "export/export.json").read_text())
+    assert record["checkpoint"] == "run/checkpoints/step_00000002" and "`run/checkpoints/step_00000002`" in card
+    assert str(tmp_path / "run") not in card
+    assert 'DiffusionPipeline.from_pretrained("THIS_DIRECTORY", trust_remote_code=True)' in card
 
     # each component loads with its own library's class, unchanged
     run = load_model(tmp_path / "run")  # its EMA weights: the exported ones
@@ -59,6 +64,20 @@ def test_export_is_a_diffusers_pipeline_directory_that_loads_back(tiny_config, t
 
     wide = IOMMPipeline.from_pretrained(tmp_path / "export", dtype=torch.float64)
     assert wide.generator.dtype == torch.float64 and wide.conditioner.dtype == torch.float64
+
+    # diffusers' generic loader: the class from the export's pipeline.py, run only when the caller trusts it
+    generic = DiffusionPipeline.from_pretrained(tmp_path / "export", trust_remote_code=True)
+    assert type(generic) is IOMMPipeline
+    assert torch.equal(generic.generator.state_dict()["proj_out.weight"], run.generator.state_dict()["proj_out.weight"])
+    with pytest.raises(ValueError, match="trust_remote_code=True"):
+        DiffusionPipeline.from_pretrained(tmp_path / "export")
+    (tmp_path / "export/generator/diffusers.py").write_text("import os  # a component's own module\n")
+    with pytest.raises(ValueError, match="trust_remote_code=True"):
+        IOMMPipeline.from_pretrained(tmp_path / "export")
+    (tmp_path / "export/generator/diffusers.py").unlink()
+    (tmp_path / "export/pipeline.py").write_text("import os  # not the file iomm writes\n")
+    with pytest.raises(ValueError, match="trust_remote_code=True"):
+        IOMMPipeline.from_pretrained(tmp_path / "export")
 
 
 def test_call_follows_diffusers_conventions(trained):

@@ -1,18 +1,22 @@
 """What a researcher's run goes through: held-out sample grids from a folder with bad files, resuming with
 changed settings, cluster-friendly logs, and a folder listed once per run."""
 
+import dataclasses
 import json
 
+import datasets
 import numpy as np
 import pytest
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from iomm.config import ConfigError
+from iomm.config import ConfigError, FinetuneConfig, finetune_config
 from iomm.data import folder_index
 from iomm.data.folder_index import indexed_images, split_held_out
+from iomm.data.images import BadSource
+from iomm.data.mixed_batches import DataPosition, MixedBatches
 from iomm.evaluation.reconstruction import sample_grid
-from iomm.training.resume import ResumeConflict
+from iomm.training.resume import APPLIED_ON_RESUME, ResumeConflict
 from iomm.training.trainer import Trainer
 
 
@@ -85,6 +89,45 @@ def test_resume_refuses_a_changed_model_or_data_naming_the_fields(tiny_config, t
     assert "train.seed: checkpoint has 0, now 3" in message
     assert "train.steps" not in message and "new --out" in message
     assert changed.step == 0  # nothing was loaded
+
+
+def test_a_finetune_resume_may_change_the_mix_ratio_and_the_streams_go_on_from_the_checkpoint(tiny_config, tmp_path,
+                                                                                             capsys):
+    def stage2(*overrides: str):
+        return finetune_config(tiny_config("data.pairs=world:64", "finetune.steps=2", *overrides))
+
+    run = tmp_path / "run"
+    Trainer(stage2(), run, progress=False).fit()
+    resumed = Trainer(stage2("finetune.steps=4", "finetune.mix_ratio=0.75"), run, progress=False)
+    resumed.fit()  # the finished run, rerun with a new ratio: more steps, drawn with it
+    assert "train.mix_ratio: 0.5 -> 0.75 (applies from step 2)" in capsys.readouterr().out
+    at = {step: json.loads((run / f"checkpoints/step_{step:08d}/state.json").read_text())["data_position"]
+          for step in (2, 4)}
+    start = DataPosition(at[2]["micro_batch"], at[2]["images"], at[2]["pairs"])
+    continued = MixedBatches(resumed.batches.images, resumed.batches.pairs, 4, 0.75, seed=0, start=start)
+    assert at[4] == continued.state(4)
+
+
+def test_every_setting_finetune_replaces_may_change_on_resume_under_both_names():
+    """`iomm finetune` copies `finetune.X` into `train.X`: a refusal of `train.X` would name a field the user never
+    set."""
+    for name in (f.name for f in dataclasses.fields(FinetuneConfig)):
+        assert {f"finetune.{name}", f"train.{name}"} <= APPLIED_ON_RESUME
+
+
+def test_a_run_that_fails_before_training_leaves_no_run_folder(tiny_config, tmp_path):
+    folder = _folder(tmp_path, n=6, broken=())  # listed into the run folder first
+    datasets.Dataset.from_dict({"caption": ["a red circle"]}).save_to_disk(str(tmp_path / "pairs"))
+    cfg = tiny_config("data.source=folder", f"data.path={folder}", "train.mix_ratio=0.5",
+                      f"data.pairs=hf:{tmp_path / 'pairs'}")
+    with pytest.raises(BadSource, match="no column 'image'"):
+        Trainer(cfg, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
+    earlier = tmp_path / "earlier"  # a folder this invocation did not make is never removed
+    (earlier / "checkpoints").mkdir(parents=True)
+    with pytest.raises(BadSource):
+        Trainer(cfg, earlier, progress=False)
+    assert (earlier / "checkpoints").is_dir()
 
 
 def test_without_a_progress_bar_every_log_step_prints_a_line(tiny_config, tmp_path, capsys):

@@ -29,6 +29,12 @@ class BuiltinModel:
 
     ensure: Callable[[Config], Path]  # the checkpoint directory, built there first if it is not yet
     architecture: Callable[[Config], Any]  # the model's config (HF PretrainedConfig or diffusers dict), no weights
+    # Raises BuiltinBelowTarget where the model `ensure` built scores below its own targets (its saved report).
+    check: Callable[[Config], None] = lambda cfg: None
+
+
+class BuiltinBelowTarget(ValueError):
+    """A built-in model scores below its own targets: nothing should be trained on top of it."""
 
 
 @dataclass(frozen=True)

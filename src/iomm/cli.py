@@ -7,9 +7,11 @@ import importlib
 import os
 import sys
 
+from iomm.builtins import BuiltinBelowTarget
 from iomm.checkpointing.checkpoint import CheckpointError
 from iomm.config import ConfigError
 from iomm.data.images import BadSource
+from iomm.quiet import quiet_libraries
 
 # Modules under iomm.commands each add their sub-commands with `register(subparsers)`.
 COMMAND_MODULES = ("train", "data", "describe", "bench", "generate", "export", "demo", "world", "eval_shapes", "mllm",
@@ -28,12 +30,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args = build_parser().parse_args(argv)
+    quiet_libraries(show_progress=not getattr(args, "no_progress", False) and sys.stderr.isatty())
     try:
         return int(args.func(args) or 0)
     except ConfigError as err:
         _error(f"config error: {err}")
         return 2
-    except (FileNotFoundError, FileExistsError, NotADirectoryError, CheckpointError, BadSource) as err:
+    except (FileNotFoundError, FileExistsError, NotADirectoryError, CheckpointError, BadSource,
+            BuiltinBelowTarget) as err:
         _error(str(err))
         return 2
     except RuntimeError as err:

@@ -21,6 +21,7 @@ from iomm.config_checks import component_dir
 from iomm.generator.codec import PixelCodec, codec_for
 from iomm.generator.lora import add_lora
 from iomm.generator.network import GENERATOR_CLASSES, build_generator, run_generator
+from iomm.training.optimizers import muon_parameters
 
 
 def internvl3_2b() -> PretrainedConfig:
@@ -153,13 +154,18 @@ def describe(cfg: Config) -> dict[str, int]:
         "vae": _count(vae),
     }
     lora = cfg.train.lora
+    total = sum(counts.values())
     if lora.enabled:  # build_model: the base frozen; adapter and connector too when they come from lora.base
         counts["lora"] = _count(generator) - generator_count
         counts["trainable"] = counts["lora"] + (0 if lora.base else counts["adapter"] + counts["connector"])
         counts["lora_base"] = counts["generator"] + (counts["adapter"] + counts["connector"] if lora.base else 0)
+        total += counts["lora"]
     else:
         counts["trainable"] = counts["adapter"] + counts["connector"] + counts["generator"]
-    counts["total"] = sum(v for k, v in counts.items() if k not in ("trainable", "lora_base"))
+    if cfg.train.optimizer == "muon":  # of the trainable, what build_optimizers gives Muon
+        trainable = {f"generator.{name}": p for name, p in generator.named_parameters() if p.requires_grad}
+        counts["muon_matrices"] = sum(trainable[name].numel() for name in muon_parameters(generator, trainable))
+    counts["total"] = total
     return counts
 
 
@@ -167,9 +173,11 @@ def format_counts(counts: dict[str, int]) -> str:
     return "\n".join(f"{name:>15s}  {n:>15,d}  ({n / 1e6:9.2f} M)" for name, n in counts.items())
 
 
-# Bytes per parameter. Trainable: fp32 master weights, fp32 gradients, AdamW's two fp32 moments, an fp32 EMA
+# Bytes per parameter. Trainable: fp32 master weights, fp32 gradients, the optimizer's fp32 state, an fp32 EMA
 # (FSDP2's MixedPrecisionPolicy computes in bf16 and reduces in fp32, from these fp32 shards). Frozen: bf16.
-TRAINABLE_BYTES = {"parameters": 4, "gradients": 4, "optimizer": 8, "ema": 4}
+ADAMW_STATE_BYTES = 8  # two moments
+MUON_STATE_BYTES = 4  # one momentum buffer (torch.optim.Muon), for the matrices it steps
+TRAINABLE_BYTES = {"parameters": 4, "gradients": 4, "optimizer": ADAMW_STATE_BYTES, "ema": 4}
 FROZEN_BYTES = 2
 GIB = 1024**3
 
@@ -183,6 +191,8 @@ def memory_per_gpu(counts: dict[str, int], gpus: int, parallel: str) -> dict[str
     """
     shards = gpus if parallel == "fsdp" else 1
     out = {name: counts["trainable"] * size / shards / GIB for name, size in TRAINABLE_BYTES.items()}
+    muon = counts.get("muon_matrices", 0)
+    out["optimizer"] = (muon * MUON_STATE_BYTES + (counts["trainable"] - muon) * ADAMW_STATE_BYTES) / shards / GIB
     if "lora_base" in counts:  # a LoRA base: inside the sharded modules, so sharded by FSDP2 too
         out["frozen_base"] = counts["lora_base"] * FROZEN_BYTES / shards / GIB
     out["frozen_mllm"] = (counts["mllm_vision"] + counts["mllm_language"]) * FROZEN_BYTES / GIB
@@ -191,12 +201,20 @@ def memory_per_gpu(counts: dict[str, int], gpus: int, parallel: str) -> dict[str
     return out
 
 
-def format_memory(memory: dict[str, float], gpus: int, parallel: str, gpu_gib: float = 80.0) -> str:
+def format_memory(memory: dict[str, float], gpus: int, parallel: str, counts: dict[str, int],
+                  gpu_gib: float, gpu_origin: str) -> str:
+    """The table of `memory_per_gpu`, the room it leaves on a GPU of `gpu_gib` (chosen as `gpu_origin` says) and,
+    under Muon, how the optimizer state splits."""
     lines = [f"per-GPU model state, {parallel} on {gpus} GPUs (GiB; activations not included):"]
     lines += [f"{name:>15s}  {gib:9.2f}" for name, gib in memory.items()]
     room = gpu_gib - memory["total"]
     lines.append(f"{'left of ' + format(gpu_gib, 'g') + ' GiB':>15s}  {room:9.2f}  for activations"
-                 + ("" if room > 0 else " (does not fit: use fsdp or more GPUs)"))
+                 + ("" if room > 0 else " (does not fit: use fsdp or more GPUs)") + f" ({gpu_origin})")
+    muon = counts.get("muon_matrices", 0)
+    if muon:
+        rest = counts["trainable"] - muon
+        lines.append(f"optimizer: Muon's one fp32 momentum for the {muon / 1e9:.2f} B parameters of the generator "
+                     f"blocks' matrices, AdamW's two fp32 moments for the other {rest / 1e9:.2f} B")
     return "\n".join(lines)
 
 

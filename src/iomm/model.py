@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from diffusers import FlowMatchEulerDiscreteScheduler
 from torch import nn
 from torch.nn import functional as F
@@ -48,9 +49,18 @@ class Condition:
 
 def ensure_builtin(builtin: BuiltinModel, cfg: Config) -> str:
     """A built-in model's directory, built there first if need be; building one (training it) leaves the caller's
-    random state as it was, so that a run's initial weights do not depend on whether the cache was warm."""
+    random state as it was, so that a run's initial weights do not depend on whether the cache was warm. Under
+    torch.distributed rank 0 builds it while the other ranks wait, then they load what it saved: two ranks writing
+    one directory could leave it half one build, half the other."""
+    distributed = dist.is_available() and dist.is_initialized()
+    first = not distributed or dist.get_rank() == 0
+    if not first:
+        dist.barrier()
     with torch.random.fork_rng():
-        return str(builtin.ensure(cfg))
+        path = str(builtin.ensure(cfg))
+    if first and distributed:
+        dist.barrier()
+    return path
 
 
 def load_mllm(cfg: Config) -> FrozenMLLM:

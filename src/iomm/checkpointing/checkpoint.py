@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
+CHECKPOINTS_DIR = "checkpoints"  # in a run directory
 MANIFEST = "manifest.json"
 PREFIX = "step_"
 TMP_PREFIX = ".tmp-"
@@ -124,7 +125,7 @@ def save_checkpoint(run_dir: Path, step: int, write: Callable[[Path], None], *, 
     directories left by a save that was killed are removed first.
     """
     group = group or OneProcess()
-    root = Path(run_dir) / "checkpoints"
+    root = Path(run_dir) / CHECKPOINTS_DIR
     final = root / checkpoint_name(step)
     tmp = root / f"{TMP_PREFIX}{checkpoint_name(step)}"
 
@@ -178,7 +179,7 @@ def _step_of(path: Path) -> int | None:
 
 def latest_checkpoint(run_dir: Path, log: Any = print) -> Path | None:
     """The newest intact checkpoint; damaged ones are reported by name and passed over."""
-    root = Path(run_dir) / "checkpoints"
+    root = Path(run_dir) / CHECKPOINTS_DIR
     candidates = sorted((p for p in root.glob(f"{PREFIX}*") if _step_of(p) is not None), key=_step_of, reverse=True)
     for path in candidates:
         problem = verify(path)
@@ -186,6 +187,15 @@ def latest_checkpoint(run_dir: Path, log: Any = print) -> Path | None:
             return path
         log(f"warning: skipping damaged checkpoint {path}: {problem}")
     return None
+
+
+def run_relative_name(checkpoint: Path) -> str:
+    """`RUN/checkpoints/step_X`: the checkpoint inside its run, named by the run's name only (no local path);
+    a checkpoint outside a run's layout by its own name."""
+    checkpoint = checkpoint.resolve()
+    if checkpoint.parent.name != CHECKPOINTS_DIR:
+        return checkpoint.name
+    return checkpoint.relative_to(checkpoint.parent.parent.parent).as_posix()
 
 
 def resolve_checkpoint(path: str | Path) -> Path:

@@ -41,7 +41,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _train_step(args: argparse.Namespace) -> int:
-    from iomm.training.bench import NAIVE, bench_train_step, machine
+    from iomm.training.bench import NAIVE, bench_train_step
+    from iomm.training.hardware import machine
 
     command = ["iomm", "bench", "train-step", *(["--config", args.config] if args.config else []),
                *(f"--set={o}" for o in args.overrides), f"--steps={args.steps}", f"--warmup={args.warmup}",
@@ -67,7 +68,7 @@ def _sample(args: argparse.Namespace) -> int:
     from iomm.inference.pipeline import IOMMPipeline
     from iomm.inference.sample_bench import bench_sample
     from iomm.nano.prompts import eval_prompts
-    from iomm.training.bench import machine
+    from iomm.training.hardware import machine
 
     pipe = IOMMPipeline.from_pretrained(args.model)
     cfg = pipe.cfg

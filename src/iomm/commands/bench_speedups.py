@@ -70,7 +70,8 @@ def _sets(overrides: list[str] | tuple[str, ...]) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     from iomm.config import load_config
-    from iomm.training.bench import NAIVE, machine
+    from iomm.training.bench import NAIVE
+    from iomm.training.hardware import machine
 
     cfg = load_config(args.config, args.overrides, check_paths=False)
     images, latents = args.work / "images", args.work / "latents"

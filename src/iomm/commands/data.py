@@ -49,6 +49,21 @@ def _samples(source: Path, report) -> list[tuple[Path, str | None]]:
     return [(pair.image, pair.caption) for pair in read_pairs(source, report)]
 
 
+def caption_lines(captioned: int, samples: int) -> list[str]:
+    """How many samples have a caption and, when some lack one (shards meant for pairs), what that costs."""
+    from iomm.data.spec import DataConfig
+
+    if captioned == samples:
+        return [f"captions: all {samples} samples"]
+    if captioned == 0:
+        return [f"captions: none of {samples} samples (for data.path as images, not for data.pairs)"]
+    missing, limit = samples - captioned, DataConfig().max_bad_fraction
+    return [f"captions: {captioned} of {samples} samples",
+            f"warning: as data.pairs, the {missing} without a caption ({missing / samples:.0%}) are skipped as "
+            f"'empty or missing caption', above data.max_bad_fraction ({limit:.0%}), which stops a run; put "
+            "NAME.txt beside each image, or use these shards as data.path (images) only"]
+
+
 def run_shards(args: argparse.Namespace) -> int:
     from iomm.data.images import DataReport
     from iomm.data.shards import write_shards
@@ -59,14 +74,17 @@ def run_shards(args: argparse.Namespace) -> int:
     lines = DataReport()  # JSONL lines: a bad one is a sample skipped; a good one is counted when its image is read
     samples = _samples(args.input, lines)
     images = DataReport()
-    shards, written = write_shards(samples, args.out, args.resolution, args.per_shard, args.format, images,
-                                   progress=not args.no_progress)
+    root = args.input if args.input.is_dir() else args.input.parent  # the json member's source names start here
+    written = write_shards(samples, args.out, args.resolution, args.per_shard, args.format, images,
+                           progress=not args.no_progress, root=root)
     report = DataReport.merged([{**lines.to_dict(), "seen": sum(lines.skipped.values())}, images.to_dict()])
     command = (f"iomm data shards --input {args.input} --out {args.out} --resolution {args.resolution} "
                f"--per-shard {args.per_shard} --format {args.format}")
-    summary = {"command": command, "shards": len(shards), "samples": written, "data": report.to_dict()}
+    summary = {"command": command, "shards": len(written.shards), "samples": written.samples,
+               "captioned": written.captioned, "data": report.to_dict()}
     (args.out / "shards.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
-    print(f"{written} samples in {len(shards)} shards -> {args.out}")
+    print(f"{written.samples} samples in {len(written.shards)} shards -> {args.out}")
+    print("\n".join(caption_lines(written.captioned, written.samples)))
     print(report.summary())
     return 0
 
@@ -75,6 +93,7 @@ def run_cache(args: argparse.Namespace) -> int:
     import torch
 
     from iomm.config import load_config
+    from iomm.data.images import DataReport
     from iomm.data.latent_cache import write_latent_cache
     from iomm.model import build_codec, load_mllm
 
@@ -88,5 +107,7 @@ def run_cache(args: argparse.Namespace) -> int:
     info = write_latent_cache(cfg, args.out, codec, mllm, command=command, batch_size=args.batch_size,
                               dtype=getattr(torch, args.dtype), per_shard=args.per_shard,
                               progress=not args.no_progress)
-    print(f"cached {info['samples']} -> {args.out}; train with --set data.latents={args.out}")
+    cached = ", ".join(f"{n} {name}" for name, n in info["samples"].items())
+    print(f"cached {cached} -> {args.out}; train with --set data.latents={args.out}")
+    print(DataReport.merged([info["data"]]).summary())
     return 0

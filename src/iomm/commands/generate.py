@@ -1,10 +1,16 @@
-"""`iomm generate` (text-to-image) and `iomm edit` (zero-shot editing)."""
+"""`iomm generate` (text-to-image), `iomm edit` (zero-shot editing) and `iomm reconstruct` (an image regenerated
+from its own masked stage-1 condition, as the demo's reconstruction tab shows it)."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -30,6 +36,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--instruction", required=True)
     p.add_argument("--out", required=True, help="output PNG file")
     p.set_defaults(func=_edit)
+
+    p = subparsers.add_parser("reconstruct", help="regenerate your own image from its masked stage-1 condition: "
+                                                  "the masked view and the regeneration side by side")
+    p.add_argument("--model", required=True, help="checkpoint dir, run dir (newest checkpoint) or an export")
+    p.add_argument("--image", required=True)
+    p.add_argument("--mask-ratio", type=float, default=None, metavar="R",
+                   help="share of patch tokens masked, in [0, 1) (default: the run's masking.ratio)")
+    p.add_argument("--seed", type=int, default=0, help="the mask and the sampling noise")
+    p.add_argument("--steps", type=int, default=None, help="Euler steps (default: config)")
+    p.add_argument("--no-ema", action="store_true", help="sample from the raw instead of the EMA weights")
+    p.add_argument("--out", default=None, help="output PNG file (default: IMAGE_STEM.reconstruction.png here)")
+    p.set_defaults(func=_reconstruct)
 
 
 def read_prompts(path: str | Path) -> list[str]:
@@ -74,16 +92,22 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _edit(args: argparse.Namespace) -> int:
-    import sys
-
+def _read_image_or_say_why(path: str) -> Image.Image | None:
+    """Read before loading the model: a bad --image should not cost a model load."""
     from iomm.data.images import BadSample, read_image
+
+    try:
+        return read_image(path)
+    except BadSample as err:
+        print(f"iomm: {path}: not a readable image ({err})", file=sys.stderr)
+        return None
+
+
+def _edit(args: argparse.Namespace) -> int:
     from iomm.inference.pipeline import IOMMPipeline, generate_images
 
-    try:  # before loading the model: a bad --image should not cost a model load
-        reference = read_image(args.image)
-    except BadSample as err:
-        print(f"iomm: {args.image}: not a readable image ({err})", file=sys.stderr)
+    reference = _read_image_or_say_why(args.image)
+    if reference is None:
         return 2
     pipe = IOMMPipeline.from_pretrained(args.model, use_ema=not args.no_ema)
     edited = generate_images(pipe, [args.instruction], [reference], seed=args.seed, num_inference_steps=args.steps,
@@ -91,4 +115,26 @@ def _edit(args: argparse.Namespace) -> int:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     edited.save(args.out)
     print(f"wrote {args.out}")
+    return 0
+
+
+def _reconstruct(args: argparse.Namespace) -> int:
+    import torch
+
+    from iomm.image_tensors import image_grid, to_tensor
+    from iomm.inference.pipeline import IOMMPipeline
+
+    if args.mask_ratio is not None and not 0.0 <= args.mask_ratio < 1.0:
+        raise SystemExit(f"--mask-ratio: expected a value in [0, 1), got {args.mask_ratio}")
+    original = _read_image_or_say_why(args.image)
+    if original is None:
+        return 2
+    pipe = IOMMPipeline.from_pretrained(args.model, use_ema=not args.no_ema)
+    ratio = pipe.cfg.masking.ratio if args.mask_ratio is None else args.mask_ratio
+    masked, regenerated = pipe.reconstruct(original, ratio, generator=torch.Generator().manual_seed(args.seed),
+                                           num_inference_steps=args.steps)
+    out = Path(args.out or f"{Path(args.image).stem}.reconstruction.png")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    image_grid([to_tensor([masked, regenerated])]).save(out)
+    print(f"wrote {out}: the image masked at ratio {ratio:g} (left) and regenerated from that (right)")
     return 0

@@ -19,9 +19,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     train = commands.add_parser("train", help="train the nano MLLM and save it as a HF checkpoint dir")
     train.add_argument("--out", type=Path, required=True, help="output checkpoint directory")
+    train.add_argument("--steps", type=int, default=None,
+                       help="optimizer steps (default: iomm.nano.mllm.DEFAULT_STEPS): the same model on every machine")
     train.add_argument("--minutes", type=float, default=None,
-                       help="wall-clock budget (default: 9, unless --steps is given; with both, whichever comes first)")
-    train.add_argument("--steps", type=int, default=None, help="optimizer steps: reproducible step for step")
+                       help="also stop at this wall-clock budget if it comes first (the model then depends on the "
+                            "machine's speed)")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--random-init", action="store_true",
                        help="save the same architecture randomly initialised, untrained (ablation)")
@@ -51,7 +53,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from iomm.nano.mllm import DEFAULT_MINUTES, NanoMLLMConfig, tiny_config
+    from iomm.nano.mllm import DEFAULT_STEPS, NanoMLLMConfig, tiny_config
     from iomm.nano.mllm_training import train_nano_mllm
     from iomm.typed_config import apply_overrides, build_dataclass
 
@@ -59,9 +61,8 @@ def run_train(args: argparse.Namespace) -> int:
     config = build_dataclass(NanoMLLMConfig, apply_overrides(dataclasses.asdict(base), args.set), "--set")
     if args.threads:
         torch.set_num_threads(args.threads)
-    minutes = args.minutes if args.minutes is not None or args.steps is not None else DEFAULT_MINUTES
-    train_nano_mllm(args.out, minutes=minutes, steps=args.steps, seed=args.seed, random_init=args.random_init,
-                    config=config)
+    train_nano_mllm(args.out, steps=args.steps or DEFAULT_STEPS, minutes=args.minutes, seed=args.seed,
+                    random_init=args.random_init, config=config)
     return 0
 
 

@@ -7,6 +7,11 @@ import json
 import time
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from iomm.builtins import BuiltinModel
+    from iomm.config import Config
 
 
 def packaged_config(name: str) -> Path:
@@ -27,10 +32,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _recipe(args: argparse.Namespace) -> int:
+    from iomm.builtins import builtin_mllm, builtin_vae
     from iomm.config import config_source, finetune_config, load_config
     from iomm.evaluation.reconstruction import sample_grid
     from iomm.model import build_codec, load_mllm
-    from iomm.nano.builtins import WORLD
+    from iomm.nano.builtins import WORLD, build_side_by_side, builtin_records
+    from iomm.training.hardware import machine_facts
     from iomm.training.trainer import train
 
     config_path = args.config or packaged_config(args.name)
@@ -38,12 +45,18 @@ def _recipe(args: argparse.Namespace) -> int:
     stage2 = finetune_config(cfg, config_source(config_path, args.overrides))  # a bad stage 2 fails before stage 1
     out, times = Path(args.out), {}
     start = time.time()
+    print("precision: " + "; ".join(f"{stage} {how}" for stage, how in stage_precisions(cfg, stage2).items()),
+          flush=True)
     print(f"== 1/5 nano MLLM ({cfg.mllm.nano_dir})", flush=True)
+    build_side_by_side(cfg)
     load_mllm(cfg)
+    check_builtin(builtin_mllm(cfg.mllm.path), cfg)
     times["mllm_s"] = time.time() - start
     print(f"== 2/5 codec ({cfg.codec.kind}" + (f", {cfg.codec.nano_dir})" if cfg.codec.path == "nano" else ")"),
           flush=True)
     build_codec(cfg)
+    if cfg.codec.kind != "pixel":
+        check_builtin(builtin_vae(cfg.codec.path), cfg)
     times["codec_s"] = time.time() - start - sum(times.values())
     print("== 3/5 stage 1: image-only pre-training", flush=True)
     train(cfg, out / "pretrain", progress=not args.no_progress, sample_fn=sample_grid)
@@ -58,7 +71,8 @@ def _recipe(args: argparse.Namespace) -> int:
         summary["fidelity"] = stage1_fidelity(out / "pretrain", args.fidelity_n)
     times["eval_s"] = time.time() - start - sum(times.values())
     times["total_s"] = time.time() - start
-    summary.update(times=times, config=cfg.to_dict())
+    summary.update(times=times, machine=machine_facts(), precision=stage_precisions(cfg, stage2),
+                   builtins=builtin_records(cfg), config=cfg.to_dict())
     (out / "recipe.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
     print(format_metrics(metrics))
     if "fidelity" in summary:
@@ -69,6 +83,27 @@ def _recipe(args: argparse.Namespace) -> int:
           + ", ".join(f"{k[:-2]} {v / 60:.1f}" for k, v in times.items() if k != "total_s") + "); "
           + f"wrote {out / 'recipe.json'}")
     return 0
+
+
+def check_builtin(builtin: BuiltinModel | None, cfg: Config) -> None:
+    """A built-in model below its own targets stops the recipe before anything is trained on top of it."""
+    if builtin is not None:
+        builtin.check(cfg)
+
+
+def stage_precisions(cfg: Config, stage2: Config) -> dict[str, str]:
+    """Each stage's precision as it resolves on this machine, and why."""
+    from iomm.builtins import builtin_mllm
+    from iomm.training.precision import describe_precision
+
+    stages = {}
+    if builtin_mllm(cfg.mllm.path) is not None:
+        from iomm.nano.mllm import NanoMLLMConfig
+
+        stages["nano_mllm"] = describe_precision(NanoMLLMConfig().precision)
+    stages["pretrain"] = describe_precision(cfg.train.mixed_precision)
+    stages["finetune"] = describe_precision(stage2.train.mixed_precision)
+    return stages
 
 
 def evaluate_run(model_path: Path, out_dir: Path, per_category: int, seed: int = 0) -> dict:

@@ -15,12 +15,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--resolution", type=int, default=32)
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--tiny", action="store_true", help="a seconds-long toy version (tests, smoke runs)")
+    train.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     train.set_defaults(func=run_train)
 
 
 def run_train(args: argparse.Namespace) -> int:
+    import torch
+
     from iomm.nano.vae import DEFAULT_STEPS, NanoVAEConfig, tiny_config, train_nano_vae
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     config = tiny_config() if args.tiny else NanoVAEConfig()
     config.resolution = args.resolution
     train_nano_vae(args.out, steps=args.steps or DEFAULT_STEPS, seed=args.seed, config=config)

@@ -114,6 +114,11 @@ class MixedBatches(torch.utils.data.Dataset):
         self.batch_size, self.mix_ratio, self.seed, self.rank, self.world = batch_size, mix_ratio, seed, rank, world
         self.start = self._cursor = start
 
+    def resume_from(self, start: DataPosition) -> None:
+        """Go on from a checkpoint's data position. The counting restarts there, not from micro-batch 0: a resume
+        may change `mix_ratio`, and the draws before `start` were made with the old one."""
+        self.start = self._cursor = start
+
     def __len__(self) -> int:
         return 2**62
 

@@ -10,6 +10,7 @@ run directory; a sample is then one seek and one read.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import io
 import json
@@ -37,16 +38,33 @@ _COLUMNS = ("shard", "ordinal", "image_kind", "image_offset", "image_size", "txt
 
 
 def expand_shards(spec: str) -> list[Path]:
-    """A directory (its `.tar` files, sorted), or a webdataset URL spec (brace pattern, `::` list)."""
+    """A directory (its `.tar` files, sorted), or a webdataset URL spec (brace pattern, `::` list) whose parts
+    may also be globs (`shards/*.tar`: the matches, sorted)."""
     if Path(spec).is_dir():
         shards = sorted(Path(spec).glob("*.tar"))
     else:
-        shards = [Path(url) for url in wds.shardlists.expand_urls(spec)]
+        shards = [Path(path) for url in wds.shardlists.expand_urls(spec) for path in _matches(url)]
     missing = [str(s) for s in shards if not s.is_file()]
-    if not shards or missing:
-        raise FileNotFoundError(f"{spec}: " + (f"no such shard {missing[0]} ({len(missing)} missing)" if missing
-                                               else "no .tar shards found"))
-    return shards
+    if shards and not missing:
+        return shards
+    if missing:
+        problem = f"no shard matches {missing[0]}" if _is_glob(missing[0]) else f"no such shard {missing[0]}"
+        problem += f" ({len(missing)} missing)"
+    else:
+        problem = "no .tar shards found"
+    raise FileNotFoundError(f"{spec}: {problem}; a glob (shards/*.tar), a brace pattern (shard-{{000..009}}.tar) "
+                            "or a directory of .tar files names shards")
+
+
+def _is_glob(path: str) -> bool:
+    return any(c in path for c in "*?[")
+
+
+def _matches(url: str) -> list[str]:
+    """A glob's matches, sorted; a file that exists, or a glob that matches nothing, as it is."""
+    if not _is_glob(url) or Path(url).is_file():
+        return [url]
+    return sorted(glob.glob(url)) or [url]
 
 
 def _shard_members(shard: Path, shard_id: int) -> list[tuple[int, ...]]:
@@ -181,12 +199,26 @@ def _encoded(path: Path, resolution: int, image_format: str) -> bytes:
     return buffer.getvalue()
 
 
+@dataclass
+class WrittenShards:
+    shards: list[Path]
+    samples: int
+    captioned: int  # samples with a `txt` caption
+
+
+def source_name(path: Path, root: Path) -> str:
+    """`path` relative to `root` when it lies below it, else as given."""
+    return str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
+
+
 def write_shards(samples: list[tuple[Path, str | None]], out: Path, resolution: int, per_shard: int,
-                 image_format: str, report: DataReport, progress: bool = True) -> tuple[list[Path], int]:
-    """WebDataset shards `out/000000.tar`, ... of `per_shard` samples (image + `txt` caption when there is one),
-    and how many samples they hold. A sample that cannot be read is skipped and counted in `report`."""
+                 image_format: str, report: DataReport, progress: bool = True,
+                 root: Path | None = None) -> WrittenShards:
+    """WebDataset shards `out/000000.tar`, ... of `per_shard` samples: the image, a `txt` caption when there is one,
+    and `json` naming the source file ({"source": its path relative to `root`}). A sample that cannot be read is
+    skipped and counted in `report`."""
     out.mkdir(parents=True, exist_ok=True)
-    written = 0
+    written = captioned = 0
     with wds.ShardWriter(str(out / "%06d.tar"), maxcount=per_shard, verbose=0) as sink:
         for path, caption in tqdm(samples, desc="shards", unit="img", disable=not progress, mininterval=1.0):
             try:
@@ -194,9 +226,11 @@ def write_shards(samples: list[tuple[Path, str | None]], out: Path, resolution: 
             except BadSample as err:
                 report.bad(str(path), str(err))
                 continue
+            record["json"] = {"source": source_name(path, root) if root is not None else str(path)}
             if caption is not None:
                 record["txt"] = caption
+                captioned += 1
             sink.write(record)
             report.ok()
             written += 1
-    return sorted(out.glob("*.tar")), written
+    return WrittenShards(sorted(out.glob("*.tar")), written, captioned)

@@ -1,10 +1,22 @@
-"""Paired comparison of two evaluations of the same items (same prompts, same noise, same seeds).
+"""Paired comparison of two arms evaluated on the same items (same prompts, same noise, same seeds).
 
 Each item belongs to a category (a GenEval tag) and a cluster (its prompt, or its scene): the several
 images of one prompt share the prompt's difficulty, so the bootstrap resamples clusters, and within each
 resampled cluster its images. The score of a category is the mean over its items; `overall` is the mean
-over categories, as the GenEval score is. The 95% interval of a difference (B - A) decides it: above 0,
-B is better; below 0, A is; containing 0, the comparison is inconclusive.
+over categories, as the GenEval score is.
+
+Two levels of comparison:
+
+- `paired_bootstrap`: one run per arm. Its 95% interval covers prompts and images, so it is about these two
+  trained models, not their recipes: two training draws of one config differ by more than it allows.
+- `seed_bootstrap`: the unit of replication is the training run (seed). Arm A's run of seed s is paired with
+  arm B's run of seed s; a hierarchical bootstrap resamples seeds, then within each drawn seed its prompt
+  clusters, then their images; a t-interval over the per-seed differences goes with it. One seed decides
+  nothing ("one training run: not decided"); with >= 2 seeds (3 recommended) the difference is decided only
+  when both intervals exclude 0 on the same side: with 2-3 seeds the percentile bootstrap over seeds cannot
+  be wider than the range of the seed means, so the t-interval is what accounts for having few runs.
+
+Verdicts: above 0, B is better ("b_better"); below 0, A is ("a_better"); otherwise "inconclusive".
 """
 
 from __future__ import annotations
@@ -16,6 +28,11 @@ from typing import Any
 import numpy as np
 
 OVERALL = "overall"
+NOT_DECIDED = "one training run: not decided"
+# Two-sided 95% quantiles of Student's t for 1-9 degrees of freedom; above, a Cornish-Fisher expansion (< 0.01%).
+T975_SMALL_DF = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262)
+Z975 = 1.959964
+BOOTSTRAP_CELLS = 2_000_000  # resampled items held in memory at once
 
 
 @dataclass(frozen=True)
@@ -34,6 +51,33 @@ def verdict(low: float, high: float) -> str:
     return "inconclusive"
 
 
+def seed_verdict(n_seeds: int, bootstrap_ci: Sequence[float], t_ci: Sequence[float] | None) -> str:
+    """The seed-level rule: not decided with one run; otherwise both intervals must exclude 0 on one side."""
+    if n_seeds < 2 or t_ci is None:
+        return NOT_DECIDED
+    verdicts = {verdict(*bootstrap_ci), verdict(*t_ci)}
+    return verdicts.pop() if len(verdicts) == 1 else "inconclusive"
+
+
+def t_quantile_975(df: int) -> float:
+    if df < 1:
+        raise ValueError(f"t quantile: degrees of freedom: expected >= 1, got {df}")
+    if df <= len(T975_SMALL_DF):
+        return T975_SMALL_DF[df - 1]
+    z = Z975
+    return (z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
+            + (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / (384 * df**3))
+
+
+def t_interval(values: Sequence[float]) -> list[float] | None:
+    """95% t-interval of the mean of `values` (one per seed); None for fewer than two."""
+    if len(values) < 2:
+        return None
+    mean, sd = float(np.mean(values)), float(np.std(values, ddof=1))
+    half = t_quantile_975(len(values) - 1) * sd / np.sqrt(len(values))
+    return [float(mean - half), float(mean + half)]
+
+
 def _category_arrays(items: Sequence[PairedItem]) -> dict[str, list[np.ndarray]]:
     """{category: [per-cluster array (n_items, 2) of (a, b)]}, in first-seen order."""
     grouped: dict[str, dict[str, list[tuple[float, float]]]] = {}
@@ -45,15 +89,20 @@ def _category_arrays(items: Sequence[PairedItem]) -> dict[str, list[np.ndarray]]
 
 def _resampled_means(clusters: list[np.ndarray], rng: np.random.Generator, n_boot: int) -> np.ndarray:
     """(n_boot, 2) means of (a, b) over clusters drawn with replacement, and items within each."""
-    out = np.empty((n_boot, 2))
     sizes = np.array([len(c) for c in clusters])
-    for i in range(n_boot):
-        picked = rng.integers(0, len(clusters), size=len(clusters))
-        total = np.zeros(2)
-        for j in picked:
-            total += clusters[j][rng.integers(0, sizes[j], size=sizes[j])].sum(axis=0)
-        out[i] = total / sizes[picked].sum()
-    return out
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    flat = np.concatenate(clusters)
+    slots = np.arange(sizes.max())
+    chunk = max(1, BOOTSTRAP_CELLS // (len(clusters) * len(slots)))
+    out = []
+    for done in range(0, n_boot, chunk):
+        picked = rng.integers(0, len(clusters), size=(min(chunk, n_boot - done), len(clusters)))
+        size = sizes[picked][..., None]
+        within = np.floor(rng.random((*picked.shape, len(slots))) * size).astype(np.int64)
+        used = slots < size  # a smaller cluster fills only its first `size` slots
+        rows = flat[np.where(used, starts[picked][..., None] + within, 0)] * used[..., None]
+        out.append(rows.sum(axis=(1, 2)) / sizes[picked].sum(axis=1)[:, None])
+    return np.concatenate(out)
 
 
 def _summary(a: float, b: float, boot_diff: np.ndarray, n: int) -> dict[str, Any]:
@@ -61,25 +110,82 @@ def _summary(a: float, b: float, boot_diff: np.ndarray, n: int) -> dict[str, Any
     return {"n": n, "a": a, "b": b, "diff": b - a, "ci95": [low, high], "verdict": verdict(low, high)}
 
 
+def _check(n_boot: int, where: str) -> None:
+    if n_boot < 100:
+        raise ValueError(f"{where}: n_boot: expected >= 100, got {n_boot}")
+
+
 def paired_bootstrap(items: Sequence[PairedItem], n_boot: int = 2000, seed: int = 0) -> dict[str, Any]:
     """{category: summary, ..., "overall": summary}; each summary holds a, b, diff = b - a, ci95, verdict."""
     if not items:
         raise ValueError("paired_bootstrap: no items to compare")
-    if n_boot < 100:
-        raise ValueError(f"paired_bootstrap: n_boot: expected >= 100, got {n_boot}")
-    rng = np.random.default_rng(seed)
-    result: dict[str, Any] = {}
-    boots = []
-    for category, clusters in _category_arrays(items).items():
-        stacked = np.concatenate(clusters)
-        a, b = (float(x) for x in stacked.mean(axis=0))
-        boot = _resampled_means(clusters, rng, n_boot)
-        boots.append(boot)
-        result[category] = _summary(a, b, boot[:, 1] - boot[:, 0], len(stacked))
-    means = np.mean([[result[c]["a"], result[c]["b"]] for c in result], axis=0)
-    overall = np.mean(boots, axis=0)
+    _check(n_boot, "paired_bootstrap")
+    categories, point, boot = _run_replicates(items, np.random.default_rng(seed), n_boot)
+    sizes = _category_sizes(items)
+    result = {cat: _summary(float(point[c, 0]), float(point[c, 1]), boot[:, c, 1] - boot[:, c, 0], sizes[cat])
+              for c, cat in enumerate(categories)}
+    overall = boot.mean(axis=1)
+    means = point.mean(axis=0)
     result[OVERALL] = _summary(float(means[0]), float(means[1]), overall[:, 1] - overall[:, 0], len(items))
     return result
+
+
+def _category_sizes(items: Sequence[PairedItem]) -> dict[str, int]:
+    sizes: dict[str, int] = {}
+    for item in items:
+        sizes[item.category] = sizes.get(item.category, 0) + 1
+    return sizes
+
+
+def _run_replicates(items: Sequence[PairedItem], rng: np.random.Generator,
+                    n_boot: int) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """One run's categories, its (category, 2) means of (a, b), and (n_boot, category, 2) resampled means."""
+    arrays = _category_arrays(items)
+    point = np.array([np.concatenate(clusters).mean(axis=0) for clusters in arrays.values()])
+    boot = np.stack([_resampled_means(clusters, rng, n_boot) for clusters in arrays.values()], axis=1)
+    return list(arrays), point, boot
+
+
+def seed_bootstrap(runs: Mapping[str, Sequence[PairedItem]], n_boot: int = 2000, seed: int = 0) -> dict[str, Any]:
+    """{category: summary, ..., "overall": summary} from {training seed: the items of arm A's (a) and arm B's (b)
+    runs of that seed}. Scores are means over seeds; each summary holds a, b, diff = b - a, per_seed (the
+    differences), ci95 (hierarchical bootstrap: seeds, prompts, images), t_ci95 (over seeds; None for one),
+    n_seeds, n and verdict (`seed_verdict`)."""
+    if not runs or not all(runs.values()):
+        raise ValueError("seed_bootstrap: no items to compare (every seed needs its items)")
+    _check(n_boot, "seed_bootstrap")
+    rng = np.random.default_rng(seed)
+    replicates = {name: _run_replicates(items, rng, n_boot) for name, items in runs.items()}
+    categories = next(iter(replicates.values()))[0]
+    for name, (cats, _, _) in replicates.items():
+        if sorted(cats) != sorted(categories):
+            raise ValueError(f"seed_bootstrap: seed {name} has categories {cats}, another has {categories}: "
+                             "every run must be evaluated on the same items")
+    order = {name: [cats.index(c) for c in categories] for name, (cats, _, _) in replicates.items()}
+    point = np.stack([replicates[name][1][order[name]] for name in runs])  # (seed, category, 2)
+    inner = np.stack([replicates[name][2][:, order[name]] for name in runs])  # (seed, n_boot, category, 2)
+    n_seeds = len(runs)
+    drawn = rng.integers(0, n_seeds, size=(n_boot, n_seeds))
+    # Each drawn seed takes an independent inner replicate: the same seed drawn twice is resampled twice.
+    boot = inner[drawn, rng.integers(0, n_boot, size=(n_boot, n_seeds))].mean(axis=1)  # (n_boot, category, 2)
+    sizes = [_category_sizes(items) for items in runs.values()]
+    columns = [(cat, point[:, c], boot[:, c], sum(s[cat] for s in sizes)) for c, cat in enumerate(categories)]
+    columns.append((OVERALL, point.mean(axis=1), boot.mean(axis=1), sum(len(items) for items in runs.values())))
+    result = {}
+    for name, per_seed, resampled, n in columns:
+        per_seed_diff = per_seed[:, 1] - per_seed[:, 0]
+        summary = _summary(float(per_seed[:, 0].mean()), float(per_seed[:, 1].mean()),
+                           resampled[:, 1] - resampled[:, 0], n)
+        t_ci = t_interval(per_seed_diff.tolist())
+        result[name] = {**summary, "n_seeds": n_seeds, "per_seed": dict(zip(runs, per_seed_diff.tolist())),
+                        "t_ci95": t_ci, "verdict": seed_verdict(n_seeds, summary["ci95"], t_ci)}
+    return result
+
+
+def _check_lengths(a: Sequence[Any], b: Sequence[Any]) -> None:
+    if len(a) != len(b):
+        raise ValueError(f"paired comparison: the two result files have {len(a)} and {len(b)} items: "
+                         "they must come from the same prompts and samples")
 
 
 def pair_records(a: Sequence[Mapping[str, Any]], b: Sequence[Mapping[str, Any]], value: str,
@@ -90,9 +196,7 @@ def pair_records(a: Sequence[Mapping[str, Any]], b: Sequence[Mapping[str, Any]],
     evaluations did not use the same items, and a paired comparison would be meaningless. With no
     `cluster` field every item is its own cluster.
     """
-    if len(a) != len(b):
-        raise ValueError(f"paired comparison: the two result files have {len(a)} and {len(b)} items: "
-                         "they must come from the same prompts and samples")
+    _check_lengths(a, b)
     items = []
     for i, (ra, rb) in enumerate(zip(a, b)):
         for field in (cluster, category, value):
@@ -105,3 +209,20 @@ def pair_records(a: Sequence[Mapping[str, Any]], b: Sequence[Mapping[str, Any]],
         items.append(PairedItem(str(ra[category]) if category else "all", str(ra[cluster]) if cluster else f"item{i}",
                                 float(ra[value]), float(rb[value])))
     return items
+
+
+def pair_runs(a: Sequence[Mapping[str, Any]], b: Sequence[Mapping[str, Any]], value: str, category: str | None,
+              cluster: str | None, seed: str) -> dict[str, list[PairedItem]]:
+    """{training seed: items} from two result lists whose records carry their run's seed in the field `seed`;
+    records are matched by position, and a pair must come from the same seed."""
+    _check_lengths(a, b)
+    grouped: dict[str, tuple[list, list]] = {}
+    for i, (ra, rb) in enumerate(zip(a, b)):
+        if seed not in ra or seed not in rb:
+            raise ValueError(f"paired comparison: item {i} has no field {seed!r}")
+        if ra[seed] != rb[seed]:
+            raise ValueError(f"paired comparison: item {i} differs in {seed!r}: {ra[seed]!r} vs {rb[seed]!r}: "
+                             "arm A's run of a seed is paired with arm B's run of the same seed")
+        rows = grouped.setdefault(str(ra[seed]), ([], []))
+        rows[0].append(ra), rows[1].append(rb)
+    return {name: pair_records(ra, rb, value, category, cluster) for name, (ra, rb) in grouped.items()}

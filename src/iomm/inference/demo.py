@@ -27,44 +27,48 @@ def build_demo(pipe: IOMMPipeline) -> Any:
 
     cfg = pipe.cfg
 
+    def refusal(message: str) -> Exception:
+        """A message in the page for the user's input; the server log needs no traceback of it."""
+        return gr.Error(message, print_exception=False)
+
     def seeded(seed: float | None) -> torch.Generator:
         return torch.Generator().manual_seed(int(seed or 0))
 
     def checked_steps(steps: float | None) -> int:
         if steps is None or not 1 <= steps <= MAX_STEPS:
-            raise gr.Error(f"steps: expected 1 to {MAX_STEPS}, got {steps}")
+            raise refusal(f"steps: expected 1 to {MAX_STEPS}, got {steps}")
         return int(steps)
 
     def opened(path: str | None, what: str) -> Image.Image:
         """An upload as an image, or a message in the page saying why it is not one."""
         if path is None:
-            raise gr.Error(f"Upload {what} first.")
+            raise refusal(f"Upload {what} first.")
         try:
             return read_image(path)
         except BadSample as err:
-            raise gr.Error(f"That upload is not a readable image: {err}") from None
+            raise refusal(f"That upload is not a readable image: {err}") from None
 
     def text_to_image(prompt: str, steps: float, guidance: float, seed: float) -> Image.Image:
         if not prompt.strip():
-            raise gr.Error("Type a prompt first.")
+            raise refusal("Type a prompt first.")
         return pipe(prompt, num_inference_steps=checked_steps(steps), guidance_scale=guidance,
                     generator=seeded(seed)).images[0]
 
     def edit(path: str | None, instruction: str, steps: float, guidance: float, seed: float) -> Image.Image:
         image = opened(path, "a reference image")
         if not instruction.strip():
-            raise gr.Error("Type an instruction first.")
+            raise refusal("Type an instruction first.")
         return pipe(instruction, image=image, num_inference_steps=checked_steps(steps), guidance_scale=guidance,
                     generator=seeded(seed)).images[0]
 
     def understand(path: str | None, question: str) -> str:
         if not question.strip():
-            raise gr.Error("Type a question first.")
+            raise refusal("Type a question first.")
         return pipe.answer(opened(path, "an image"), question)
 
     def reconstruct(path: str | None, ratio: float, seed: float) -> tuple[Image.Image, Image.Image]:
         if ratio is None or not 0.0 <= ratio < 1.0:
-            raise gr.Error(f"mask ratio: expected 0 to below 1, got {ratio}")
+            raise refusal(f"mask ratio: expected 0 to below 1, got {ratio}")
         return pipe.reconstruct(opened(path, "an image"), ratio, generator=seeded(seed))
 
     def upload(label: str, elem_id: str | None = None) -> Any:
@@ -121,8 +125,12 @@ def launch(model: str, *, host: str = "127.0.0.1", port: int = 7860, share: bool
            block: bool = True) -> Any:
     """Serve the demo on `host:port` (loopback unless asked); a public share link only with `share`."""
     demo = build_demo(IOMMPipeline.from_pretrained(model))
-    demo.queue().launch(server_name=host, server_port=port, share=share, prevent_thread_lock=not block,
-                        max_file_size=MAX_UPLOAD, css=CSS)
+    # quiet: Gradio's own lines would tell the user to "set `share=True` in `launch()`"
+    demo.queue().launch(server_name=host, server_port=port, share=share, prevent_thread_lock=True,
+                        max_file_size=MAX_UPLOAD, css=CSS, quiet=True)
+    print(f"* the demo: {demo.local_url}" + ("" if share else " (--share for a public link too)"), flush=True)
+    if block:
+        demo.block_thread()
     return demo
 
 

@@ -5,10 +5,13 @@ diffusers pipeline directory, the form that is shared:
     OUT/generator/          the diffusers model class's save_pretrained: it loads with that class's from_pretrained
     OUT/vae/, OUT/scheduler/, OUT/mllm/, OUT/tokenizer/, OUT/conditioner/   each saved by its own library
     OUT/README.md           the model card: config, data, steps, scores with the commands that produced them
-    OUT/export.json         the checkpoint it came from, its step, which weights (EMA or raw)
+    OUT/pipeline.py         the module diffusers' generic loader imports IOMMPipeline from
+    OUT/export.json         the checkpoint it came from (`RUN/checkpoints/step_X`: no local path), its step, which
+                            weights (EMA or raw)
 
 The EMA weights are exported unless asked otherwise. `IOMMPipeline.from_pretrained(OUT)` loads it through
-diffusers. A checkpoint directory stays what resumes training; an export is what people use.
+diffusers, and so does `DiffusionPipeline.from_pretrained(OUT, trust_remote_code=True)` with iomm installed.
+A checkpoint directory stays what resumes training; an export is what people use.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from iomm.checkpointing.checkpoint import CheckpointError, resolve_checkpoint
+from iomm.checkpointing.checkpoint import CheckpointError, resolve_checkpoint, run_relative_name
 from iomm.checkpointing.weights import WEIGHTS_DIR
 from iomm.config import Config
 from iomm.generator.lora import lora_state, save_lora
@@ -53,7 +56,7 @@ def export(model_path: str | Path, out: str | Path, *, use_ema: bool = True,
     if lora:
         save_lora(adapters, model.cfg.generator.kind, out)
     step = json.loads((checkpoint / "state.json").read_text(encoding="utf-8"))["step"]
-    record = {"checkpoint": str(checkpoint.resolve()), "step": step, "weights": "ema" if use_ema else "raw"}
+    record = {"checkpoint": run_relative_name(checkpoint), "step": step, "weights": "ema" if use_ema else "raw"}
     (out / EXPORT_FILE).write_text(json.dumps(record, indent=1), encoding="utf-8")
     (out / "README.md").write_text(model_card(model.cfg, record, score_files), encoding="utf-8")
     return out
@@ -86,8 +89,13 @@ def model_card(cfg: Config, record: dict[str, Any], scores: list[tuple[Path, dic
                   + ", ".join(f"{k} = {v:.3f}" for k, v in summary.items())]
     if not scores:
         lines.append("None recorded (`iomm export --scores FILE.json` adds an evaluation's result file).")
-    lines += ["", "## Use", "", "```python", "import torch", "from iomm.inference.pipeline import IOMMPipeline", "",
+    lines += ["", "## Use", "", "With iomm installed (`pip install iomm`):", "", "```python", "import torch",
+              "from iomm.inference.pipeline import IOMMPipeline", "",
               'pipe = IOMMPipeline.from_pretrained("THIS_DIRECTORY")',
-              'image = pipe("a red circle", generator=torch.Generator().manual_seed(0)).images[0]', "```",
+              'image = pipe("a red circle", generator=torch.Generator().manual_seed(0)).images[0]', "```", "",
+              "diffusers' generic loader reads the pipeline class from `pipeline.py`, which only imports it from "
+              "iomm; diffusers runs such a file only when asked to:", "", "```python",
+              "from diffusers import DiffusionPipeline", "",
+              'pipe = DiffusionPipeline.from_pretrained("THIS_DIRECTORY", trust_remote_code=True)', "```",
               "", "## Config", "", "```yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip(), "```", ""]
     return "\n".join(lines)

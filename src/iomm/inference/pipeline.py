@@ -15,6 +15,7 @@ training run or checkpoint directory (its EMA weights unless `use_ema=False`).
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -42,6 +43,11 @@ from iomm.model import IOMM
 from iomm.row_generators import Generators
 
 PIPELINE_FILE = "model_index.json"
+# The module of a saved pipeline directory that diffusers' generic loader imports the pipeline class from
+# (`model_index.json` names it): `DiffusionPipeline.from_pretrained(DIR, trust_remote_code=True)`.
+LOADER_MODULE = "pipeline"
+LOADER_SOURCE = ('"""IOMMPipeline for diffusers\' generic loader: the class is the installed iomm package\'s."""\n\n'
+                 "from iomm.inference.pipeline import IOMMPipeline  # noqa: F401\n")
 ImageInput = Image.Image | list[Image.Image]
 
 
@@ -114,10 +120,26 @@ class IOMMPipeline(DiffusionPipeline):
                         **kwargs: Any) -> "IOMMPipeline":
         """A pipeline directory (diffusers' loading; `kwargs` go to it), or a run / checkpoint directory."""
         if (Path(path) / PIPELINE_FILE).is_file():  # a local directory: never the Hub
-            pipe = super().from_pretrained(path, **{"local_files_only": True, **kwargs})
+            loader = Path(path) / f"{LOADER_MODULE}.py"
+            # the loader iomm writes only imports this class: trusted; any other code (also a component's own
+            # module, `COMPONENT/LIBRARY.py`, which diffusers would run under the same trust) needs the caller's
+            own_loader = (loader.is_file() and loader.read_text(encoding="utf-8") == LOADER_SOURCE
+                          and not any(Path(path).glob("*/*.py")))
+            pipe = super().from_pretrained(path, **{"local_files_only": True, "trust_remote_code": own_loader,
+                                                    **kwargs})
         else:
             pipe = cls.from_model(load_model(path, use_ema=use_ema))
         return pipe.to(device) if device is not None else pipe
+
+    def save_pretrained(self, save_directory: str | Path, **kwargs: Any) -> None:
+        """diffusers' layout, plus the module its generic loader imports this class from (`DiffusionPipeline`
+        alone resolves a class name inside diffusers only)."""
+        super().save_pretrained(save_directory, **kwargs)
+        directory = Path(save_directory)
+        (directory / f"{LOADER_MODULE}.py").write_text(LOADER_SOURCE, encoding="utf-8")
+        index = json.loads((directory / PIPELINE_FILE).read_text(encoding="utf-8"))
+        index["_class_name"] = [LOADER_MODULE, IOMMPipeline.__name__]
+        (directory / PIPELINE_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
     def load_lora_weights(self, path: str | Path) -> None:
         """A LoRA in diffusers' format (`pytorch_lora_weights.safetensors` or its directory) into the generator."""

@@ -1,8 +1,12 @@
 """What the nano testbed registers with `iomm.builtins`: the nano MLLM and nano VAE (`path: nano`, built on
-first use in `nano_dir`) and the procedural world as a data source (`data.source: world`, `data.pairs: world:N`)."""
+first use in `nano_dir`) and the procedural world as a data source (`data.source: world`, `data.pairs: world:N`,
+or `data.pairs: world-fresh:1` for unlimited fresh pairs)."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +21,7 @@ from iomm.typed_config import ConfigError
 
 NAME = "nano"
 WORLD = "world"
+FRESH_WORLD = "world-fresh"  # `data.pairs: world-fresh:1`: unlimited pairs, a new one at every draw (N is unused)
 HELD_OUT_SEED = 10**6  # the world stream the sample grids regenerate; training draws per-step seeds instead
 MAX_OBJECTS = 4
 
@@ -24,10 +29,12 @@ MAX_OBJECTS = 4
 def register(registry: Registry) -> None:
     from iomm.nano import bench_models
 
-    registry.mllms[NAME] = BuiltinModel(ensure=_ensure_mllm, architecture=_mllm_architecture)
-    registry.vaes[NAME] = BuiltinModel(ensure=_ensure_vae, architecture=_vae_architecture)
+    registry.mllms[NAME] = BuiltinModel(ensure=_ensure_mllm, architecture=_mllm_architecture, check=_check_mllm)
+    registry.vaes[NAME] = BuiltinModel(ensure=_ensure_vae, architecture=_vae_architecture, check=_check_vae)
     registry.data[WORLD] = BuiltinData(images=_world_images, pairs=_world_pairs, held_out=_held_out,
                                        validate=_validate_world, grid_metrics=_grid_fidelity)
+    registry.data[FRESH_WORLD] = BuiltinData(images=_world_images, pairs=_fresh_world_pairs, held_out=_held_out,
+                                             validate=_validate_world, grid_metrics=_grid_fidelity)
     for name, (ensure_mllm, mllm_architecture) in bench_models.MODELS.items():  # random weights, for timing
         registry.mllms[name] = BuiltinModel(ensure=lambda cfg, f=ensure_mllm: f(cfg.mllm.nano_dir),
                                             architecture=lambda cfg, f=mllm_architecture: f())
@@ -42,6 +49,51 @@ def _ensure_mllm(cfg: Config) -> Path:
     from iomm.nano.mllm_training import ensure_nano_mllm
 
     return ensure_nano_mllm(Path(cfg.mllm.nano_dir), random_init=cfg.mllm.random_init)
+
+
+def build_side_by_side(cfg: Config) -> bool:
+    """Where the nano MLLM and the nano VAE must both be built, build them at once: the VAE trains in a 1-thread
+    child process while the MLLM trains here on the other threads, and takes them all back once the VAE is saved
+    (two 1-thread processes do more per second than one 2-thread one). Each is the model it would be alone, up to
+    float rounding. False (nothing done) where only one, or neither, must be built."""
+    from iomm.nano import vae
+    from iomm.nano.mllm_training import ensure_nano_mllm, is_saved
+
+    mllm_dir, vae_dir = Path(cfg.mllm.nano_dir), Path(cfg.codec.nano_dir)
+    threads = torch.get_num_threads()
+    if (cfg.mllm.path != NAME or cfg.mllm.random_init or cfg.codec.kind == "pixel" or cfg.codec.path != NAME
+            or threads < 2 or is_saved(mllm_dir) or vae.is_saved(vae_dir)):
+        return False
+    print(f"[nano-vae] building the nano VAE in {vae_dir} beside the nano MLLM (a 1-thread process)", flush=True)
+    child = subprocess.Popen([sys.executable, "-m", "iomm.cli", "vae", "train", "--out", str(vae_dir),
+                              "--resolution", str(cfg.data.resolution), "--threads", "1"])
+    try:
+        ensure_nano_mllm(mllm_dir, threads=lambda: threads if child.poll() is not None else threads - 1)
+    finally:
+        code = child.wait()
+    torch.set_num_threads(threads)
+    if code != 0:
+        raise RuntimeError(f"building the nano VAE in {vae_dir} failed (exit code {code}): its output is above")
+    return True
+
+
+def builtin_records(cfg: Config) -> dict[str, Any]:
+    """The built-in models' own records as they were built (steps, seconds, precision, machine, scores), for the
+    results files of runs that use them."""
+    records = {}
+    for name, used, path in (("nano_mllm", cfg.mllm.path == NAME, Path(cfg.mllm.nano_dir) / "nano_mllm.json"),
+                             ("nano_vae", cfg.codec.kind != "pixel" and cfg.codec.path == NAME,
+                              Path(cfg.codec.nano_dir) / "nano_vae.json")):
+        if used and path.is_file():
+            records[name] = json.loads(path.read_text(encoding="utf-8"))
+    return records
+
+
+def _check_mllm(cfg: Config) -> None:
+    from iomm.nano.mllm_training import check_understanding
+
+    if not cfg.mllm.random_init:  # an ablation's untrained MLLM has no targets
+        check_understanding(Path(cfg.mllm.nano_dir))
 
 
 def _mllm_architecture(cfg: Config) -> Any:
@@ -59,6 +111,12 @@ def _ensure_vae(cfg: Config) -> Path:
     from iomm.nano.vae import ensure_nano_vae
 
     return ensure_nano_vae(Path(cfg.codec.nano_dir), resolution=cfg.data.resolution)
+
+
+def _check_vae(cfg: Config) -> None:
+    from iomm.nano.vae import check_reconstruction
+
+    check_reconstruction(Path(cfg.codec.nano_dir))
 
 
 def _vae_architecture(cfg: Config) -> dict[str, Any]:
@@ -106,6 +164,25 @@ class WorldPairs:
              bad: list[tuple[str, str]]) -> tuple[torch.Tensor, str | None]:
         image, caption = self.pairs[int(rng.integers(len(self.pairs)))]
         return to_tensor(image), caption
+
+
+class FreshWorldPairs:
+    """Unlimited captioned pairs: every draw is a new one, made as `WorldPairs` makes its set (the ceiling of a
+    learning curve over the number of pairs)."""
+
+    replays = True
+
+    def __init__(self, world: World):
+        self.world = world
+
+    def take(self, position: int, rng: np.random.Generator,
+             bad: list[tuple[str, str]]) -> tuple[torch.Tensor, str | None]:
+        image, caption, _ = self.world.pairs(1, int(rng.integers(2**62)))[0]
+        return to_tensor(image), caption
+
+
+def _fresh_world_pairs(cfg: Config, n: int) -> FreshWorldPairs:
+    return FreshWorldPairs(_world(cfg))
 
 
 def _world_images(cfg: Config) -> WorldImages:

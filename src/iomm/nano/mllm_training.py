@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,11 +18,13 @@ from transformers import (
 )
 from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
 
+from iomm.builtins import BuiltinBelowTarget
 from iomm.conditioning.mllm_families import family_for
 from iomm.evaluation.prompt_images import write_jsonl
 from iomm.image_tensors import to_tensor
 from iomm.nano.mllm import (
-    DEFAULT_MINUTES,
+    DEFAULT_STEPS,
+    UNDERSTANDING_TARGETS,
     NanoMLLMConfig,
     _write_json,
     build_nano_mllm,
@@ -50,7 +53,8 @@ from iomm.nano.world import (
     World,
     WorldConfig,
 )
-from iomm.training.precision import autocast
+from iomm.training.hardware import machine_facts
+from iomm.training.precision import autocast, describe_precision
 from iomm.training.run_log import Progress
 
 
@@ -199,9 +203,10 @@ def batch_loss(model: InternVLForConditionalGeneration, batch: Batch, cfg: NanoM
 
 def train_loop(
     model: InternVLForConditionalGeneration, sampler: TaskSampler, cfg: NanoMLLMConfig,
-    *, steps: int | None, minutes: float | None, progress: bool,
+    *, steps: int | None, minutes: float | None, progress: bool, threads: Callable[[], int] | None = None,
 ) -> dict[str, Any]:
-    """AdamW on answer tokens until `steps` or `minutes` (whichever first); returns run statistics."""
+    """AdamW on answer tokens until `steps` or `minutes` (whichever first); returns run statistics. `threads`, if
+    given, says before each step how many torch threads it may use (a core another job hands back)."""
     if steps is None and minutes is None:
         raise ValueError("train_nano_mllm: give steps or minutes")
     dense = DenseHead(model) if cfg.dense_weight > 0 else None
@@ -212,6 +217,8 @@ def train_loop(
     log, step, frac, loss, images_seen = Progress(progress, tag="nano-mllm"), 0, 0.0, float("nan"), 0
     phase_start = None  # the step at which the image phase began
     while frac < 1.0:
+        if threads is not None and (wanted := threads()) != torch.get_num_threads():
+            torch.set_num_threads(wanted)
         final, within = phase_progress(frac, cfg)
         phase_start = step if final and phase_start is None else phase_start
         for group in opt.param_groups:
@@ -248,17 +255,18 @@ def train_loop(
 def train_nano_mllm(
     out_dir: str | Path,
     *,
-    minutes: float | None = DEFAULT_MINUTES,
-    steps: int | None = None,
+    steps: int | None = DEFAULT_STEPS,
+    minutes: float | None = None,
     seed: int = 0,
     random_init: bool = False,
     progress: bool = True,
     tiny: bool = False,
     config: NanoMLLMConfig | None = None,
+    threads: Callable[[], int] | None = None,
 ) -> Path:
     """Train (or, with `random_init`, only initialise) the nano MLLM; save it and understanding.json.
 
-    Stops after `steps` or `minutes`, whichever comes first (minutes=None: exactly `steps` steps).
+    Stops after `steps` or, where `minutes` is given too, at that wall-clock budget if it comes first.
     """
     out_dir = Path(out_dir)
     cfg = config or (tiny_config() if tiny else NanoMLLMConfig())
@@ -266,13 +274,14 @@ def train_nano_mllm(
     n_params = sum(p.numel() for p in model.parameters())
     if progress:
         print(f"[nano-mllm] {'random-init' if random_init else 'training'} nano InternVL: {n_params / 1e6:.2f}M "
-              f"params, {cfg.image_tokens} image tokens, vocab {len(tokenizer)} -> {out_dir}", flush=True)
+              f"params, {cfg.image_tokens} image tokens, vocab {len(tokenizer)}, precision "
+              f"{describe_precision(cfg.precision)} -> {out_dir}", flush=True)
     stats: dict[str, Any] = {"steps": 0, "train_seconds": 0.0}
     if not random_init:
         stats = train_loop(model, TaskSampler(cfg, tokenizer, seed), cfg, steps=steps, minutes=minutes,
-                           progress=progress)
+                           progress=progress, threads=threads)
     meta = {"seed": seed, "random_init": random_init, "parameters": n_params, "threads": torch.get_num_threads(),
-            **stats}
+            "precision": describe_precision(cfg.precision), "machine": machine_facts(), **stats}
     save_nano_mllm(out_dir, model, tokenizer, cfg, meta)
     records: list[dict[str, Any]] = []
     results = evaluate_understanding(out_dir, n=cfg.eval_n, seed=seed + 1000, records=records)
@@ -286,14 +295,17 @@ def train_nano_mllm(
 def ensure_nano_mllm(path: str | Path, *, progress: bool = True, **train_kwargs: Any) -> Path:
     """Return `path` if it holds a saved nano MLLM; otherwise train one there first (saying so)."""
     path = Path(path)
-    if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
+    if is_saved(path):
         _check_kind(path, bool(train_kwargs.get("random_init", False)))
         return path
     if progress:
-        budget = train_kwargs.get("minutes", DEFAULT_MINUTES)
-        what = "random init" if train_kwargs.get("random_init") else f"{budget:g} min budget"
+        what = "random init" if train_kwargs.get("random_init") else f"{train_kwargs.get('steps', DEFAULT_STEPS)} steps"
         print(f"[nano-mllm] no nano MLLM at {path}: building it now (one-off, {what})", flush=True)
     return train_nano_mllm(path, progress=progress, **train_kwargs)
+
+
+def is_saved(path: Path) -> bool:
+    return (path / "config.json").is_file() and (path / "model.safetensors").is_file()
 
 
 def _check_kind(path: Path, random_init: bool) -> None:
@@ -303,3 +315,21 @@ def _check_kind(path: Path, random_init: bool) -> None:
         have, want = ("random-init", "trained") if saved else ("trained", "random-init")
         raise ValueError(f"{path} holds a {have} nano MLLM but a {want} one was asked for: "
                          "use a separate directory for each")
+
+
+def check_understanding(path: str | Path) -> None:
+    """Stop before a generator is conditioned on a nano MLLM that does not understand the world well enough."""
+    path = Path(path)
+    accuracy = json.loads((path / "understanding.json").read_text())["accuracy"]
+    short = {name: accuracy.get(name, 0.0) for name, target in UNDERSTANDING_TARGETS.items()
+             if accuracy.get(name, 0.0) < target}
+    if not short:
+        return
+    meta_path = path / "nano_mllm.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    numbers = ", ".join(f"{name} {value:.3f} (target {UNDERSTANDING_TARGETS[name]:g})" for name, value in short.items())
+    raise BuiltinBelowTarget(
+        f"the nano MLLM at {path} answers below its targets: {numbers}. It trained {meta.get('steps', '?')} steps "
+        f"(the default is {DEFAULT_STEPS}) in {meta.get('precision', '?')}. Likely cause: too few steps (a --minutes "
+        f"budget on a slow machine, or an older build). Delete {path} to rebuild it with the default steps, or "
+        f"build it with `iomm mllm train --out {path}`.")

@@ -16,7 +16,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from iomm.nano.study_comparisons import SHAPES_RESULTS, compare_to_reference, finding, markdown_table
 
@@ -179,22 +179,20 @@ def run_arm(arm: Arm, config: str, common: list[str], seed: int, out: Path, pret
     return metrics
 
 
-def run_study(study: Study, config: str, seeds: int, out: Path, parallel: int, per_category: int,
-              common: list[str], samples: int = 4, command: str = "") -> Path:
-    """Pre-training runs first (one per distinct stage-1 setting and seed), then every arm's stage 2."""
+def run_arms(label: str, arms: list[Arm], config: str, seeds: int, out: Path, parallel: int, per_category: int,
+             common: list[str], samples: int) -> list[dict]:
+    """Pre-training runs first (one per distinct stage-1 setting and seed), then every arm's stage 2 and
+    evaluation, `parallel` 1-thread processes at a time; one row of metrics per arm and seed."""
     from concurrent.futures import ThreadPoolExecutor
 
-    out.mkdir(parents=True, exist_ok=True)
-    common = [*study.common, *common]
-    jobs = [(arm, seed) for seed in range(seeds) for arm in study.arms]
-    resumed = (out / "pretrain").is_dir() or any(arm_dir(out, arm).is_dir() for arm in study.arms)
+    jobs = [(arm, seed) for seed in range(seeds) for arm in arms]
     start = time.time()
     with ThreadPoolExecutor(max_workers=parallel) as pool:
         stage1 = {pretrain_dir(out, arm, seed): (arm, seed) for arm, seed in jobs if not arm.skip_pretrain}
         for future in [pool.submit(run_pretrain, arm, config, common, seed, path)
                        for path, (arm, seed) in stage1.items()]:
             future.result()
-        print(f"[{study.name}] {len(stage1)} pre-training runs done in {time.time() - start:.0f} s", flush=True)
+        print(f"[{label}] {len(stage1)} pre-training runs done in {time.time() - start:.0f} s", flush=True)
         futures = {pool.submit(run_arm, arm, config, common, seed, arm_dir(out, arm) / f"seed{seed}",
                                None if arm.skip_pretrain else pretrain_dir(out, arm, seed), per_category,
                                samples): (arm, seed)
@@ -203,15 +201,35 @@ def run_study(study: Study, config: str, seeds: int, out: Path, parallel: int, p
         for future, (arm, seed) in futures.items():
             metrics = future.result()
             headline = "edit_overall" if arm.edit else "overall"
-            print(f"[{study.name}] {arm.name} seed {seed}: "
+            print(f"[{label}] {arm.name} seed {seed}: "
                   f"{headline} {metrics.get(headline, float('nan')):.3f}", flush=True)
             results.append({"arm": arm.name, "seed": seed,
                             **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}})
+    return results
+
+
+def provenance(config: str, common: list[str]) -> dict[str, Any]:
+    """Where a study ran: the machine, and the built-in models its arms share as they were built."""
+    from iomm.config import load_config
+    from iomm.nano.builtins import builtin_records
+    from iomm.training.hardware import machine_facts
+
+    return {"machine": machine_facts(), "builtins": builtin_records(load_config(config, common))}
+
+
+def run_study(study: Study, config: str, seeds: int, out: Path, parallel: int, per_category: int,
+              common: list[str], samples: int = 4, command: str = "") -> Path:
+    """Every arm at every seed (`run_arms`), the seed-level comparisons with the reference, the results files."""
+    out.mkdir(parents=True, exist_ok=True)
+    common = [*study.common, *common]
+    resumed = (out / "pretrain").is_dir() or any(arm_dir(out, arm).is_dir() for arm in study.arms)
+    start = time.time()
+    results = run_arms(study.name, study.arms, config, seeds, out, parallel, per_category, common, samples)
     summary = summarize(results)
     edit = any(arm.edit for arm in study.arms)
     paired = compare_to_reference({arm.name: arm_dir(out, arm) for arm in study.arms}, study.reference, seeds, edit)
-    record = {"command": command, "study": study.name, "description": study.description, "config": config,
-              "common": common,
+    record = {"command": command, **provenance(config, common), "study": study.name,
+              "description": study.description, "config": config, "common": common,
               "seeds": seeds, "per_category": per_category, "samples": samples, "wall_s": time.time() - start,
               "resumed": resumed, "results": results, "summary": summary, "reference": study.reference,
               "paired": paired, "finding": finding(paired)}

@@ -1,11 +1,13 @@
 """Paired comparisons of a study's arms against its reference arm, and the verdict on the paper's finding.
 
-Every arm is evaluated on the same held-out prompts (or edit cases) with the same noise, so arm and
-reference are compared item by item (`iomm.evaluation.paired`): the items of all seeds are pooled, the
-bootstrap resamples prompts and, within each, its images over samples and seeds. The reference arm is
-the paper's best setting; the finding is
+Every arm is evaluated on the same held-out prompts (or edit cases) with the same noise, and every arm of a
+seed shares that seed's training draw, so arm and reference are compared run by run: arm seed s against
+reference seed s (`iomm.evaluation.paired.seed_bootstrap`: a hierarchical bootstrap over seeds, then prompts,
+then images, and a t-interval over the per-seed differences). The unit of replication is the training run:
+one seed decides nothing. The reference arm is the paper's best setting; the finding is
 
-- **reproduced** when the reference beats every other arm (each 95% interval of arm - reference below 0);
+- **one training run: not decided** with a single seed;
+- **reproduced** when the reference beats every other arm (each seed-level interval of arm - reference below 0);
 - **contradicted** when some arm beats the reference (an interval above 0);
 - **inconclusive** otherwise.
 """
@@ -15,7 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from iomm.evaluation.paired import OVERALL, PairedItem, pair_records, paired_bootstrap
+from iomm.evaluation.paired import NOT_DECIDED, OVERALL, PairedItem, pair_records, seed_bootstrap
 from iomm.evaluation.prompt_images import read_jsonl
 
 SHAPES_RESULTS = "results.jsonl"  # per image, written by `iomm eval shapes --results`
@@ -42,22 +44,26 @@ def compare_to_reference(arm_dirs: dict[str, Path], reference: str, seeds: int, 
     """{arm: paired result of arm (b) against the reference (a)} for every arm but the reference."""
     if reference not in arm_dirs:
         raise ValueError(f"reference arm {reference!r} is not among the arms {sorted(arm_dirs)}")
+    return {arm: compare_runs(arm_dirs[reference], directory, seeds, edit, n_boot)
+            for arm, directory in arm_dirs.items() if arm != reference}
+
+
+def compare_runs(reference_dir: Path, arm_dir: Path, seeds: int, edit: bool, n_boot: int = 2000) -> dict[str, Any]:
+    """The seed-level paired result of the arm in `arm_dir` (b) against the one in `reference_dir` (a), each holding
+    one `seed{s}` run per seed."""
     name = EDITS_RESULTS if edit else Path(SHAPES_RESULTS)
-    out = {}
-    for arm, directory in arm_dirs.items():
-        if arm == reference:
-            continue
-        items = []
-        for seed in range(seeds):
-            rows_ref = _read(arm_dirs[reference] / f"seed{seed}" / name)
-            items += _items(rows_ref, _read(directory / f"seed{seed}" / name), edit, directory / f"seed{seed}")
-        out[arm] = paired_bootstrap(items, n_boot=n_boot)
-    return out
+    runs = {f"seed{seed}": _items(_read(reference_dir / f"seed{seed}" / name), _read(arm_dir / f"seed{seed}" / name),
+                                  edit, arm_dir / f"seed{seed}")
+            for seed in range(seeds)}
+    return seed_bootstrap(runs, n_boot=n_boot)
 
 
 def finding(paired: dict[str, dict[str, Any]]) -> str:
-    """reproduced / contradicted / inconclusive, from each arm's overall interval against the reference."""
+    """reproduced / contradicted / inconclusive from each arm's overall verdict against the reference; not decided
+    when a comparison rests on one training run."""
     verdicts = [result[OVERALL]["verdict"] for result in paired.values()]
+    if any(v == NOT_DECIDED for v in verdicts):
+        return NOT_DECIDED
     if any(v == "b_better" for v in verdicts):
         return "contradicted"
     if verdicts and all(v == "a_better" for v in verdicts):
@@ -66,12 +72,20 @@ def finding(paired: dict[str, dict[str, Any]]) -> str:
 
 
 def markdown_table(paired: dict[str, dict[str, Any]], reference: str) -> list[str]:
-    lines = [f"Paired against `{reference}` (same prompts and noise; 95% bootstrap interval over prompts, "
-             f"samples and seeds): overall, arm - reference. Finding: **{finding(paired)}**.", "",
-             "| arm | reference | arm | arm - reference | 95% interval | verdict |", "|---|---|---|---|---|---|"]
+    """The overall comparisons; seed-level results (`seed_bootstrap`) add their per-seed differences and t-interval."""
+    lines = [f"Paired against `{reference}` (same prompts and noise, arm seed s against reference seed s): overall, "
+             "arm - reference, with 95% intervals from a bootstrap over seeds, prompts and images and a t-interval "
+             f"over seeds. Finding: **{finding(paired)}**.", "",
+             "| arm | reference | arm | arm - reference | per seed | 95% interval | t over seeds | verdict |",
+             "|---|---|---|---|---|---|---|---|"]
     for arm, result in paired.items():
         s = result[OVERALL]
-        verdict = {"a_better": "reference better", "b_better": "arm better"}.get(s["verdict"], "inconclusive")
-        lines.append(f"| {arm} | {s['a']:.3f} | {s['b']:.3f} | {s['diff']:+.3f} | "
-                     f"[{s['ci95'][0]:+.3f}, {s['ci95'][1]:+.3f}] | {verdict} |")
+        verdict = {"a_better": "reference better", "b_better": "arm better"}.get(s["verdict"], s["verdict"])
+        per_seed = " ".join(f"{d:+.3f}" for d in s.get("per_seed", {}).values()) or "-"
+        lines.append(f"| {arm} | {s['a']:.3f} | {s['b']:.3f} | {s['diff']:+.3f} | {per_seed} | "
+                     f"{format_interval(s['ci95'])} | {format_interval(s.get('t_ci95'))} | {verdict} |")
     return lines
+
+
+def format_interval(interval: list[float] | None) -> str:
+    return f"[{interval[0]:+.3f}, {interval[1]:+.3f}]" if interval else "-"

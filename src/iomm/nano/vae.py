@@ -21,13 +21,17 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
 
+from iomm.builtins import BuiltinBelowTarget
 from iomm.config_checks import vae_factor
 from iomm.image_tensors import to_tensor, to_uint8
 from iomm.nano.scorer import detect_objects
 from iomm.nano.world import World, WorldConfig
+from iomm.training.hardware import machine_facts
 from iomm.training.run_log import Progress
 
 DEFAULT_STEPS = 600  # 300 left 17% of reconstructions with a wrong object (scorer_exact 0.83 vs 1.0)
+# The share of held-out reconstructions whose objects the scorer finds exactly that the recipe needs.
+RECONSTRUCTION_TARGET = 0.95
 
 
 @dataclass
@@ -101,7 +105,8 @@ def train_nano_vae(out_dir: str | Path, *, steps: int = DEFAULT_STEPS, seed: int
     out_dir.mkdir(parents=True, exist_ok=True)
     vae.save_pretrained(out_dir, safe_serialization=True)
     meta = {"config": asdict(cfg), "seed": seed, "steps": steps, "parameters": n_params,
-            "train_seconds": round(log.elapsed(), 1), "final_loss": round(loss, 5), "reconstruction": stats}
+            "train_seconds": round(log.elapsed(), 1), "final_loss": round(loss, 5), "reconstruction": stats,
+            "precision": "fp32", "machine": machine_facts()}
     (out_dir / "nano_vae.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     if progress:
         print(f"[nano-vae] saved {out_dir}; reconstruction: {json.dumps(stats)}", flush=True)
@@ -122,10 +127,14 @@ def evaluate_nano_vae(vae: AutoencoderKL, resolution: int, n: int, seed: int) ->
             "scaling_factor": round(1.0 / latents.std().item(), 5), "shift_factor": round(latents.mean().item(), 5)}
 
 
+def is_saved(path: Path) -> bool:
+    return (path / "config.json").is_file() and (path / "diffusion_pytorch_model.safetensors").is_file()
+
+
 def ensure_nano_vae(path: str | Path, *, resolution: int, progress: bool = True, **train_kwargs: Any) -> Path:
     """Return `path` if it holds a nano VAE for this resolution; otherwise train one there first (saying so)."""
     path = Path(path)
-    if (path / "config.json").is_file() and (path / "diffusion_pytorch_model.safetensors").is_file():
+    if is_saved(path):
         saved = AutoencoderKL.load_config(path, local_files_only=True)["sample_size"]
         if saved != resolution:
             raise ValueError(f"{path}: nano VAE trained at {saved} px, but data.resolution is {resolution}: "
@@ -136,3 +145,14 @@ def ensure_nano_vae(path: str | Path, *, resolution: int, progress: bool = True,
               f"{train_kwargs.get('steps', DEFAULT_STEPS)} steps)", flush=True)
     config = train_kwargs.pop("config", None) or NanoVAEConfig(resolution=resolution)
     return train_nano_vae(path, progress=progress, config=config, **train_kwargs)
+
+
+def check_reconstruction(path: str | Path) -> None:
+    """Stop before a generator learns the latents of a nano VAE that garbles the world's objects."""
+    meta = json.loads((Path(path) / "nano_vae.json").read_text())
+    exact = meta["reconstruction"]["scorer_exact"]
+    if exact < RECONSTRUCTION_TARGET:
+        raise BuiltinBelowTarget(
+            f"the nano VAE at {path} reconstructs {exact:.3f} of held-out scenes exactly (target "
+            f"{RECONSTRUCTION_TARGET:g}) after {meta['steps']} steps (the default is {DEFAULT_STEPS}). Delete {path} "
+            "to rebuild it with the default steps.")

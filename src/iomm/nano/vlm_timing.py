@@ -12,7 +12,6 @@ back to IOMM: a short stage-1 run on the best and on the worst arm's MLLM, compa
 from __future__ import annotations
 
 import csv
-import dataclasses
 import json
 import statistics
 import time
@@ -20,11 +19,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from iomm.evaluation.paired import OVERALL, PairedItem, pair_records, paired_bootstrap
+from iomm.evaluation.paired import NOT_DECIDED, OVERALL, PairedItem, pair_records, paired_bootstrap, seed_bootstrap
 from iomm.evaluation.prompt_images import read_jsonl
 from iomm.nano.studies import arm_sets, iomm_argv, markdown_summary, plot_summary, run_logged, summarize
 from iomm.nano.study_comparisons import markdown_table
 from iomm.nano.understanding import UNDERSTANDING_RECORDS
+from iomm.training.hardware import machine_facts
 
 IMAGE_STARTS = (0.0, 0.2, 0.5, 0.8, 1.0)
 REFERENCE, FULLY_TEXT_TRAINED = "image_start=0.8", "image_start=1.0"
@@ -66,9 +66,11 @@ def arm_metrics(understanding: dict[str, Any]) -> dict[str, float]:
             **text, "text_overall": statistics.fmean(text.values())}
 
 
-def paired_items(ref_dir: Path, arm_dir: Path, path: str, kinds: tuple[str, ...], seeds: int) -> list[PairedItem]:
-    """Answers of two arms to the same held-out questions, each question its own cluster, seeds pooled."""
-    items = []
+def paired_items(ref_dir: Path, arm_dir: Path, path: str, kinds: tuple[str, ...],
+                 seeds: int) -> dict[str, list[PairedItem]]:
+    """{training seed: the answers of two arms' runs of that seed to the same held-out questions}, each question
+    its own cluster: the seed is the unit of replication (`seed_bootstrap`)."""
+    runs = {}
     for seed in range(seeds):
         rows = []
         for directory in (ref_dir, arm_dir):
@@ -76,15 +78,14 @@ def paired_items(ref_dir: Path, arm_dir: Path, path: str, kinds: tuple[str, ...]
             if not file.is_file():
                 raise FileNotFoundError(f"{file}: an arm's per-answer records are missing (rerun the study)")
             rows.append([r for _, r in read_jsonl(file) if r["path"] == path and r["tag"] in kinds])
-        items += [dataclasses.replace(item, cluster=f"{seed}:{item.category}:{item.cluster}")
-                  for item in pair_records(*rows, "correct", "tag", "prompt")]
-    return items
+        runs[str(seed)] = pair_records(*rows, "correct", "tag", "prompt")
+    return runs
 
 
 def compare(out: Path, seeds: int, n_boot: int = 2000) -> dict[str, dict[str, Any]]:
-    """{"image"|"text" (the question's path): {arm: paired result of arm (b) against the reference (a)}}."""
+    """{"image"|"text" (the question's path): {arm: seed-level paired result of arm (b) against the reference (a)}}."""
     arms = [arm_name(s) for s in IMAGE_STARTS if arm_name(s) != REFERENCE]
-    return {path: {arm: paired_bootstrap(paired_items(out / REFERENCE, out / arm, path, kinds, seeds), n_boot=n_boot)
+    return {path: {arm: seed_bootstrap(paired_items(out / REFERENCE, out / arm, path, kinds, seeds), n_boot=n_boot)
                    for arm in arms}
             for path, kinds in (("image", VISION_KINDS), ("text", TEXT_KINDS))}
 
@@ -95,6 +96,8 @@ def timing_finding(paired: dict[str, dict[str, Any]]) -> str:
     on text; contradicted when it is decidedly worse on vision; inconclusive otherwise."""
     vision = paired["image"][FULLY_TEXT_TRAINED][OVERALL]["verdict"]  # a = reference (0.8), b = 1.0
     text = paired["text"][FULLY_TEXT_TRAINED][OVERALL]["verdict"]
+    if vision == NOT_DECIDED:
+        return NOT_DECIDED
     if vision == "a_better" and text != "b_better":
         return "reproduced"
     if vision == "b_better":
@@ -145,7 +148,8 @@ def run_vlm_timing(out: Path, config: str, seeds: int, steps: int, parallel: int
             results.append({"arm": arm_name(s), "seed": seed, **metrics})
     summary = summarize(results)
     paired = compare(out, seeds)
-    record = {"command": command, "study": "vlm-timing", "description": DESCRIPTION, "config": config,
+    record = {"command": command, "machine": machine_facts(), "study": "vlm-timing", "description": DESCRIPTION,
+              "config": config,
               "common": [*COMMON, *overrides], "steps": steps, "seeds": seeds, "results": results,
               "summary": summary, "reference": REFERENCE, "paired": paired["image"], "paired_text": paired["text"],
               "finding": timing_finding(paired)}

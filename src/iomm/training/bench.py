@@ -3,14 +3,13 @@
 A `Trainer` is built from the config in a scratch run directory and `Trainer.train_step` runs on the
 trainer's own batches; the phases are the ones the model and the trainer mark (`iomm.training.phases`).
 FLOPs are counted by `torch.utils.flop_counter.FlopCounterMode` over one more real step (forward and
-backward, the frozen parts included); MFU divides them by the step's time and by this machine's matmul
-peak, measured in the same run.
+backward, the frozen parts included); MFU divides them by the step's time and by this machine's fastest matmul
+peak (fp32, or native bf16 where it is faster), measured in the same run, so that a slow precision never looks
+efficient by being divided by its own slow peak.
 """
 
 from __future__ import annotations
 
-import os
-import platform
 import resource
 import tempfile
 import time
@@ -21,27 +20,14 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from iomm.config import Config
 from iomm.training.distributed import Distributed
-from iomm.training.precision import bf16_is_native, resolve_precision
+from iomm.training.hardware import bf16_is_native
+from iomm.training.precision import resolve_precision
 from iomm.training.trainer import Trainer
 
 # The paper's algorithm as written: fp32, masked tokens zeroed, the whole condition differentiated through the
 # frozen LLM, the VAE and vision tower run on every image, eager blocks, AdamW's per-parameter loop.
 NAIVE = ["train.mixed_precision=fp32", "masking.mode=zero", "mllm.prefix_cache=false", "data.latents=null",
          "train.compile=false", "train.fused_optimizer=false", "train.activation_checkpointing=false"]
-
-
-def machine() -> str:
-    """CPU model and core count (Linux reports no processor name through `platform`), and the GPU if one is used."""
-    name = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text(encoding="utf-8", errors="replace").splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    gpu = f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
-    bf16 = ", bf16 native" if bf16_is_native() else ", bf16 emulated"
-    return f"{name}, {os.cpu_count()} cores, {torch.backends.cpu.get_cpu_capability()}{bf16}{gpu}"
 
 
 def bench_train_step(cfg: Config, steps: int = 10, warmup: int = 2) -> dict:
@@ -73,7 +59,7 @@ def bench_train_step(cfg: Config, steps: int = 10, warmup: int = 2) -> dict:
                       for name, module in trainer.model.trainable().items()}
         flops = step_flops(trainer, [trainer.batches[k] for k in range(accum)])
     precision = resolve_precision(cfg.train.mixed_precision, trainer.device.type)
-    peak = matmul_peak(trainer.device, torch.bfloat16 if precision == "bf16" else torch.float32)
+    peak = fastest_matmul_peak(trainer.device)
     generator_s = sum(per_step.get(phase, 0.0) for phase in GENERATOR_PHASES)
     generator_flops = sum(flops.get(phase, 0) for phase in GENERATOR_PHASES)
     return {
@@ -88,7 +74,7 @@ def bench_train_step(cfg: Config, steps: int = 10, warmup: int = 2) -> dict:
         "masking_mode": cfg.masking.mode,
         "parameters": parameters,
         "flops_per_step": flops,
-        "matmul_peak_flops": peak,
+        "matmul_peak_flops": peak,  # the faster of fp32 and native bf16: a slow precision cannot look efficient
         "mfu": {"step": flops["step"] / (per_step["step"] * peak),
                 "generator": generator_flops / (generator_s * peak) if generator_s else None},
     }
@@ -119,8 +105,17 @@ def peak_memory_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
+def fastest_matmul_peak(device: torch.device) -> float:
+    """The higher of the fp32 and the bf16 matmul peak, bf16 measured only where it is native (where it is
+    emulated it is slower by construction)."""
+    peak = matmul_peak(device, torch.float32)
+    if bf16_is_native(device.type):
+        peak = max(peak, matmul_peak(device, torch.bfloat16))
+    return peak
+
+
 def matmul_peak(device: torch.device | None = None, dtype: torch.dtype = torch.float32, repeats: int = 10) -> float:
-    """This machine's matmul FLOP/s in `dtype` (the step's precision): n x n products, n = 1024 on a CPU (at the
+    """This machine's matmul FLOP/s in `dtype`: n x n products, n = 1024 on a CPU (at the
     current thread count), 8192 on a GPU; the best of `repeats`."""
     cuda = device is not None and device.type == "cuda"
     n = 8192 if cuda else 1024

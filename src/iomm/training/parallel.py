@@ -1,16 +1,16 @@
 """How the model spreads over the ranks of a torchrun launch: DDP replicas, or FSDP2 shards.
 
-`train.parallel: fsdp` applies `torch.distributed.fsdp.fully_shard` to every generator block (the classes the
-diffusers model names in `_no_split_modules`, the same list accelerate's FSDP wrap policy reads) and then to the
-root, which holds the adapter, connector and the generator's remaining layers. The frozen MLLM and codec are left
-out of the shards (`ignored_params`): they have no gradients and no optimizer state, so replicating them costs
-their weights once per GPU (about 4 GiB for a 2B MLLM in bf16) and saves an all-gather of them every step.
+`train.parallel: fsdp` applies `torch.distributed.fsdp.fully_shard` to every generator block (the outermost modules
+of the classes the diffusers model names in `_no_split_modules`, the same list accelerate's FSDP wrap policy reads)
+and then to the root, which holds the adapter, connector and the generator's remaining layers. The frozen MLLM and
+codec are left out of the shards (`ignored_params`): they have no gradients and no optimizer state, so replicating
+them costs their weights once per GPU (about 4 GiB for a 2B MLLM in bf16) and saves an all-gather of them every step.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -24,13 +24,24 @@ Forward = Callable[..., torch.Tensor]
 
 
 def generator_blocks(generator: nn.Module) -> list[nn.Module]:
-    """The generator's repeated blocks, outermost first: modules whose class is in `_no_split_modules`."""
+    """The generator's repeated blocks in module order: the outermost modules whose class is in
+    `_no_split_modules`. A listed class may sit inside another (the U-Net's ResnetBlock2D and BasicTransformerBlock
+    inside its CrossAttnUpBlock2D); the outer one is the block, so every parameter is in one block at most and is
+    sharded, compiled and given to Muon once."""
     names = set(getattr(generator, "_no_split_modules", None) or [])
     if not names:
         raise ValueError(f"{type(generator).__name__} names no blocks (_no_split_modules) to shard with FSDP; "
                          "use train.parallel: ddp")
-    # by class and its bases: fully_shard turns a block's class into a subclass named FSDP<class>
-    return [module for module in generator.modules() if any(c.__name__ in names for c in type(module).__mro__)]
+    return list(_outermost_blocks(generator, names))
+
+
+def _outermost_blocks(module: nn.Module, names: set[str]) -> Iterator[nn.Module]:
+    for child in module.children():
+        # by class and its bases: fully_shard turns a block's class into a subclass named FSDP<class>
+        if any(c.__name__ in names for c in type(child).__mro__):
+            yield child
+        else:
+            yield from _outermost_blocks(child, names)
 
 
 def frozen_parameters(model: nn.Module) -> set[nn.Parameter]:
@@ -90,6 +101,24 @@ def _fsdp_no_sync(module: FSDPModule):
         yield
     finally:
         module.set_requires_gradient_sync(True)
+
+
+@contextlib.contextmanager
+def gathered(model: nn.Module) -> Iterator[None]:
+    """The root's own parameters all-gathered (a no-op unless FSDP2 sharded the model) for calls into the model
+    other than its forward, such as sampling: FSDP2 gathers a module's parameters in its forward's hook, which
+    `model.velocity` and friends bypass on the root; each block still gathers its own in its forward. Collective:
+    every rank must enter, and run the same blocks inside."""
+    if not isinstance(model, FSDPModule):
+        yield
+        return
+    model.unshard()
+    try:
+        yield
+    finally:
+        # reshards every group and drops the blocks' forward order recorded inside, which no backward consumes
+        # (the next backward would prefetch by it); only called between steps, so no gradient is pending
+        model.reset_iter_state()
 
 
 def local_value(value: torch.Tensor) -> torch.Tensor:

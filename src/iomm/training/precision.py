@@ -1,26 +1,18 @@
 """Mixed precision that is only used where the hardware runs it natively.
 
-bf16 autocast on a CPU without AVX512-BF16 / AMX is emulated and ~100x slower than fp32
-(measured: a 512x512 matmul takes 2 ms in fp32, 208 ms in bf16 on an AVX2-only EPYC).
+`auto` resolves to bf16 only where the device computes bf16 in hardware (`iomm.training.hardware`): a CUDA GPU
+with bf16, a CPU with AVX512_BF16 or AMX. Elsewhere bf16 is emulated: 3x slower on an AVX512 Xeon without
+those flags, about 100x on an AVX2-only EPYC (a 512x512 matmul: 2 ms in fp32, 208 ms in bf16).
 """
 
 from __future__ import annotations
 
 import contextlib
 import warnings
-from functools import cache
 
 import torch
 
-
-@cache
-def bf16_is_native(device_type: str = "cpu") -> bool:
-    if device_type == "cuda":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
+from iomm.training.hardware import bf16_is_native, bf16_reason
 
 
 def resolve_precision(requested: str, device_type: str = "cpu") -> str:
@@ -30,9 +22,16 @@ def resolve_precision(requested: str, device_type: str = "cpu") -> str:
     if bf16_is_native(device_type):
         return "bf16"
     if requested == "bf16":
-        warnings.warn(f"bf16 was asked for but this {device_type} has no native bf16 (it would be emulated, "
-                      "about 100x slower): training in fp32", stacklevel=2)
+        warnings.warn(f"bf16 was asked for, but {bf16_reason(device_type)}: training in fp32", stacklevel=2)
     return "fp32"
+
+
+def describe_precision(requested: str, device_type: str = "cpu") -> str:
+    """The resolved precision and why, for the log and the run's records, e.g. 'fp32 (auto: this CPU has ...)'."""
+    if requested == "fp32":
+        return "fp32 (set in the config)"
+    resolved = "bf16" if bf16_is_native(device_type) else "fp32"
+    return f"{resolved} ({requested}: {bf16_reason(device_type)})"
 
 
 def autocast(precision: str, device_type: str = "cpu") -> contextlib.AbstractContextManager:

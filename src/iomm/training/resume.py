@@ -1,9 +1,10 @@
 """Resuming with changed settings: compare the new config with the one the checkpoint was trained with.
 
 Changes to the schedule and to how the run is operated (LR, steps, warm-up, logging, checkpointing, ...)
-apply from the resumed step on, and are reported. Any other change (the model, the data, the batch,
-the seed: what the weights and the data stream were made from) is refused before anything is loaded,
-naming every differing field.
+apply from the resumed step on, and are reported. So does the mix ratio: a checkpoint holds how many samples each
+stream has given (`data_position`), so the streams go on from there and only which one the next samples come from
+changes. Any other change (the model, the data, the batch, the seed: what the weights and the data stream were made
+from) is refused before anything is loaded, naming every differing field.
 """
 
 from __future__ import annotations
@@ -20,11 +21,12 @@ APPLIED_ON_RESUME = frozenset({
     "train.grad_clip", "train.ema_decay", "train.mixed_precision", "train.threads", "train.log_every",
     "train.sample_every", "train.checkpoint_every", "train.keep_last", "train.keep_every",
     "train.max_nonfinite_in_row", "train.parallel", "train.activation_checkpointing", "train.compile",
-    "train.fused_optimizer",
+    "train.fused_optimizer", "train.mix_ratio",
     "data.num_workers", "data.max_bad_fraction",
     "flow.sample_steps", "flow.guidance_scale", "flow.reconstruct_guidance_scale",
     "mllm.gradient_checkpointing", "mllm.prefix_cache",
-    # stage-2 settings only act when a fine-tuning config is made; a run's own stage is in `train`
+    # stage-2 settings only act when a fine-tuning config is made; a run's own stage is in `train`. Each one
+    # replaces its `train` counterpart, which may change too: a refusal never names a field the user did not set.
     "finetune.steps", "finetune.mix_ratio", "finetune.lr",
 })
 

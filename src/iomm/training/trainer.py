@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -38,8 +39,8 @@ from iomm.row_generators import sample_generators
 from iomm.training.distributed import Distributed
 from iomm.training.ema import EMA
 from iomm.training.optimizers import build_optimizers, build_schedulers
-from iomm.training.parallel import distribute, gradient_sync, local_value
-from iomm.training.precision import autocast, store_frozen_in_bf16
+from iomm.training.parallel import distribute, gathered, gradient_sync, local_value
+from iomm.training.precision import autocast, describe_precision, store_frozen_in_bf16
 from iomm.training.resume import config_changes
 from iomm.training.run_log import RunLog, plot_loss_curve, step_line
 from iomm.training.stopping import StopSignal, TrainingInterrupted, TrainingStopped
@@ -75,6 +76,16 @@ class Trainer:
 
     def __post_init__(self) -> None:
         self.run_dir = Path(self.run_dir)
+        created_here = self.dist.main and not self.run_dir.exists()
+        try:
+            self._set_up()
+        except BaseException:
+            if created_here:  # a run that fails before training leaves no partial folder (e.g. only a data index)
+                shutil.rmtree(self.run_dir, ignore_errors=True)
+            raise
+
+    def _set_up(self) -> None:
+        """The data sources, the model, its optimizers and EMA, and the batches (nothing is trained yet)."""
         if self.cfg.train.threads:
             torch.set_num_threads(self.cfg.train.threads)
         self.device = self.dist.device()
@@ -146,7 +157,7 @@ class Trainer:
             scheduler.load_state_dict(saved)
         self.step, self.nonfinite_total = state["step"], state["nonfinite_total"]
         position = state["data_position"]
-        self.batches.start = DataPosition(position["micro_batch"], position["images"], position["pairs"])
+        self.batches.resume_from(DataPosition(position["micro_batch"], position["images"], position["pairs"]))
         self._apply_schedule()
         self._print(f"resumed from {found} at step {self.step}")
         for name, old, new in changes:
@@ -208,6 +219,7 @@ class Trainer:
             self._print(f"nothing to do: step {self.step} >= train.steps {t.steps}")
             return self.run_dir
         self.log.start(self.step)
+        self._print(f"precision: {describe_precision(t.mixed_precision, self.device.type)}")
         accum = t.grad_accum
         batches = iter(batch_loader(self.batches, self.step * accum, t.steps * accum, self.cfg.data.num_workers))
         signals = StopSignal()
@@ -306,7 +318,7 @@ class Trainer:
     def write_samples(self) -> None:
         """The sample grid and its metrics; a failure here is reported and never ends the run."""
         try:
-            with self.ema.applied(), self._autocast():
+            with self.ema.applied(), gathered(self.model), self._autocast():  # every rank, when sharded
                 panel, metrics = self.sample_fn(self.model, self.cfg, self.held_out)
             if not panel or not self.dist.main:
                 return

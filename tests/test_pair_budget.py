@@ -1,0 +1,149 @@
+"""`iomm study pair-budget`: arms of a seed share its pair subset, the image-only stage 1 is trained once per seed,
+and the learning curve, its seed-level comparisons and its finding are written from the arms' results."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from iomm.builtins import split_pairs_spec
+from iomm.commands.recipe import packaged_config
+from iomm.config import finetune_config, load_config
+from iomm.nano import studies
+from iomm.nano.pair_budget import FRESH, IMAGE_PAIRS, IOMM, PAIRS_ONLY, budget_arms, pairs_to_match
+from iomm.nano.studies import arm_commands, pretrain_command, pretrain_dir
+from iomm.nano.world import GENEVAL_TAGS
+
+NANO = str(packaged_config("nano"))
+
+
+def _sets(argv: list[str]) -> list[str]:
+    return [a.removeprefix("--set=") for a in argv if a.startswith("--set=")]
+
+
+def _stage2_pairs(arm: studies.Arm, seed: int, tmp_path: Path) -> list[str]:
+    """The captions of the pairs the arm's stage 2 draws from, built as its `iomm finetune` command would."""
+    finetune = arm_commands(arm, NANO, [], seed, tmp_path / arm.name, pretrain_dir(tmp_path, arm, seed), 1)[0]
+    cfg = finetune_config(load_config(NANO, _sets(finetune), check_paths=False))
+    source, n = split_pairs_spec(cfg.data.pairs)
+    return [caption for _, caption in source.pairs(cfg, int(n)).pairs]
+
+
+def test_the_arms_of_a_seed_share_its_pair_subset_and_seeds_draw_their_own(tmp_path: Path) -> None:
+    arms = budget_arms((8,))["N=8"]
+    seed0 = [_stage2_pairs(arm, 0, tmp_path) for arm in arms.values()]
+    assert len(seed0[0]) == 8 and seed0[0] == seed0[1] == seed0[2]
+    assert _stage2_pairs(arms[IOMM], 1, tmp_path) != seed0[0]
+    stage1 = load_config(NANO, _sets(pretrain_command(arms[PAIRS_ONLY], NANO, [], 0, tmp_path)), check_paths=False)
+    source, n = split_pairs_spec(stage1.data.pairs)  # pairs-only's stage 1 draws from the same N pairs
+    assert stage1.train.mix_ratio == 0.0 and [c for _, c in source.pairs(stage1, int(n)).pairs] == seed0[0]
+
+
+def test_the_image_only_stage1_is_shared_by_the_image_arms_of_a_seed_at_every_budget(tmp_path: Path) -> None:
+    arms = budget_arms((8, 32))
+    assert list(arms) == ["N=8", "N=32", FRESH]
+    image_arms = [methods[m] for methods in arms.values() for m in (IOMM, IMAGE_PAIRS)]
+    assert len({pretrain_dir(tmp_path, arm, 0) for arm in image_arms}) == 1
+    assert pretrain_dir(tmp_path, image_arms[0], 0) != pretrain_dir(tmp_path, image_arms[0], 1)
+    assert len({pretrain_dir(tmp_path, methods[PAIRS_ONLY], 0) for methods in arms.values()}) == 3
+    for methods in arms.values():  # equal compute, and each arm's stage-2 mix
+        configs = {m: studies.arm_configs(studies.Study("x", [], "", ""), arm, NANO, []) for m, arm in methods.items()}
+        assert len({(s1.train.steps, s2.train.steps) for s1, s2 in configs.values()}) == 1
+        assert [configs[m][1].train.mix_ratio for m in (PAIRS_ONLY, IOMM, IMAGE_PAIRS)] == [0.0, 0.5, 0.0]
+        assert configs[IOMM][0].train.mix_ratio == 1.0 and configs[PAIRS_ONLY][0].train.mix_ratio == 0.0
+    assert studies.arm_configs(studies.Study("x", [], "", ""), arms[FRESH][IOMM], NANO, [])[1].data.pairs == \
+        "world-fresh:1"
+
+
+def test_fresh_pairs_are_new_at_every_draw() -> None:
+    import numpy as np
+
+    cfg = load_config(NANO, ["data.pairs=world-fresh:1", "train.mix_ratio=0.0"], check_paths=False)
+    source, n = split_pairs_spec(cfg.data.pairs)
+    pairs = source.pairs(cfg, int(n))
+    rng = np.random.default_rng(0)
+    captions = [pairs.take(i, rng, [])[1] for i in range(20)]
+    assert len(set(captions)) > 10
+
+
+def test_pairs_to_match_interpolates_on_log_n() -> None:
+    curve = [(128, 0.2), (512, 0.3), (2048, 0.4)]
+    matched, phrase = pairs_to_match(curve, 0.5, 0.35)
+    assert matched == pytest.approx(1024) and phrase == "about 1024"
+    assert pairs_to_match(curve, 0.5, 0.1) == (None, "at most 128")
+    assert pairs_to_match(curve, 0.5, 0.45) == (None, "more than 2048")
+    assert pairs_to_match(curve, 0.42, 0.45)[1].startswith("more than unlimited fresh pairs")
+    assert pairs_to_match([(4, 0.1), (16, 0.5), (64, 0.3)], 0.6, 0.3)[0] == pytest.approx(8)  # the first crossing
+
+
+# success rate of each method at each budget; seed s adds 0.1 s to every arm of the seed (its training draw)
+RATES = {PAIRS_ONLY: {"N=4": 0.2, "N=16": 0.4, FRESH: 0.5}, IOMM: {"N=4": 0.3, "N=16": 0.5, FRESH: 0.5},
+         IMAGE_PAIRS: {"N=4": 0.2, "N=16": 0.4, FRESH: 0.5}}
+
+
+def _fake_run_logged(calls: list[list[str]]):
+    """Stands in for the iomm subprocesses: an evaluation writes 6 tags x 5 prompts x 2 images whose success
+    count follows RATES."""
+
+    def run(argv: list[str], log: Path) -> None:
+        calls.append(argv)
+        if argv[3:5] != ["eval", "shapes"]:
+            return
+        model = Path(argv[argv.index("--model") + 1])
+        method, budget = model.parent.parent.name.split("@")
+        seed = int(model.parent.name.removeprefix("seed"))
+        hits = round(10 * (RATES[method][budget] + 0.1 * seed))
+        rows = [{"tag": tag, "prompt": f"{tag}-{p}", "correct": 2 * p + s < hits}
+                for tag in GENEVAL_TAGS for p in range(5) for s in range(2)]
+        Path(argv[argv.index("--results") + 1]).write_text("".join(json.dumps(r) + "\n" for r in rows))
+        metrics = {tag: hits / 10 for tag in GENEVAL_TAGS}
+        Path(argv[argv.index("--out") + 1]).write_text(json.dumps({**metrics, "overall": hits / 10}))
+
+    return run
+
+
+def test_pair_budget_study_writes_the_learning_curve_and_its_finding(tmp_path: Path, monkeypatch) -> None:
+    from iomm.cli import main
+
+    calls: list[list[str]] = []
+    monkeypatch.setattr(studies, "run_logged", _fake_run_logged(calls))
+    out = tmp_path / "study"
+    assert main(["study", "pair-budget", "--pair-budgets", "4", "16", "--seeds", "3", "--stage1-steps", "7",
+                 "--stage2-steps", "5", "--per-category", "5", "--samples", "2", "--out", str(out)]) == 0
+    pretrains = [argv for argv in calls if argv[3] == "pretrain"]
+    image_stage1 = [argv for argv in pretrains if "--set=train.mix_ratio=1.0" in argv]
+    assert sorted(next(s for s in a if s.startswith("--set=train.seed=")) for a in image_stage1) == \
+        [f"--set=train.seed={s}" for s in range(3)]  # once per seed, for 2 image arms x 3 budgets
+    assert len(pretrains) == 3 * (1 + 3)  # and pairs-only's own stage 1 at each budget
+    assert all("--set=train.steps=7" in a and "--set=finetune.steps=5" in a for a in calls if a[3] != "eval")
+
+    record = json.loads((out / "results.json").read_text())
+    assert record["command"].startswith("iomm study pair-budget") and "--stage1-steps=7" in record["command"]
+    assert record["machine"] and record["steps"]["stage1"] == 7 and record["steps"]["stage2"] == 5
+    assert record["budgets"] == [4, 16, FRESH] and len(record["results"]) == 3 * 3 * 3
+    assert set(record["scores"]) == {PAIRS_ONLY, IOMM, IMAGE_PAIRS}
+    overall = record["scores"][IOMM]["N=4"]["overall"]
+    assert overall["mean"] == pytest.approx(0.4) and overall["per_seed"] == pytest.approx([0.3, 0.4, 0.5])
+    assert set(record["scores"][IOMM]["N=4"]) == {*GENEVAL_TAGS, "overall"}
+    iomm_vs = record["paired"]["N=4"][IOMM]["overall"]  # 0.1 better in every seed: decided over seeds
+    assert iomm_vs["diff"] == pytest.approx(0.1) and iomm_vs["verdict"] == "b_better" and iomm_vs["n_seeds"] == 3
+    assert record["paired"][FRESH][IMAGE_PAIRS]["overall"]["verdict"] == "inconclusive"
+    first = record["findings"][0]
+    assert first["label"] == "reproduced" and first["pairs_to_match"] == pytest.approx(8)
+    assert first["sentence"] == ("At 4 pairs, IOMM scores 0.400 against pairs-only's 0.300; pairs-only needs "
+                                 "about 8 pairs to match IOMM at 4.")
+    assert record["findings"][1]["sentence"].endswith("needs more than 16 pairs to match IOMM at 16.")
+    assert (out / "learning_curve.png").stat().st_size > 1000
+    report = (out / "results.md").read_text()
+    assert first["sentence"] in report and "| iomm | 0.400 ± 0.100 | 0.600 ± 0.100 | 0.600 ± 0.100 |" in report
+
+
+def test_pair_budget_refuses_bad_budgets(tmp_path: Path) -> None:
+    from iomm.cli import main
+
+    with pytest.raises(SystemExit, match="increasing"):
+        main(["study", "pair-budget", "--pair-budgets", "16", "4", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="--stage1-steps"):
+        main(["study", "pair-budget", "--stage1-steps", "0", "--out", str(tmp_path)])
