@@ -36,7 +36,7 @@ def _recipe(args: argparse.Namespace) -> int:
     from iomm.config import config_source, finetune_config, load_config
     from iomm.evaluation.reconstruction import sample_grid
     from iomm.model import build_codec, load_mllm
-    from iomm.nano.builtins import WORLD, build_side_by_side, builtin_records
+    from iomm.nano.builtins import WORLD, builtin_records
     from iomm.training.hardware import machine_facts
     from iomm.training.trainer import train
 
@@ -48,7 +48,6 @@ def _recipe(args: argparse.Namespace) -> int:
     print("precision: " + "; ".join(f"{stage} {how}" for stage, how in stage_precisions(cfg, stage2).items()),
           flush=True)
     print(f"== 1/5 nano MLLM ({cfg.mllm.nano_dir})", flush=True)
-    build_side_by_side(cfg)
     load_mllm(cfg)
     check_builtin(builtin_mllm(cfg.mllm.path), cfg)
     times["mllm_s"] = time.time() - start

@@ -5,8 +5,6 @@ or `data.pairs: world-fresh:1` for unlimited fresh pairs)."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -49,32 +47,6 @@ def _ensure_mllm(cfg: Config) -> Path:
     from iomm.nano.mllm_training import ensure_nano_mllm
 
     return ensure_nano_mllm(Path(cfg.mllm.nano_dir), random_init=cfg.mllm.random_init)
-
-
-def build_side_by_side(cfg: Config) -> bool:
-    """Where the nano MLLM and the nano VAE must both be built, build them at once: the VAE trains in a 1-thread
-    child process while the MLLM trains here on the other threads, and takes them all back once the VAE is saved
-    (two 1-thread processes do more per second than one 2-thread one). Each is the model it would be alone, up to
-    float rounding. False (nothing done) where only one, or neither, must be built."""
-    from iomm.nano import vae
-    from iomm.nano.mllm_training import ensure_nano_mllm, is_saved
-
-    mllm_dir, vae_dir = Path(cfg.mllm.nano_dir), Path(cfg.codec.nano_dir)
-    threads = torch.get_num_threads()
-    if (cfg.mllm.path != NAME or cfg.mllm.random_init or cfg.codec.kind == "pixel" or cfg.codec.path != NAME
-            or threads < 2 or is_saved(mllm_dir) or vae.is_saved(vae_dir)):
-        return False
-    print(f"[nano-vae] building the nano VAE in {vae_dir} beside the nano MLLM (a 1-thread process)", flush=True)
-    child = subprocess.Popen([sys.executable, "-m", "iomm.cli", "vae", "train", "--out", str(vae_dir),
-                              "--resolution", str(cfg.data.resolution), "--threads", "1"])
-    try:
-        ensure_nano_mllm(mllm_dir, threads=lambda: threads if child.poll() is not None else threads - 1)
-    finally:
-        code = child.wait()
-    torch.set_num_threads(threads)
-    if code != 0:
-        raise RuntimeError(f"building the nano VAE in {vae_dir} failed (exit code {code}): its output is above")
-    return True
 
 
 def builtin_records(cfg: Config) -> dict[str, Any]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -203,10 +202,9 @@ def batch_loss(model: InternVLForConditionalGeneration, batch: Batch, cfg: NanoM
 
 def train_loop(
     model: InternVLForConditionalGeneration, sampler: TaskSampler, cfg: NanoMLLMConfig,
-    *, steps: int | None, minutes: float | None, progress: bool, threads: Callable[[], int] | None = None,
+    *, steps: int | None, minutes: float | None, progress: bool,
 ) -> dict[str, Any]:
-    """AdamW on answer tokens until `steps` or `minutes` (whichever first); returns run statistics. `threads`, if
-    given, says before each step how many torch threads it may use (a core another job hands back)."""
+    """AdamW on answer tokens until `steps` or `minutes` (whichever first); returns run statistics."""
     if steps is None and minutes is None:
         raise ValueError("train_nano_mllm: give steps or minutes")
     dense = DenseHead(model) if cfg.dense_weight > 0 else None
@@ -217,8 +215,6 @@ def train_loop(
     log, step, frac, loss, images_seen = Progress(progress, tag="nano-mllm"), 0, 0.0, float("nan"), 0
     phase_start = None  # the step at which the image phase began
     while frac < 1.0:
-        if threads is not None and (wanted := threads()) != torch.get_num_threads():
-            torch.set_num_threads(wanted)
         final, within = phase_progress(frac, cfg)
         phase_start = step if final and phase_start is None else phase_start
         for group in opt.param_groups:
@@ -262,7 +258,6 @@ def train_nano_mllm(
     progress: bool = True,
     tiny: bool = False,
     config: NanoMLLMConfig | None = None,
-    threads: Callable[[], int] | None = None,
 ) -> Path:
     """Train (or, with `random_init`, only initialise) the nano MLLM; save it and understanding.json.
 
@@ -279,7 +274,7 @@ def train_nano_mllm(
     stats: dict[str, Any] = {"steps": 0, "train_seconds": 0.0}
     if not random_init:
         stats = train_loop(model, TaskSampler(cfg, tokenizer, seed), cfg, steps=steps, minutes=minutes,
-                           progress=progress, threads=threads)
+                           progress=progress)
     meta = {"seed": seed, "random_init": random_init, "parameters": n_params, "threads": torch.get_num_threads(),
             "precision": describe_precision(cfg.precision), "machine": machine_facts(), **stats}
     save_nano_mllm(out_dir, model, tokenizer, cfg, meta)
