@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from iomm.training.trainer import Trainer
 
 LORA = ("train.lora.enabled=true", "train.lora.rank=4", "train.lora.alpha=4", "data.pairs=world:16",
@@ -23,3 +25,13 @@ def test_a_lora_export_logged_to_a_file_holds_only_iomms_own_lines(tiny_config, 
     log = done.stdout + done.stderr
     assert "exported EMA weights to" in log
     assert not [noise for noise in NOISE if noise in log], log
+
+
+@pytest.mark.parametrize(("env", "level"), [({"RANK": "1"}, "ERROR"), ({"RANK": "0"}, None), ({}, None),
+                                            ({"RANK": "1", "TORCH_CPP_LOG_LEVEL": "INFO"}, "INFO")])
+def test_only_rank_0_of_a_launch_prints_torchs_cpp_warnings(env, level):
+    clean = {k: v for k, v in os.environ.items() if k not in ("RANK", "TORCH_CPP_LOG_LEVEL")}
+    code = "import os, iomm; print(os.environ.get('TORCH_CPP_LOG_LEVEL'))"
+    out = subprocess.run([sys.executable, "-c", code], env={**clean, **env}, capture_output=True, text=True,
+                         check=True).stdout.strip()
+    assert out == str(level)
