@@ -118,13 +118,13 @@ class NanoMLLMConfig:
 
 
 # A budget in steps, so that every machine builds the same model (a 9-minute budget gave 273 steps on an
-# emulated-bf16 Xeon and 941 on a native one). In fp32, colour / shape / count: 0.995 / 1.000 / 0.885 at 1,000
-# steps, 0.995 / 1.000 / 0.905 at 1,250 (docs/results/nano-recipe/nano_mllm_understanding.json).
+# emulated-bf16 Xeon and 941 on a native one). The default build answers colour / shape / count questions
+# 1.000 / 0.995 / 0.900 (docs/results/nano-recipe/nano_mllm_understanding.json).
 DEFAULT_STEPS = 1250
 # The floor the recipe needs of the built-in MLLM before it conditions a generator on it: image-question accuracy
 # on held-out scenes, for what the GenEval-shapes categories ask. Below it the recipe stops (`check_understanding`).
 # It sits about two standard errors (200 questions a kind) below the default build's scores, so that rounding
-# differences between machines cannot trip it, while a short build (0.65 / 0.42 / 0.54 at 273 steps) stops.
+# differences between machines cannot trip it, while a build with far too few steps stops.
 UNDERSTANDING_TARGETS = {"color": 0.85, "shape": 0.85, "count": 0.85}
 
 
