@@ -45,8 +45,8 @@ def _recipe(args: argparse.Namespace) -> int:
     stage2 = finetune_config(cfg, config_source(config_path, args.overrides))  # a bad stage 2 fails before stage 1
     out, times = Path(args.out), {}
     start = time.time()
-    print("precision: " + "; ".join(f"{stage} {how}" for stage, how in stage_precisions(cfg, stage2).items()),
-          flush=True)
+    precisions = stage_precisions(cfg, stage2)
+    print("precision: " + "; ".join(f"{stage} {how}" for stage, how in precisions.items()), flush=True)
     print(f"== 1/5 nano MLLM ({cfg.mllm.nano_dir})", flush=True)
     load_mllm(cfg)
     check_builtin(builtin_mllm(cfg.mllm.path), cfg)
@@ -70,7 +70,7 @@ def _recipe(args: argparse.Namespace) -> int:
         summary["fidelity"] = stage1_fidelity(out / "pretrain", args.fidelity_n)
     times["eval_s"] = time.time() - start - sum(times.values())
     times["total_s"] = time.time() - start
-    summary.update(times=times, machine=machine_facts(), precision=stage_precisions(cfg, stage2),
+    summary.update(times=times, machine=machine_facts(), precision=precisions,
                    builtins=builtin_records(cfg), config=cfg.to_dict())
     (out / "recipe.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
     print(format_metrics(metrics))

@@ -290,17 +290,13 @@ def train_nano_mllm(
 def ensure_nano_mllm(path: str | Path, *, progress: bool = True, **train_kwargs: Any) -> Path:
     """Return `path` if it holds a saved nano MLLM; otherwise train one there first (saying so)."""
     path = Path(path)
-    if is_saved(path):
+    if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
         _check_kind(path, bool(train_kwargs.get("random_init", False)))
         return path
     if progress:
         what = "random init" if train_kwargs.get("random_init") else f"{train_kwargs.get('steps', DEFAULT_STEPS)} steps"
         print(f"[nano-mllm] no nano MLLM at {path}: building it now (one-off, {what})", flush=True)
     return train_nano_mllm(path, progress=progress, **train_kwargs)
-
-
-def is_saved(path: Path) -> bool:
-    return (path / "config.json").is_file() and (path / "model.safetensors").is_file()
 
 
 def _check_kind(path: Path, random_init: bool) -> None:

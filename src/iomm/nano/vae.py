@@ -129,14 +129,10 @@ def evaluate_nano_vae(vae: AutoencoderKL, resolution: int, n: int, seed: int) ->
             "scaling_factor": round(1.0 / latents.std().item(), 5), "shift_factor": round(latents.mean().item(), 5)}
 
 
-def is_saved(path: Path) -> bool:
-    return (path / "config.json").is_file() and (path / "diffusion_pytorch_model.safetensors").is_file()
-
-
 def ensure_nano_vae(path: str | Path, *, resolution: int, progress: bool = True, **train_kwargs: Any) -> Path:
     """Return `path` if it holds a nano VAE for this resolution; otherwise train one there first (saying so)."""
     path = Path(path)
-    if is_saved(path):
+    if (path / "config.json").is_file() and (path / "diffusion_pytorch_model.safetensors").is_file():
         saved = AutoencoderKL.load_config(path, local_files_only=True)["sample_size"]
         if saved != resolution:
             raise ValueError(f"{path}: nano VAE trained at {saved} px, but data.resolution is {resolution}: "
