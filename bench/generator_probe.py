@@ -29,11 +29,11 @@ import torch
 from iomm.config import load_config
 from iomm.generator.flow import TIMESTEP_SCALE, euler_sample, flow_matching_loss, output_to_velocity
 from iomm.generator.network import build_generator, run_generator
-from iomm.image_tensors import to_tensor, to_uint8
+from iomm.image_tensors import captioned_grid, to_tensor, to_uint8
 from iomm.model import build_codec
 from iomm.nano.prompts import eval_prompts
 from iomm.nano.scorer import detect_objects, judge, score
-from iomm.nano.world import World, captioned_grid
+from iomm.nano.world import World
 from iomm.training.optimizers import lr_factor
 
 

@@ -33,11 +33,12 @@ def test_recipe_runs_every_stage_and_writes_its_score(tiny_mllm_dir, tmp_path, c
     summary = json.loads((out / "recipe.json").read_text())
     metrics = summary["metrics"]
     assert f"overall={metrics['overall']:.3f}" in printed
-    assert metrics["counts"]["single_object"]["n"] == 1 and len(metrics["counts"]) == 6
+    assert metrics["counts"]["single_object"]["n"] == 1 and len(metrics["counts"]) == 7  # GenEval's 6 + compositions
+    assert f"mean={metrics['compositions']:.3f}" in printed  # the held-out compositions, reported on their own
     assert summary["times"]["total_s"] >= sum(v for k, v in summary["times"].items() if k != "total_s") - 1e-6
     assert (out / "pretrain/checkpoints/step_00000002/manifest.json").is_file()
     assert (out / "finetune/samples/step_00000002.png").is_file()
-    assert len((out / "eval/metadata.jsonl").read_text().splitlines()) == 6
+    assert len((out / "eval/metadata.jsonl").read_text().splitlines()) == 7
     fidelity = summary["fidelity"]  # stage 1's regenerations of held-out scenes, as iomm eval reconstruct scores them
     assert fidelity["n"] == 8 and fidelity["ratio"] == 0.0 and 0.0 <= fidelity["exact"] <= 1.0
     assert f"exact={fidelity['exact']:.3f}" in printed

@@ -67,7 +67,8 @@ def test_world_prompts_in_geneval_layout_score_with_the_shapes_scorer(tmp_path):
 
     write_geneval_layout(metadata, tmp_path / "out", render, n_samples=2)
     metrics = score_directory(tmp_path / "out")
-    assert metrics["overall"] >= 0.98 and sum(c["n"] for c in metrics["counts"].values()) == 24
+    assert metrics["overall"] >= 0.98 and sum(c["n"] for c in metrics["counts"].values()) == 28
+    assert metrics["compositions"] >= 0.98  # the held-out compositions render and score like GenEval's tags
 
 
 def test_dpg_one_image_per_prompt_file(tmp_path):
@@ -133,10 +134,10 @@ def test_export_command_writes_each_official_layout_with_a_real_model(tiny_confi
     (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(m) + "\n" for m in prompts))
     assert export("geneval", "--prompts", str(tmp_path / "prompts.jsonl"), "--out", str(tmp_path / "g"),
                   "--samples", "2") == 0
-    assert sorted(os.listdir(tmp_path / "g")) == [f"{i:05d}" for i in range(6)]
-    assert sorted(os.listdir(tmp_path / "g/00005/samples")) == ["0000.png", "0001.png"]
+    assert sorted(os.listdir(tmp_path / "g")) == [f"{i:05d}" for i in range(7)]  # GenEval's 6 + compositions
+    assert sorted(os.listdir(tmp_path / "g/00006/samples")) == ["0000.png", "0001.png"]
     assert Image.open(tmp_path / "g/00000/samples/0000.png").size == (32, 32)
-    assert sum(c["n"] for c in score_directory(tmp_path / "g")["counts"].values()) == 12
+    assert sum(c["n"] for c in score_directory(tmp_path / "g")["counts"].values()) == 14
 
     dpg = tmp_path / "dpg_prompts"
     dpg.mkdir()

@@ -130,6 +130,20 @@ def test_seed_scores_average_the_runs_and_runs_must_share_their_categories():
         seed_bootstrap({**runs, "s2": [PairedItem("z", "r", 0.0, 1.0)]}, n_boot=200)
 
 
+def test_a_category_outside_overall_keeps_its_own_score_and_leaves_overall_alone():
+    items = [PairedItem("x", "p", 1.0, 0.0), PairedItem("y", "q", 0.0, 1.0), PairedItem("held", "r", 0.0, 1.0)]
+    one = paired_bootstrap(items, n_boot=200, outside_overall=["held"])
+    assert one["held"]["diff"] == 1.0
+    assert one["overall"]["a"] == pytest.approx(0.5) and one["overall"]["b"] == pytest.approx(0.5)
+    assert one["overall"]["n"] == 2
+    runs = {"s0": items, "s1": list(reversed(items))}
+    seeds = seed_bootstrap(runs, n_boot=200, outside_overall=["held"])
+    assert seeds["overall"]["diff"] == pytest.approx(0.0) and seeds["overall"]["n"] == 4
+    assert seeds["held"]["per_seed"] == {"s0": 1.0, "s1": 1.0}
+    with pytest.raises(ValueError, match="no category left"):
+        paired_bootstrap(items, n_boot=200, outside_overall=["x", "y", "held"])
+
+
 def test_t_quantiles_and_interval():
     assert t_quantile_975(2) == 4.303 and t_quantile_975(10) == pytest.approx(2.228, abs=1e-3)
     assert t_quantile_975(30) == pytest.approx(2.042, abs=1e-3)

@@ -193,6 +193,17 @@ def test_score_is_the_mean_over_the_tags_present():
     assert metrics["colors_seen"]["accuracy"] == 0.0
 
 
+def test_the_held_out_compositions_are_their_own_category_outside_overall():
+    relation = {"tag": "compositions", "kind": "relation"}
+    records = [({"tag": "position"}, True), ({"tag": "compositions", "kind": "count_shape"}, True),
+               (relation, False), (relation, True), (relation, True), (relation, True)]
+    metrics = score(records)
+    assert metrics["overall"] == 1.0  # GenEval's tags only
+    assert metrics["compositions_count_shape"] == 1.0 and metrics["compositions_relation"] == 0.75
+    assert metrics["compositions"] == 0.875  # the mean over kinds, not over images (0.8)
+    assert metrics["counts"]["compositions"] == {"n": 5, "passed": 4}
+
+
 def test_score_directory_and_the_eval_command(tmp_path):
     world, rng = World(), np.random.default_rng(7)
     prompts = PROMPTS[::4]
@@ -253,8 +264,8 @@ def test_model_flag_with_a_missing_run_errors_clearly(tmp_path, capsys):
     assert not (tmp_path / "m.json").exists()
 
 
-def test_eval_shapes_with_a_real_model_writes_all_six_categories(tiny_config, tmp_path):
-    from iomm.nano.world import GENEVAL_TAGS
+def test_eval_shapes_with_a_real_model_writes_all_six_categories_and_the_compositions(tiny_config, tmp_path):
+    from iomm.nano.world import COMPOSITION_KINDS, COMPOSITIONS, GENEVAL_TAGS
     from iomm.training.trainer import Trainer
 
     Trainer(tiny_config("train.steps=1"), tmp_path / "run", progress=False).fit()
@@ -265,6 +276,9 @@ def test_eval_shapes_with_a_real_model_writes_all_six_categories(tiny_config, tm
     assert args.func(args) == 0
     metrics = json.loads((tmp_path / "m.json").read_text())
     assert set(GENEVAL_TAGS) | {"overall", "counts"} <= set(metrics)
-    assert metrics["counts"] == {tag: {"n": 2, "passed": metrics["counts"][tag]["passed"]} for tag in GENEVAL_TAGS}
+    tags = (*GENEVAL_TAGS, COMPOSITIONS)
+    assert metrics["counts"] == {tag: {"n": 2, "passed": metrics["counts"][tag]["passed"]} for tag in tags}
+    assert metrics["overall"] == pytest.approx(sum(metrics[tag] for tag in GENEVAL_TAGS) / len(GENEVAL_TAGS))
+    assert f"{COMPOSITIONS}_{COMPOSITION_KINDS[0]}" in metrics  # one prompt per category: the first kind only
     assert metrics["overall"] == pytest.approx(np.mean([metrics[tag] for tag in GENEVAL_TAGS]))
-    assert len((tmp_path / "m_images" / "metadata.jsonl").read_text().splitlines()) == 6
+    assert len((tmp_path / "m_images" / "metadata.jsonl").read_text().splitlines()) == 7

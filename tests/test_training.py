@@ -111,3 +111,25 @@ def test_where_bf16_is_native_frozen_weights_are_stored_in_bf16(tiny_config, tmp
     assert {d for n, d in dtypes.items() if n.startswith("mllm.")} == {torch.bfloat16}
     assert {d for n, d in dtypes.items() if not n.startswith("mllm.")} == {torch.float32}
     assert (tmp_path / "run/samples/step_00000002.png").is_file()
+
+
+def test_stage_two_logs_the_held_out_pairs_loss_the_same_after_a_resume(tiny_config, tmp_path, capsys):
+    held = ("data.holdout_pairs=6",)
+    straight = Trainer(tiny_config("train.steps=4", *MIXED, *held), tmp_path / "a", progress=False)
+    assert straight.held_out_pairs is not None and len(straight.held_out_pairs.captions) == 6
+    straight.fit()
+    Trainer(tiny_config("train.steps=2", *MIXED, *held), tmp_path / "b", progress=False).fit()
+    Trainer(tiny_config("train.steps=4", *MIXED, *held), tmp_path / "b", progress=False).fit()
+    rows = {}
+    for run in ("a", "b"):
+        lines = [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        rows[run] = {r["step"]: r["heldout_loss"] for r in lines if "heldout_loss" in r}
+    assert sorted(rows["a"]) == sorted(rows["b"]) == [1, 2, 3, 4]
+    for step in (3, 4):
+        assert rows["a"][step] == pytest.approx(rows["b"][step], abs=1e-6)
+    assert all(math.isfinite(v) and v > 0 for v in rows["a"].values())
+    assert rows["a"][1] != rows["a"][4]  # the live weights are scored, not a frozen copy
+    assert "heldout " in capsys.readouterr().out
+    image_only = Trainer(tiny_config("train.steps=1", "data.pairs=world:32", "train.mix_ratio=1.0", *held),
+                         tmp_path / "c", progress=False)
+    assert image_only.held_out_pairs is None

@@ -7,13 +7,20 @@ import numpy as np
 import pytest
 
 from iomm.commands import world as world_command
+from iomm.image_tensors import captioned_grid
 from iomm.nano.prompts import eval_prompts
 from iomm.nano.world import (
     CLEAR_POSITION_THRESHOLD,
     COLORS,
+    COMPOSITION_KINDS,
+    COMPOSITIONS,
     GENEVAL_TAGS,
     HELD_OUT,
+    HELD_OUT_COUNTS,
+    HELD_OUT_RELATIONS,
+    INVERSE_RELATIONS,
     NUMBER_WORDS,
+    PLURALS,
     RELATIONS,
     SHAPES,
     VOCABULARY,
@@ -21,7 +28,7 @@ from iomm.nano.world import (
     World,
     WorldConfig,
     WorldObject,
-    captioned_grid,
+    held_out_kinds,
     is_held_out,
     relative_position,
     scene_from_dict,
@@ -129,20 +136,58 @@ def test_relative_position_matches_geneval():
     assert relative_position((0, 0, 10, 10), (1, 1, 11, 11)) == set()  # offset within 0.1 * (dims)
 
 
-def test_pairs_never_caption_a_held_out_combination_but_the_stream_has_them():
-    world = World()
-    pairs = world.pairs(1500, seed=0)
-    held_phrases = [re.compile(rf"\b{c} {s}s?\b") for c, s in HELD_OUT]
+def held_out_caption_patterns() -> dict[str, list[re.Pattern]]:
+    """What a caption would say to state each kind of held-out composition (colour words optional where they
+    may stand, either phrasing of a relation)."""
+    relations = [statement for a, r, b in HELD_OUT_RELATIONS for statement in ((a, r, b), (b, INVERSE_RELATIONS[r], a))]
+    return {"color_shape": [re.compile(rf"\b{c} {s}s?\b") for c, s in HELD_OUT],
+            "count_shape": [re.compile(rf"\b{NUMBER_WORDS[k]} (\w+ )?{PLURALS[s]}\b") for k, s in HELD_OUT_COUNTS],
+            "relation": [re.compile(rf"\b{a} {r} a (\w+ )?{b}\b") for a, r, b in relations]}
+
+
+def scene_shows(scene: Scene, kind: str) -> bool:
+    """Whether a scene's image shows a held-out composition of `kind` (a relation by GenEval's rule, stated or not)."""
+    if kind == "color_shape":
+        return any(is_held_out(o.color, o.shape) for o in scene.objects)
+    if kind == "count_shape":
+        groups = [(o.color, o.shape) for o in scene.objects]
+        return any([o.shape for o in scene.objects].count(s) == k or any(groups.count((c, s)) == k for c, _ in groups)
+                   for k, s in HELD_OUT_COUNTS)
+    return any(r in relative_position(x.bbox, y.bbox, CLEAR_POSITION_THRESHOLD)
+               for x, y in itertools.permutations(scene.objects, 2) for a, r, b in HELD_OUT_RELATIONS
+               if (x.shape, y.shape) == (a, b))
+
+
+@pytest.mark.parametrize("n", [128, 512, 2048])
+def test_no_pair_set_states_or_shows_a_held_out_composition(n):
+    """Every pair source of the world draws from `World.pairs`: the N-pair sets (two seeds) and fresh pairs."""
+    world = World(WorldConfig(background="mixed"))
+    pairs = world.pairs(n, seed=0) + world.pairs(n, seed=1)
+    if n == 128:  # unlimited fresh pairs draw one pair per seed
+        pairs += [world.pairs(1, seed)[0] for seed in range(2000)]
+    patterns = held_out_caption_patterns()
     colorless = 0
     for image, caption, scene in pairs:
-        assert not any(is_held_out(o.color, o.shape) for o in scene.objects)
-        assert not any(p.search(caption) for p in held_phrases)
+        assert not held_out_kinds(scene), (caption, scene)
+        for kind, kind_patterns in patterns.items():
+            assert not any(p.search(caption) for p in kind_patterns), (kind, caption)
+        assert not any(scene_shows(scene, kind) for kind in ("color_shape", "count_shape"))
         colorless += not any(c in caption.split() for c in COLORS)
         assert image.shape == (32, 32, 3)
     assert 0.15 < colorless / len(pairs) < 0.35
-    stream = [scene for _, scene in itertools.islice(world.images(0), 500)]
-    seen = {(o.color, o.shape) for s in stream for o in s.objects}
-    assert set(HELD_OUT) <= seen
+
+
+def test_the_image_stream_shows_every_held_out_composition():
+    world = World()
+    stream = [scene for _, scene in itertools.islice(world.images(0), 1000)]
+    assert {(o.color, o.shape) for s in stream for o in s.objects} >= set(HELD_OUT)
+    for k, s in HELD_OUT_COUNTS:
+        assert any([o.shape for o in scene.objects].count(s) == k for scene in stream)
+    for a, r, b in HELD_OUT_RELATIONS:
+        assert any(r in relative_position(x.bbox, y.bbox, CLEAR_POSITION_THRESHOLD) for scene in stream
+                   for x, y in itertools.permutations(scene.objects, 2) if (x.shape, y.shape) == (a, b))
+    # the unlabeled stream's own captions (never used for training) would state them: the kinds really occur there
+    assert {kind for scene in stream for kind in held_out_kinds(scene)} == set(COMPOSITION_KINDS)
 
 
 def test_vocabulary_covers_every_caption_and_prompt_word():
@@ -156,7 +201,8 @@ def test_vocabulary_covers_every_caption_and_prompt_word():
 
 def test_eval_prompts_follow_genevals_layout():
     prompts = eval_prompts(per_category=12, seed=0)
-    assert [m["tag"] for m in prompts] == [t for t in GENEVAL_TAGS for _ in range(12)]
+    assert [m["tag"] for m in prompts] == [t for t in (*GENEVAL_TAGS, COMPOSITIONS) for _ in range(12)]
+    prompts = [m for m in prompts if m["tag"] != COMPOSITIONS]
     for meta in prompts:
         validate_prompt(meta)
         assert list(meta)[:2] == ["tag", "include"] and "prompt" in meta and isinstance(meta["held_out"], bool)
@@ -187,6 +233,18 @@ def test_eval_prompts_follow_genevals_layout():
     assert held == set(HELD_OUT)
 
 
+def test_composition_prompts_ask_only_for_held_out_compositions_each_kind_in_turn():
+    prompts = [m for m in eval_prompts(per_category=12, seed=0) if m["tag"] == COMPOSITIONS]
+    assert [m["kind"] for m in prompts] == list(COMPOSITION_KINDS) * 4
+    patterns = held_out_caption_patterns()
+    for meta in prompts:
+        validate_prompt(meta)
+        assert any(p.search(meta["prompt"]) for p in patterns[meta["kind"]]), meta
+    texts = {m["prompt"] for m in prompts}
+    assert {"a photo of three triangles", "a photo of a circle above a square", "a photo of a square below a circle",
+            "a photo of a red triangle"} <= texts
+
+
 def test_scene_from_prompt_has_exactly_the_prompted_objects():
     world, rng = World(), np.random.default_rng(0)
     for meta in eval_prompts(16, seed=2):
@@ -194,7 +252,7 @@ def test_scene_from_prompt_has_exactly_the_prompted_objects():
         want = sorted((i["class"], i.get("color")) for i in meta["include"] for _ in range(i["count"]))
         got = sorted((o.shape, o.color if any("color" in i for i in meta["include"]) else None) for o in scene.objects)
         assert got == want
-        if meta["tag"] == "position":
+        if "position" in meta["include"][-1]:
             relation = meta["include"][1]["position"][0]
             assert scene.relation == relation and scene.objects[0].shape == meta["include"][1]["class"]
             assert relation in relative_position(scene.objects[0].bbox, scene.objects[1].bbox)
@@ -247,7 +305,7 @@ def test_captioned_grid_and_world_commands(tmp_path):
     assert args.func(args) == 0
     assert [json.loads(x) for x in out.read_text().splitlines()] == eval_prompts(2, 0)
     rendered = [json.loads(x) for x in (tmp_path / "r" / "metadata.jsonl").read_text().splitlines()]
-    assert len(rendered) == 12 and all(len(x["images"]) == 2 for x in rendered)
+    assert len(rendered) == 14 and all(len(x["images"]) == 2 for x in rendered)
 
 
 def test_world_sample_command_is_deterministic_per_seed_and_writes_counts(tmp_path):

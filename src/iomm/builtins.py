@@ -39,7 +39,7 @@ class BuiltinBelowTarget(ValueError):
 
 @dataclass(frozen=True)
 class BuiltinData:
-    """A procedural data source: unlabeled images, `NAME:N` text-image pairs, and a fixed held-out set."""
+    """A procedural data source: unlabeled images, `NAME:N` text-image pairs, and fixed held-out sets."""
 
     images: Callable[[Config], Source]
     pairs: Callable[[Config, int], Source]
@@ -47,6 +47,8 @@ class BuiltinData:
     validate: Callable[[Config, str], None] = lambda cfg, source: None  # raises ConfigError
     # Scores the sample grid's regenerations of the first images of `held_out` against what those images show.
     grid_metrics: Callable[[Config, torch.Tensor], dict[str, float]] | None = None
+    # n pairs ((n, 3, R, R) images, their captions) never drawn for training, whose loss stage 2 logs.
+    held_out_pairs: Callable[[Config, int], tuple[torch.Tensor, list[str]]] | None = None
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""The one conversion between images (uint8 arrays, PIL) and float tensors in [0, 1], and sample grids.
+"""The one conversion between images (uint8 arrays, PIL) and float tensors in [0, 1], and image grids.
 
 Arrays and PIL images are channels-last uint8 (H, W, 3); tensors are channels-first float (3, H, W)
 or batched (B, 3, H, W) with values in [0, 1].
@@ -11,7 +11,7 @@ from typing import Union
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 ImageLike = Union[np.ndarray, Image.Image]
 
@@ -54,3 +54,36 @@ def image_grid(rows: list[torch.Tensor], pad: int = 2) -> Image.Image:
             y, x = pad + r * (h + pad), pad + i * (w + pad)
             grid[y:y + h, x:x + w] = pixels[i]
     return Image.fromarray(grid)
+
+
+def _wrap(text: str, width: float, draw: ImageDraw.ImageDraw, font: ImageFont.ImageFont) -> list[str]:
+    lines = [""]
+    for word in text.split():
+        candidate = f"{lines[-1]} {word}".strip()
+        if draw.textlength(candidate, font=font) <= width or not lines[-1]:
+            lines[-1] = candidate
+        else:
+            lines.append(word)
+    return lines
+
+
+def captioned_grid(images: list[np.ndarray], captions: list[str], scale: int = 4, columns: int = 4) -> Image.Image:
+    """A grid of images (upscaled `scale` times, nearest) with each caption word-wrapped beneath."""
+    if len(images) != len(captions) or not images:
+        raise ValueError(f"captioned_grid: expected as many captions as images (>= 1), "
+                         f"got {len(images)} images and {len(captions)} captions")
+    font = ImageFont.load_default()
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    tile_h, tile_w = images[0].shape[0] * scale, images[0].shape[1] * scale
+    wrapped = [_wrap(text, tile_w, measure, font) for text in captions]
+    line_h, pad = 13, 4
+    cell_h = tile_h + max(map(len, wrapped)) * line_h + 2 * pad
+    rows = -(-len(images) // columns)
+    grid = Image.new("RGB", (columns * (tile_w + pad) + pad, rows * cell_h), (235, 235, 235))
+    draw = ImageDraw.Draw(grid)
+    for k, (image, lines) in enumerate(zip(images, wrapped)):
+        x, y = pad + (k % columns) * (tile_w + pad), (k // columns) * cell_h + pad
+        grid.paste(Image.fromarray(image).resize((tile_w, tile_h), Image.NEAREST), (x, y))
+        for i, line in enumerate(lines):
+            draw.text((x, y + tile_h + 2 + i * line_h), line, fill=(0, 0, 0), font=font)
+    return grid

@@ -251,13 +251,17 @@ class IOMM(nn.Module):
         out = run_generator(self.generator, latents, t * TIMESTEP_SCALE, cond.tokens, cond.pooled, cond.mask)
         return output_to_velocity(self.cfg.flow, latents, out, t)
 
-    def forward(self, images: Images, captions: list[str | None], generator: Generators) -> torch.Tensor:
-        return self.loss(images, captions, generator)
+    def forward(self, images: Images, captions: list[str | None], generator: Generators,
+                cond_dropout: float | None = None) -> torch.Tensor:
+        return self.loss(images, captions, generator, cond_dropout)
 
-    def loss(self, images: Images, captions: list[str | None], generator: Generators) -> torch.Tensor:
-        """Flow-matching loss of one (mixed) batch; all randomness comes from `generator`."""
+    def loss(self, images: Images, captions: list[str | None], generator: Generators,
+             cond_dropout: float | None = None) -> torch.Tensor:
+        """Flow-matching loss of one (mixed) batch; all randomness comes from `generator`. `cond_dropout`:
+        default `train.cond_dropout` (0 scores every sample under its own condition)."""
+        dropout = self.cfg.train.cond_dropout if cond_dropout is None else cond_dropout
         with self.timer("conditioning_forward"):
-            cond = self.condition_batch(images, captions, generator, self.cfg.train.cond_dropout)
+            cond = self.condition_batch(images, captions, generator, dropout)
         with self.timer("codec_encode"):
             latents = self.latents(images, generator)
         self.timer.mark_gradient(cond.tokens, cond.pooled)

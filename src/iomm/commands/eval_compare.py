@@ -17,6 +17,8 @@ from typing import Any
 
 SHAPES_FIELDS = {"category": "tag", "cluster": "prompt", "value": "correct"}
 RECONSTRUCT_FIELDS = {"category": "ratio", "cluster": "scene", "value": "exact"}
+# The nano world's held-out compositions are scored on their own, not in GenEval's overall.
+SHAPES_OUTSIDE_OVERALL = ["compositions"]
 ONE_RUN_SCOPE = "one training run per arm: the interval covers prompts and images, so it is about these two models"
 SEED_SCOPE = "training runs: hierarchical bootstrap over seeds, prompts and images, and a t-interval over seeds"
 
@@ -32,6 +34,9 @@ def register_under(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--value", default=None, help="field compared (default: correct, or exact for reconstruct)")
     p.add_argument("--category", default=None, help="field that groups items (default: tag, or ratio)")
     p.add_argument("--cluster", default=None, help="field of the resampled unit (default: prompt, or scene)")
+    p.add_argument("--outside-overall", action="append", default=None, metavar="CATEGORY",
+                   help="a category scored on its own, outside overall (repeatable; default: compositions for "
+                        "shapes results, none otherwise)")
     p.add_argument("--n-boot", type=int, default=2000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, required=True, help="comparison JSON file")
@@ -73,6 +78,8 @@ def _compare(args: argparse.Namespace) -> int:
     records = [(read_records(a), read_records(b)) for a, b in pairs]
     defaults = SHAPES_FIELDS if "correct" in records[0][0][0] else RECONSTRUCT_FIELDS
     fields = {key: getattr(args, key) or default for key, default in defaults.items()}
+    outside = args.outside_overall if args.outside_overall is not None else (
+        SHAPES_OUTSIDE_OVERALL if defaults is SHAPES_FIELDS else [])
     by_seeds = len(pairs) > 1 or args.seed_field is not None
     try:
         if by_seeds:
@@ -87,17 +94,18 @@ def _compare(args: argparse.Namespace) -> int:
                     if seed in runs:
                         raise ValueError(f"seed {seed!r} appears in more than one pair of files")
                     runs[seed] = items
-            result = seed_bootstrap(runs, n_boot=args.n_boot, seed=args.seed)
+            result = seed_bootstrap(runs, n_boot=args.n_boot, seed=args.seed, outside_overall=outside)
         else:
             items = pair_records(*records[0], fields["value"], fields["category"], fields["cluster"])
-            result = paired_bootstrap(items, n_boot=args.n_boot, seed=args.seed)
+            result = paired_bootstrap(items, n_boot=args.n_boot, seed=args.seed, outside_overall=outside)
     except ValueError as error:
         raise SystemExit(f"eval compare: {' '.join(map(str, args.files))}: {error}") from None
     seed_field = ["--seed-field", args.seed_field] if args.seed_field else []
     command = ["iomm", "eval", "compare", *map(str, args.files), *[f"--{k}={v}" for k, v in fields.items()],
-               *seed_field, "--n-boot", str(args.n_boot), "--seed", str(args.seed), "--out", str(args.out)]
+               *seed_field, *[f"--outside-overall={c}" for c in outside], "--n-boot", str(args.n_boot),
+               "--seed", str(args.seed), "--out", str(args.out)]
     report = {"command": shlex.join(command), "a": [str(a) for a, _ in pairs], "b": [str(b) for _, b in pairs],
-              **fields, "seed_field": args.seed_field, "n_boot": args.n_boot,
+              **fields, "seed_field": args.seed_field, "outside_overall": outside, "n_boot": args.n_boot,
               "unit": SEED_SCOPE if by_seeds else ONE_RUN_SCOPE, "results": result}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")

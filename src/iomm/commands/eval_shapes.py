@@ -24,6 +24,7 @@ from iomm.evaluation.geneval_export import (
 from iomm.evaluation.prompt_images import write_jsonl
 from iomm.nano.prompts import eval_prompts
 from iomm.nano.scorer import judge_directory, read_prompts, score
+from iomm.nano.world import COMPOSITIONS
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -85,6 +86,7 @@ def format_table(metrics: dict[str, Any]) -> str:
         tally = metrics[key]
         if tally["n"]:
             rows.append(f"{key:<16}{tally['n']:>6}{tally['passed']:>8}{tally['accuracy']:>8.3f}")
+    rows += [f"{key:<30}{metrics[key]:>8.3f}" for key in metrics if key.startswith(f"{COMPOSITIONS}_")]
     return "\n".join(rows)
 
 

@@ -130,4 +130,9 @@ def stage1_fidelity(run: Path, n: int) -> dict:
 def format_metrics(metrics: dict) -> str:
     keys = [k for k in ("single_object", "two_object", "counting", "colors", "position", "color_attr", "overall")
             if k in metrics]
-    return "GenEval-shapes: " + "  ".join(f"{k}={metrics[k]:.3f}" for k in keys)
+    line = "GenEval-shapes: " + "  ".join(f"{k}={metrics[k]:.3f}" for k in keys)
+    kinds = [k for k in metrics if k.startswith("compositions_")]
+    if "compositions" in metrics:  # the held-out compositions: what no training caption states
+        scores = [f"{k.removeprefix('compositions_')}={metrics[k]:.3f}" for k in kinds]
+        line += "\nheld-out compositions: " + "  ".join([*scores, f"mean={metrics['compositions']:.3f}"])
+    return line

@@ -12,8 +12,9 @@ import numpy as np
 from PIL import Image
 
 from iomm.evaluation.prompt_images import save_prompt_images, write_jsonl
+from iomm.image_tensors import captioned_grid
 from iomm.nano.prompts import eval_prompts
-from iomm.nano.world import BACKGROUNDS, World, WorldConfig, captioned_grid, is_held_out, scene_to_dict
+from iomm.nano.world import BACKGROUNDS, World, WorldConfig, held_out_kinds, scene_to_dict
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -67,10 +68,9 @@ def run_sample(args: argparse.Namespace) -> int:
     for i, (image, caption, scene) in enumerate(samples):
         name = f"{i:06d}.png"
         Image.fromarray(image).save(args.out / name)
-        held_out = any(is_held_out(o.color, o.shape) for o in scene.objects)
         counts = dict(Counter(o.shape for o in scene.objects))  # per class, like GenEval's include counts
-        lines.append(json.dumps({"image": name, "caption": caption, "held_out": held_out, "counts": counts,
-                                 **scene_to_dict(scene)}))
+        lines.append(json.dumps({"image": name, "caption": caption, "held_out": sorted(held_out_kinds(scene)),
+                                 "counts": counts, **scene_to_dict(scene)}))
     (args.out / "metadata.jsonl").write_text("\n".join(lines) + "\n")
     print(f"wrote {len(samples)} images and metadata.jsonl to {args.out}")
     if args.grid is not None:

@@ -171,6 +171,9 @@ class DataSources:
     images: Source
     pairs: Source | None
     held_out: torch.Tensor  # (n, 3, R, R) images the sample grids regenerate; never drawn for training
+    # Captioned pairs never drawn for training, whose loss stage 2 logs: `data.holdout_pairs` of a built-in pair
+    # source; None for pair files and datasets (they have no held-out split) and without pairs.
+    held_out_pairs: Batch | None = None
 
 
 def build_sources(cfg: Config, report: DataReport | None = None, run_dir: Path | None = None, *, main: bool = True,
@@ -195,18 +198,21 @@ def build_sources(cfg: Config, report: DataReport | None = None, run_dir: Path |
         items = lister.items(FileSpec(CACHE_KIND, str(Path(d.latents) / CACHED_IMAGES)), captions=False)
         images = _epochs(items, list(range(len(items))), cfg.train.seed, IMAGE_STREAM, d.latents)
     pairs: Source | None = None
+    held_pairs: Batch | None = None
     if d.pairs is not None and cfg.train.mix_ratio < 1.0:
         spec = pair_spec(d.pairs)
         if d.latents is not None:
             spec = FileSpec(CACHE_KIND, str(Path(d.latents) / CACHED_PAIRS))
         if isinstance(spec, tuple):
             pairs = spec[0].pairs(cfg, int(spec[1]))
+            if spec[0].held_out_pairs is not None and d.holdout_pairs > 0:
+                held_pairs = Batch(*spec[0].held_out_pairs(cfg, d.holdout_pairs))
         elif d.streaming and spec.kind == "hf":
             pairs = lister.stream(spec.location, captions=True, stream=PAIR_STREAM)
         else:
             items = lister.items(spec, captions=True)
             pairs = _epochs(items, list(range(len(items))), cfg.train.seed, PAIR_STREAM, spec.location)
-    return DataSources(images, pairs, held[:held_out])
+    return DataSources(images, pairs, held[:held_out], held_pairs)
 
 
 def _epochs(items: Items, keep: list[int], seed: int, stream: int, where: str) -> EpochSamples:

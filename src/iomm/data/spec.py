@@ -47,6 +47,9 @@ class DataConfig:
     max_bad_fraction: float = 0.01
     # Files and shards: this many samples (spread over the list) never train; the sample grids regenerate them.
     holdout: int = 8
+    # Built-in pairs (NAME:N): this many more, never drawn for training; stage 2 logs their loss (`heldout_loss`).
+    # Pair files and datasets have no held-out split: nothing is set aside from them and no such loss is logged.
+    holdout_pairs: int = 64
 
 
 @dataclass(frozen=True)
@@ -67,6 +70,7 @@ def check_data(d: DataConfig, mix_ratio: float, source: str) -> list[BuiltinData
     """Range and consistency checks of the data section; returns the built-in sources it names."""
     require(d.num_workers >= 0, source, "data.num_workers", ">= 0", d.num_workers)
     require(d.holdout >= 0, source, "data.holdout", ">= 0", d.holdout)
+    require(d.holdout_pairs >= 0, source, "data.holdout_pairs", ">= 0", d.holdout_pairs)
     require(0.0 <= d.max_bad_fraction <= 1.0, source, "data.max_bad_fraction", "a value in [0, 1]", d.max_bad_fraction)
     require(d.resolution >= 8, source, "data.resolution", ">= 8", d.resolution)
     builtins = [data for data in [builtin_data(d.source)] if data is not None]

@@ -21,7 +21,7 @@ Verdicts: above 0, B is better ("b_better"); below 0, A is ("a_better"); otherwi
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -115,8 +115,10 @@ def _check(n_boot: int, where: str) -> None:
         raise ValueError(f"{where}: n_boot: expected >= 100, got {n_boot}")
 
 
-def paired_bootstrap(items: Sequence[PairedItem], n_boot: int = 2000, seed: int = 0) -> dict[str, Any]:
-    """{category: summary, ..., "overall": summary}; each summary holds a, b, diff = b - a, ci95, verdict."""
+def paired_bootstrap(items: Sequence[PairedItem], n_boot: int = 2000, seed: int = 0,
+                     outside_overall: Collection[str] = ()) -> dict[str, Any]:
+    """{category: summary, ..., "overall": summary}; each summary holds a, b, diff = b - a, ci95, verdict.
+    `overall` is the mean over the categories, less those in `outside_overall` (scored on their own)."""
     if not items:
         raise ValueError("paired_bootstrap: no items to compare")
     _check(n_boot, "paired_bootstrap")
@@ -124,10 +126,20 @@ def paired_bootstrap(items: Sequence[PairedItem], n_boot: int = 2000, seed: int 
     sizes = _category_sizes(items)
     result = {cat: _summary(float(point[c, 0]), float(point[c, 1]), boot[:, c, 1] - boot[:, c, 0], sizes[cat])
               for c, cat in enumerate(categories)}
-    overall = boot.mean(axis=1)
-    means = point.mean(axis=0)
-    result[OVERALL] = _summary(float(means[0]), float(means[1]), overall[:, 1] - overall[:, 0], len(items))
+    inside = _inside(categories, outside_overall)
+    overall = boot[:, inside].mean(axis=1)
+    means = point[inside].mean(axis=0)
+    n = sum(sizes[categories[c]] for c in inside)
+    result[OVERALL] = _summary(float(means[0]), float(means[1]), overall[:, 1] - overall[:, 0], n)
     return result
+
+
+def _inside(categories: list[str], outside_overall: Collection[str]) -> list[int]:
+    """The indices of the categories that `overall` averages."""
+    inside = [c for c, cat in enumerate(categories) if cat not in outside_overall]
+    if not inside:
+        raise ValueError(f"no category left for {OVERALL!r}: every one of {categories} is outside it")
+    return inside
 
 
 def _category_sizes(items: Sequence[PairedItem]) -> dict[str, int]:
@@ -146,11 +158,12 @@ def _run_replicates(items: Sequence[PairedItem], rng: np.random.Generator,
     return list(arrays), point, boot
 
 
-def seed_bootstrap(runs: Mapping[str, Sequence[PairedItem]], n_boot: int = 2000, seed: int = 0) -> dict[str, Any]:
+def seed_bootstrap(runs: Mapping[str, Sequence[PairedItem]], n_boot: int = 2000, seed: int = 0,
+                   outside_overall: Collection[str] = ()) -> dict[str, Any]:
     """{category: summary, ..., "overall": summary} from {training seed: the items of arm A's (a) and arm B's (b)
-    runs of that seed}. Scores are means over seeds; each summary holds a, b, diff = b - a, per_seed (the
-    differences), ci95 (hierarchical bootstrap: seeds, prompts, images), t_ci95 (over seeds; None for one),
-    n_seeds, n and verdict (`seed_verdict`)."""
+    runs of that seed}; `overall` averages the categories less `outside_overall`. Scores are means over seeds;
+    each summary holds a, b, diff = b - a, per_seed (the differences), ci95 (hierarchical bootstrap: seeds,
+    prompts, images), t_ci95 (over seeds; None for one), n_seeds, n and verdict (`seed_verdict`)."""
     if not runs or not all(runs.values()):
         raise ValueError("seed_bootstrap: no items to compare (every seed needs its items)")
     _check(n_boot, "seed_bootstrap")
@@ -170,7 +183,9 @@ def seed_bootstrap(runs: Mapping[str, Sequence[PairedItem]], n_boot: int = 2000,
     boot = inner[drawn, rng.integers(0, n_boot, size=(n_boot, n_seeds))].mean(axis=1)  # (n_boot, category, 2)
     sizes = [_category_sizes(items) for items in runs.values()]
     columns = [(cat, point[:, c], boot[:, c], sum(s[cat] for s in sizes)) for c, cat in enumerate(categories)]
-    columns.append((OVERALL, point.mean(axis=1), boot.mean(axis=1), sum(len(items) for items in runs.values())))
+    inside = _inside(categories, outside_overall)
+    columns.append((OVERALL, point[:, inside].mean(axis=1), boot[:, inside].mean(axis=1),
+                    sum(s[categories[c]] for s in sizes for c in inside)))
     result = {}
     for name, per_seed, resampled, n in columns:
         per_seed_diff = per_seed[:, 1] - per_seed[:, 0]

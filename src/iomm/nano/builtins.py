@@ -21,6 +21,8 @@ NAME = "nano"
 WORLD = "world"
 FRESH_WORLD = "world-fresh"  # `data.pairs: world-fresh:1`: unlimited pairs, a new one at every draw (N is unused)
 HELD_OUT_SEED = 10**6  # the world stream the sample grids regenerate; training draws per-step seeds instead
+# The held-out pairs' stream: `world:N` draws its pairs with train.seed, `world-fresh` with seeds below 2**62.
+HELD_OUT_PAIRS_SEED = 2**62
 MAX_OBJECTS = 4
 
 
@@ -30,9 +32,11 @@ def register(registry: Registry) -> None:
     registry.mllms[NAME] = BuiltinModel(ensure=_ensure_mllm, architecture=_mllm_architecture, check=_check_mllm)
     registry.vaes[NAME] = BuiltinModel(ensure=_ensure_vae, architecture=_vae_architecture, check=_check_vae)
     registry.data[WORLD] = BuiltinData(images=_world_images, pairs=_world_pairs, held_out=_held_out,
-                                       validate=_validate_world, grid_metrics=_grid_fidelity)
+                                       validate=_validate_world, grid_metrics=_grid_fidelity,
+                                       held_out_pairs=_held_out_pairs)
     registry.data[FRESH_WORLD] = BuiltinData(images=_world_images, pairs=_fresh_world_pairs, held_out=_held_out,
-                                             validate=_validate_world, grid_metrics=_grid_fidelity)
+                                             validate=_validate_world, grid_metrics=_grid_fidelity,
+                                             held_out_pairs=_held_out_pairs)
     for name, (ensure_mllm, mllm_architecture) in bench_models.MODELS.items():  # random weights, for timing
         registry.mllms[name] = BuiltinModel(ensure=lambda cfg, f=ensure_mllm: f(cfg.mllm.nano_dir),
                                             architecture=lambda cfg, f=mllm_architecture: f())
@@ -174,6 +178,13 @@ def held_out_scenes(cfg: Config, n: int) -> tuple[torch.Tensor, list[Scene]]:
 
 def _held_out(cfg: Config, n: int) -> torch.Tensor:
     return held_out_scenes(cfg, n)[0]
+
+
+def _held_out_pairs(cfg: Config, n: int) -> tuple[torch.Tensor, list[str]]:
+    """n captioned pairs, made as training pairs are (no held-out colour/shape combination), from a stream no
+    training pair comes from: the loss on them shows how far a small pair set is memorised."""
+    pairs = _world(cfg).pairs(n, HELD_OUT_PAIRS_SEED)
+    return to_tensor([image for image, _, _ in pairs]), [caption for _, caption, _ in pairs]
 
 
 def _grid_fidelity(cfg: Config, regenerations: torch.Tensor) -> dict[str, float]:

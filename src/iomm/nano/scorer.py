@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image
 
 from iomm.evaluation.prompt_images import image_entries, read_jsonl
-from iomm.nano.world import COLORS, GENEVAL_TAGS, relative_position, validate_prompt
+from iomm.nano.world import COLORS, COMPOSITION_KINDS, COMPOSITIONS, GENEVAL_TAGS, relative_position, validate_prompt
 
 PALETTE = np.array(list(COLORS.values()), dtype=np.float32)
 COLOR_NAMES = list(COLORS)
@@ -227,20 +227,30 @@ def _tally(passes: list[bool]) -> dict[str, Any]:
 
 
 def score(results: Iterable[tuple[Mapping[str, Any], bool]]) -> dict[str, Any]:
-    """Per-tag accuracy over images, `overall` = mean over the tags present, counts per tag, and
-    for the colour-bearing tags the split between held-out and seen combinations."""
+    """Per-tag accuracy over images, `overall` = mean over GenEval's tags present, counts per tag, for the
+    colour-bearing tags the split between held-out and seen combinations, and for the held-out compositions
+    (tag `compositions`, not part of `overall`) the accuracy per kind and their mean."""
     by_tag: dict[str, list[bool]] = {}
     split: dict[str, list[bool]] = {"held_out": [], "seen": []}
+    by_kind: dict[str, list[bool]] = {}
     for meta, passed in results:
         by_tag.setdefault(meta["tag"], []).append(bool(passed))
         if meta["tag"] in ("colors", "color_attr") and "held_out" in meta:
             split["held_out" if meta["held_out"] else "seen"].append(bool(passed))
+        if meta["tag"] == COMPOSITIONS:
+            by_kind.setdefault(meta.get("kind", "unknown"), []).append(bool(passed))
     tags = [tag for tag in GENEVAL_TAGS if tag in by_tag] + [tag for tag in by_tag if tag not in GENEVAL_TAGS]
     metrics: dict[str, Any] = {tag: float(np.mean(by_tag[tag])) for tag in tags}
-    metrics["overall"] = float(np.mean([metrics[tag] for tag in tags])) if tags else 0.0
+    geneval = [tag for tag in tags if tag in GENEVAL_TAGS]
+    metrics["overall"] = float(np.mean([metrics[tag] for tag in geneval])) if geneval else 0.0
     metrics["counts"] = {tag: {"n": len(by_tag[tag]), "passed": int(sum(by_tag[tag]))} for tag in tags}
     metrics["colors_held_out"] = _tally(split["held_out"])
     metrics["colors_seen"] = _tally(split["seen"])
+    if by_kind:
+        kinds = [kind for kind in COMPOSITION_KINDS if kind in by_kind] + sorted(set(by_kind) - {*COMPOSITION_KINDS})
+        for kind in kinds:
+            metrics[f"{COMPOSITIONS}_{kind}"] = float(np.mean(by_kind[kind]))
+        metrics[COMPOSITIONS] = float(np.mean([metrics[f"{COMPOSITIONS}_{kind}"] for kind in kinds]))
     return metrics
 
 

@@ -19,11 +19,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from iomm.nano.study_comparisons import SHAPES_RESULTS, compare_to_reference, finding, markdown_table
+from iomm.nano.world import COMPOSITIONS, GENEVAL_TAGS
 
 if TYPE_CHECKING:
     from iomm.config import Config
 
-CATEGORIES = ("single_object", "two_object", "counting", "colors", "position", "color_attr", "overall")
+# GenEval's tags, their mean, and the held-out compositions (scored apart from `overall`)
+CATEGORIES = (*GENEVAL_TAGS, "overall", COMPOSITIONS)
 
 
 @dataclass(frozen=True)
@@ -203,9 +205,20 @@ def run_arms(label: str, arms: list[Arm], config: str, seeds: int, out: Path, pa
             headline = "edit_overall" if arm.edit else "overall"
             print(f"[{label}] {arm.name} seed {seed}: "
                   f"{headline} {metrics.get(headline, float('nan')):.3f}", flush=True)
-            results.append({"arm": arm.name, "seed": seed,
-                            **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}})
+            results.append({"arm": arm.name, "seed": seed, **numeric(metrics)})
     return results
+
+
+def numeric(metrics: dict[str, Any]) -> dict[str, float]:
+    """An arm's numbers for the results table: its scores, and the accuracy of each tally (the scorer's split of
+    the colour-bearing tags into held-out and seen colour-shape pairs)."""
+    out = {}
+    for key, value in metrics.items():
+        if isinstance(value, dict) and "accuracy" in value:
+            value = value["accuracy"]
+        if isinstance(value, (int, float)):
+            out[key] = value
+    return out
 
 
 def provenance(config: str, common: list[str]) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from typing import Any
 
 from iomm.evaluation.paired import NOT_DECIDED, OVERALL, PairedItem, pair_records, seed_bootstrap
 from iomm.evaluation.prompt_images import read_jsonl
+from iomm.nano.world import COMPOSITIONS
 
 SHAPES_RESULTS = "results.jsonl"  # per image, written by `iomm eval shapes --results`
 EDITS_RESULTS = Path("metrics_edits") / "edits.jsonl"  # per edit case, written by `iomm eval edits`
@@ -55,7 +56,7 @@ def compare_runs(reference_dir: Path, arm_dir: Path, seeds: int, edit: bool, n_b
     runs = {f"seed{seed}": _items(_read(reference_dir / f"seed{seed}" / name), _read(arm_dir / f"seed{seed}" / name),
                                   edit, arm_dir / f"seed{seed}")
             for seed in range(seeds)}
-    return seed_bootstrap(runs, n_boot=n_boot)
+    return seed_bootstrap(runs, n_boot=n_boot, outside_overall=(COMPOSITIONS,))
 
 
 def finding(paired: dict[str, dict[str, Any]]) -> str:

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 PLURALS: dict[str, str] = {shape: shape + "s" for shape in SHAPES}
@@ -36,14 +35,24 @@ BACKGROUNDS: dict[str, tuple[int, int, int]] = {"white": (255, 255, 255), "black
 SIZES: dict[str, float] = {"small": 9 / 32, "large": 13 / 32}
 NUMBER_WORDS: dict[int, str] = {1: "a", 2: "two", 3: "three", 4: "four"}
 RELATIONS: tuple[str, ...] = ("left of", "right of", "above", "below")
-# (colour, shape) combinations that never appear in a training pair, but do in the unlabeled stream.
+# Compositions that no training pair shows or states, though the unlabeled stream shows them, in three kinds.
+# (colour, shape): no pair image holds such an object.
 HELD_OUT: tuple[tuple[str, str], ...] = (
     ("red", "triangle"),
     ("green", "circle"),
     ("blue", "square"),
     ("purple", "circle"),
 )
+# (count, shape): no pair image holds exactly that many of the shape ("three triangles"), in all or of one colour.
+HELD_OUT_COUNTS: tuple[tuple[int, str], ...] = ((3, "triangle"), (2, "circle"))
+# (shape, relation, shape): no caption states it, nor its inverse ("a square below a circle").
+HELD_OUT_RELATIONS: tuple[tuple[str, str, str], ...] = (("circle", "above", "square"),
+                                                       ("triangle", "left of", "circle"))
+INVERSE_RELATIONS: dict[str, str] = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 GENEVAL_TAGS: tuple[str, ...] = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
+# The held-out compositions' own category, scored beside GenEval's six (not part of their overall).
+COMPOSITIONS = "compositions"
+COMPOSITION_KINDS: tuple[str, ...] = ("color_shape", "count_shape", "relation")
 POSITION_THRESHOLD = 0.1  # GenEval's default
 CLEAR_POSITION_THRESHOLD = 0.25
 EDGE_MARGIN = 1  # px between an object and the image border (at 32 px; scaled with resolution)
@@ -125,6 +134,28 @@ def is_held_out(color: str | None, shape: str) -> bool:
     return (color, shape) in HELD_OUT
 
 
+def is_held_out_relation(subject: str, relation: str, target: str) -> bool:
+    """Whether "<subject> <relation> <target>" states a held-out relation, directly or inverted."""
+    return ((subject, relation, target) in HELD_OUT_RELATIONS
+            or (target, INVERSE_RELATIONS[relation], subject) in HELD_OUT_RELATIONS)
+
+
+def held_out_kinds(scene: Scene) -> set[str]:
+    """The kinds of held-out composition a scene shows (`relation`: only where its caption states it)."""
+    kinds = set()
+    if any(is_held_out(o.color, o.shape) for o in scene.objects):
+        kinds.add("color_shape")
+    shapes, groups = [o.shape for o in scene.objects], [(o.color, o.shape) for o in scene.objects]
+    # a caption counts a shape as a whole (colourless) or per colour ("two yellow circles" beside a red one)
+    if any(shapes.count(shape) == count or any(groups.count((o.color, shape)) == count for o in scene.objects)
+           for count, shape in HELD_OUT_COUNTS):
+        kinds.add("count_shape")
+    if scene.relation is not None and is_held_out_relation(scene.objects[0].shape, scene.relation,
+                                                           scene.objects[1].shape):
+        kinds.add("relation")
+    return kinds
+
+
 def scene_to_dict(scene: Scene) -> dict[str, Any]:
     """JSON-ready metadata of a scene (objects with their bboxes)."""
     return {
@@ -155,8 +186,8 @@ def validate_prompt(meta: Any, source: str = "prompt") -> None:
 
     if not isinstance(meta, Mapping):
         fail("<line>", "a JSON object", meta)
-    if meta.get("tag") not in GENEVAL_TAGS:
-        fail("tag", f"one of {list(GENEVAL_TAGS)}", meta.get("tag"))
+    if meta.get("tag") not in (*GENEVAL_TAGS, COMPOSITIONS):
+        fail("tag", f"one of {[*GENEVAL_TAGS, COMPOSITIONS]}", meta.get("tag"))
     include = meta.get("include")
     if not isinstance(include, list) or not include:
         fail("include", "a non-empty list", include)
@@ -325,53 +356,21 @@ class World:
 
     # ---- data sets
     def images(self, seed: int) -> Iterator[tuple[np.ndarray, Scene]]:
-        """Unlimited unlabeled stream (held-out combinations included)."""
+        """Unlimited unlabeled stream (held-out compositions included)."""
         rng = np.random.default_rng([seed, 0])
         while True:
             scene = self.sample_scene(rng)
             yield self.render(scene), scene
 
     def pairs(self, n: int, seed: int) -> list[tuple[np.ndarray, str, Scene]]:
-        """`n` captioned images; scenes containing a held-out combination are rejected."""
+        """`n` captioned images; scenes showing a held-out composition of any kind are rejected."""
         rng = np.random.default_rng([seed, 1])
         out = []
         while len(out) < n:
             scene = self.sample_scene(rng)
-            if any(is_held_out(o.color, o.shape) for o in scene.objects):
+            if held_out_kinds(scene):
                 continue
             with_color = bool(rng.random() >= COLORLESS_CAPTION_PROB)
             out.append((self.render(scene), self.caption(scene, with_color), scene))
         return out
 
-
-def _wrap(text: str, width: float, draw: ImageDraw.ImageDraw, font: ImageFont.ImageFont) -> list[str]:
-    lines = [""]
-    for word in text.split():
-        candidate = f"{lines[-1]} {word}".strip()
-        if draw.textlength(candidate, font=font) <= width or not lines[-1]:
-            lines[-1] = candidate
-        else:
-            lines.append(word)
-    return lines
-
-
-def captioned_grid(images: list[np.ndarray], captions: list[str], scale: int = 4, columns: int = 4) -> Image.Image:
-    """A grid of images (upscaled `scale` times, nearest) with each caption word-wrapped beneath."""
-    if len(images) != len(captions) or not images:
-        raise ValueError(f"captioned_grid: expected as many captions as images (>= 1), "
-                         f"got {len(images)} images and {len(captions)} captions")
-    font = ImageFont.load_default()
-    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    tile_h, tile_w = images[0].shape[0] * scale, images[0].shape[1] * scale
-    wrapped = [_wrap(text, tile_w, measure, font) for text in captions]
-    line_h, pad = 13, 4
-    cell_h = tile_h + max(map(len, wrapped)) * line_h + 2 * pad
-    rows = -(-len(images) // columns)
-    grid = Image.new("RGB", (columns * (tile_w + pad) + pad, rows * cell_h), (235, 235, 235))
-    draw = ImageDraw.Draw(grid)
-    for k, (image, lines) in enumerate(zip(images, wrapped)):
-        x, y = pad + (k % columns) * (tile_w + pad), (k // columns) * cell_h + pad
-        grid.paste(Image.fromarray(image).resize((tile_w, tile_h), Image.NEAREST), (x, y))
-        for i, line in enumerate(lines):
-            draw.text((x, y + tile_h + 2 + i * line_h), line, fill=(0, 0, 0), font=font)
-    return grid

@@ -22,7 +22,7 @@ APPLIED_ON_RESUME = frozenset({
     "train.sample_every", "train.checkpoint_every", "train.keep_last", "train.keep_every",
     "train.max_nonfinite_in_row", "train.parallel", "train.activation_checkpointing", "train.compile",
     "train.fused_optimizer", "train.mix_ratio",
-    "data.num_workers", "data.max_bad_fraction",
+    "data.num_workers", "data.max_bad_fraction", "data.holdout_pairs",
     "flow.sample_steps", "flow.guidance_scale", "flow.reconstruct_guidance_scale",
     "mllm.gradient_checkpointing", "mllm.prefix_cache",
     # stage-2 settings only act when a fine-tuning config is made; a run's own stage is in `train`. Each one

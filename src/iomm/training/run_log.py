@@ -36,12 +36,15 @@ def _duration(seconds: float) -> str:
     return f"{minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m{secs:02d}s"
 
 
-def step_line(step: int, steps: int, loss: float, lr: float, done: int, elapsed: float) -> str:
+def step_line(step: int, steps: int, loss: float, lr: float, done: int, elapsed: float,
+              heldout_loss: float | None = None) -> str:
     """One plain log line: `step 20/1100  loss 0.1234  lr 2.0e-03  3.10 it/s  elapsed 0m06s  ETA 5m42s`,
-    where speed and ETA come from the `done` steps of this process in `elapsed` seconds."""
+    where speed and ETA come from the `done` steps of this process in `elapsed` seconds; with a held-out loss,
+    `heldout 0.1301` follows the loss."""
     rate = done / max(elapsed, 1e-9)
     eta = (steps - step) / max(rate, 1e-9)
-    return (f"step {step}/{steps}  loss {loss:.4f}  lr {lr:.1e}  {rate:.2f} it/s  "
+    heldout = f"  heldout {heldout_loss:.4f}" if heldout_loss is not None else ""
+    return (f"step {step}/{steps}  loss {loss:.4f}{heldout}  lr {lr:.1e}  {rate:.2f} it/s  "
             f"elapsed {_duration(elapsed)}  ETA {_duration(eta)}")
 
 

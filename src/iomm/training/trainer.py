@@ -38,6 +38,7 @@ from iomm.model import IOMM
 from iomm.row_generators import sample_generators
 from iomm.training.distributed import Distributed
 from iomm.training.ema import EMA
+from iomm.training.held_out import held_out_loss
 from iomm.training.optimizers import build_optimizers, build_schedulers
 from iomm.training.parallel import distribute, gathered, gradient_sync, local_value
 from iomm.training.precision import autocast, describe_precision, store_frozen_in_bf16
@@ -95,7 +96,7 @@ class Trainer:
         self.report = DataReport()  # the data first: a source that cannot be read fails before the model is built
         sources = build_sources(self.cfg, self.report, self.run_dir, main=self.dist.main, barrier=self.dist.barrier,
                                 held_out=PANEL_SIZE)
-        self.held_out = sources.held_out
+        self.held_out, self.held_out_pairs = sources.held_out, sources.held_out_pairs
         if self.cfg.train.lora.enabled and self.init is not None:  # the model the adapters adapt
             if self.cfg.train.lora.base is not None:
                 raise ConfigError("the command line", "--init", "no --init with train.lora.base set (the LoRA base)",
@@ -297,13 +298,23 @@ class Trainer:
             loss, skipped, nonfinite = self.dist.sum([outcome.loss, float(sum(self.report.skipped.values())),
                                                       float(self.nonfinite_total)])
             loss /= self.dist.world
+            heldout = self._held_out_loss() if self.held_out_pairs is not None else None
             if plain:
-                self._print(step_line(self.step, t.steps, loss, lr, self.step - first_step, elapsed))
-            self.log.scalars(self.step, {"loss": loss, "grad_norm": outcome.grad_norm, "lr": lr, "elapsed_s": elapsed,
-                                         "skipped_samples": skipped, "nonfinite_steps": nonfinite})
+                self._print(step_line(self.step, t.steps, loss, lr, self.step - first_step, elapsed, heldout))
+            scalars = {"loss": loss} | ({"heldout_loss": heldout} if heldout is not None else {})
+            self.log.scalars(self.step, scalars | {"grad_norm": outcome.grad_norm, "lr": lr, "elapsed_s": elapsed,
+                                                   "skipped_samples": skipped, "nonfinite_steps": nonfinite})
         if ((self.dist.main or self.sharded) and self.sample_fn is not None and t.sample_every
                 and (self.step % t.sample_every == 0 or self.step == t.steps)):
             self.write_samples()
+
+    def _held_out_loss(self) -> float:
+        """The held-out pairs' loss under the live weights (the training loss's, not the EMA's), on every rank;
+        `gathered` drops the forward order FSDP2 records for a backward, which none follows here."""
+        self.model.eval()  # train_step turns training mode back on
+        with gathered(self.model), self._autocast():
+            return held_out_loss(self.forward, self.held_out_pairs, self.cfg.train.seed, self.batches.batch_size,
+                                 self.device)
 
     def _count_bad(self, batch: Batch) -> None:
         for where, reason in batch.bad:
