@@ -14,7 +14,7 @@ from iomm.config import finetune_config, load_config
 from iomm.nano import studies
 from iomm.nano.pair_budget import FRESH, IMAGE_PAIRS, IOMM, PAIRS_ONLY, budget_arms, pairs_to_match
 from iomm.nano.studies import arm_commands, pretrain_command, pretrain_dir
-from iomm.nano.world import GENEVAL_TAGS
+from iomm.nano.world import COMPOSITIONS, GENEVAL_TAGS
 
 NANO = str(packaged_config("nano"))
 
@@ -85,7 +85,7 @@ RATES = {PAIRS_ONLY: {"N=4": 0.2, "N=16": 0.4, FRESH: 0.5}, IOMM: {"N=4": 0.3, "
 
 def _fake_run_logged(calls: list[list[str]]):
     """Stands in for the iomm subprocesses: an evaluation writes 6 tags x 5 prompts x 2 images whose success
-    count follows RATES."""
+    count follows RATES, and as many held-out compositions, which IOMM gets right 0.3 more often than pairs-only."""
 
     def run(argv: list[str], log: Path) -> None:
         calls.append(argv)
@@ -95,11 +95,13 @@ def _fake_run_logged(calls: list[list[str]]):
         method, budget = model.parent.parent.name.split("@")
         seed = int(model.parent.name.removeprefix("seed"))
         hits = round(10 * (RATES[method][budget] + 0.1 * seed))
-        rows = [{"tag": tag, "prompt": f"{tag}-{p}", "correct": 2 * p + s < hits}
-                for tag in GENEVAL_TAGS for p in range(5) for s in range(2)]
+        held = 1 + 3 * (method == IOMM) + seed
+        rows = [{"tag": tag, "prompt": f"{tag}-{p}", "correct": 2 * p + s < (held if tag == COMPOSITIONS else hits)}
+                for tag in (*GENEVAL_TAGS, COMPOSITIONS) for p in range(5) for s in range(2)]
         Path(argv[argv.index("--results") + 1]).write_text("".join(json.dumps(r) + "\n" for r in rows))
         metrics = {tag: hits / 10 for tag in GENEVAL_TAGS}
-        Path(argv[argv.index("--out") + 1]).write_text(json.dumps({**metrics, "overall": hits / 10}))
+        Path(argv[argv.index("--out") + 1]).write_text(json.dumps({**metrics, "overall": hits / 10,
+                                                                   COMPOSITIONS: held / 10}))
 
     return run
 
@@ -126,18 +128,23 @@ def test_pair_budget_study_writes_the_learning_curve_and_its_finding(tmp_path: P
     assert set(record["scores"]) == {PAIRS_ONLY, IOMM, IMAGE_PAIRS}
     overall = record["scores"][IOMM]["N=4"]["overall"]
     assert overall["mean"] == pytest.approx(0.4) and overall["per_seed"] == pytest.approx([0.3, 0.4, 0.5])
-    assert set(record["scores"][IOMM]["N=4"]) == {*GENEVAL_TAGS, "overall"}
+    assert set(record["scores"][IOMM]["N=4"]) == {*GENEVAL_TAGS, "overall", COMPOSITIONS}
+    assert record["scores"][IOMM]["N=4"][COMPOSITIONS]["mean"] == pytest.approx(0.5)
     iomm_vs = record["paired"]["N=4"][IOMM]["overall"]  # 0.1 better in every seed: decided over seeds
     assert iomm_vs["diff"] == pytest.approx(0.1) and iomm_vs["verdict"] == "b_better" and iomm_vs["n_seeds"] == 3
     assert record["paired"][FRESH][IMAGE_PAIRS]["overall"]["verdict"] == "inconclusive"
+    held = record["paired"]["N=4"][IOMM][COMPOSITIONS]  # its own category, outside overall
+    assert held["diff"] == pytest.approx(0.3) and held["verdict"] == "b_better"
     first = record["findings"][0]
     assert first["label"] == "reproduced" and first["pairs_to_match"] == pytest.approx(8)
+    assert first[COMPOSITIONS] == {"iomm": pytest.approx(0.5), "pairs_only": pytest.approx(0.2), "label": "reproduced"}
     assert first["sentence"] == ("At 4 pairs, IOMM scores 0.400 against pairs-only's 0.300; pairs-only needs "
                                  "about 8 pairs to match IOMM at 4.")
     assert record["findings"][1]["sentence"].endswith("needs more than 16 pairs to match IOMM at 16.")
     assert (out / "learning_curve.png").stat().st_size > 1000
     report = (out / "results.md").read_text()
     assert first["sentence"] in report and "| iomm | 0.400 ± 0.100 | 0.600 ± 0.100 | 0.600 ± 0.100 |" in report
+    assert "| iomm | 0.500 ± 0.100 | 0.500 ± 0.100 | 0.500 ± 0.100 |" in report  # the compositions' table
 
 
 def test_pair_budget_refuses_bad_budgets(tmp_path: Path) -> None:

@@ -37,6 +37,7 @@ from iomm.nano.studies import (
     run_arms,
 )
 from iomm.nano.study_comparisons import compare_runs, format_interval
+from iomm.nano.world import COMPOSITIONS
 
 BUDGETS = (128, 512, 2048)
 FRESH = "fresh"
@@ -102,7 +103,8 @@ def pairs_to_match(curve: list[tuple[int, float]], ceiling: float, target: float
 
 
 def findings(scores: dict, paired: dict, budgets: tuple[int, ...]) -> list[dict[str, Any]]:
-    """One sentence per budget, labelled by the seed-level verdict of IOMM against pairs-only there."""
+    """One sentence per budget, labelled by the seed-level verdict of IOMM against pairs-only there; the held-out
+    compositions' scores and label beside it."""
     pairs_only = scores[PAIRS_ONLY]
     curve = [(n, pairs_only[budget_label(n)][OVERALL]["mean"]) for n in budgets]
     ceiling = pairs_only[FRESH][OVERALL]["mean"]
@@ -111,8 +113,11 @@ def findings(scores: dict, paired: dict, budgets: tuple[int, ...]) -> list[dict[
         label = budget_label(n)
         iomm, base = scores[IOMM][label][OVERALL]["mean"], pairs_only[label][OVERALL]["mean"]
         matched, phrase = pairs_to_match(curve, ceiling, iomm)
+        held = paired[label][IOMM].get(COMPOSITIONS)
+        compositions = None if held is None else {
+            "iomm": held["b"], "pairs_only": held["a"], "label": FINDING_LABELS[held["verdict"]]}
         out.append({"pairs": n, "iomm": iomm, "pairs_only": base, "pairs_to_match": matched,
-                    "label": FINDING_LABELS[paired[label][IOMM][OVERALL]["verdict"]],
+                    "label": FINDING_LABELS[paired[label][IOMM][OVERALL]["verdict"]], COMPOSITIONS: compositions,
                     "sentence": f"At {n} pairs, IOMM scores {iomm:.3f} against pairs-only's {base:.3f}; "
                                 f"pairs-only needs {phrase} pairs to match IOMM at {n}."})
     return out
@@ -143,7 +148,7 @@ def run_pair_budget(config: str, budgets: tuple[int, ...], seeds: int, out: Path
               "paired": paired, "findings": findings(scores, paired, budgets)}
     (out / "results.json").write_text(json.dumps(record, indent=1), encoding="utf-8")
     (out / "results.md").write_text(markdown_report(record), encoding="utf-8")
-    plot_learning_curve(scores, budgets, out / "learning_curve.png", record["steps"])
+    plot_learning_curve(scores, budgets, out / "learning_curve.png", record["steps"], record["seeds"])
     return out
 
 
@@ -155,24 +160,33 @@ def markdown_report(record: dict) -> str:
              f"Wall time: {record['wall_s'] / 60:.1f} min.",
              f"Command: `{record['command']}`", "",
              *(f"- **{f['label']}**: {f['sentence']}" for f in record["findings"]),
-             "", "Overall score, mean ± standard deviation over seeds:", "",
-             "| arm | " + " | ".join(budgets) + " |", "|---|" + "---|" * len(budgets)]
-    for method in METHODS:
-        cells = [record["scores"][method][label][OVERALL] for label in budgets]
-        lines.append(f"| {method} | " + " | ".join(f"{c['mean']:.3f} ± {c['sd']:.3f}" for c in cells) + " |")
-    lines += ["", "Against pairs-only at the same N (arm seed s against pairs-only seed s): overall difference, "
+             *(f"- held-out compositions at {f['pairs']} pairs: IOMM {f[COMPOSITIONS]['iomm']:.3f}, pairs-only "
+               f"{f[COMPOSITIONS]['pairs_only']:.3f} ({f[COMPOSITIONS]['label']})"
+               for f in record["findings"] if f.get(COMPOSITIONS))]
+    for metric, title in ((OVERALL, "Overall score (GenEval's six tags)"),
+                          (COMPOSITIONS, "Held-out compositions (no training caption states them)")):
+        if not all(metric in record["scores"][method][label] for method in METHODS for label in budgets):
+            continue
+        lines += ["", f"{title}, mean ± standard deviation over seeds:", "",
+                  "| arm | " + " | ".join(budgets) + " |", "|---|" + "---|" * len(budgets)]
+        for method in METHODS:
+            cells = [record["scores"][method][label][metric] for label in budgets]
+            lines.append(f"| {method} | " + " | ".join(f"{c['mean']:.3f} ± {c['sd']:.3f}" for c in cells) + " |")
+    lines += ["", "Against pairs-only at the same N (arm seed s against pairs-only seed s): difference, "
               "bootstrap interval over seeds, prompts and images, t-interval over seeds, verdict.", "",
-              "| N | arm | arm - pairs-only | 95% interval | t over seeds | verdict |", "|---|---|---|---|---|---|"]
-    lines += [f"| {label} | {method} | {s['diff']:+.3f} | {format_interval(s['ci95'])} | "
+              "| N | arm | score | arm - pairs-only | 95% interval | t over seeds | verdict |",
+              "|---|---|---|---|---|---|---|"]
+    lines += [f"| {label} | {method} | {metric} | {s['diff']:+.3f} | {format_interval(s['ci95'])} | "
               f"{format_interval(s['t_ci95'])} | {s['verdict']} |"
               for label, methods in record["paired"].items() for method, result in methods.items()
-              for s in [result[OVERALL]]]
+              for metric in (OVERALL, COMPOSITIONS) if metric in result for s in [result[metric]]]
     return "\n".join(lines) + "\n"
 
 
-def plot_learning_curve(scores: dict, budgets: tuple[int, ...], out: Path, steps: dict[str, int]) -> None:
-    """Overall score against N (log axis), one line per arm, the seeds' 95% t-intervals as error bars; the
-    fresh-pairs ceiling sits right of the largest N."""
+def plot_learning_curve(scores: dict, budgets: tuple[int, ...], out: Path, steps: dict[str, int],
+                        seeds: int) -> None:
+    """Score against N (log axis), one line per arm, the seeds' 95% t-intervals as error bars; the fresh-pairs
+    ceiling sits right of the largest N. Left: overall; right: the held-out compositions, where scored."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -180,21 +194,27 @@ def plot_learning_curve(scores: dict, budgets: tuple[int, ...], out: Path, steps
 
     xs = [*budgets, budgets[-1] * 4]
     labels = [*map(budget_label, budgets), FRESH]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for method in METHODS:
-        summaries = [scores[method][label][OVERALL] for label in labels]
-        means = [s["mean"] for s in summaries]
-        errors = [[m - s["ci95"][0] if s["ci95"] else 0.0 for m, s in zip(means, summaries)],
-                  [s["ci95"][1] - m if s["ci95"] else 0.0 for m, s in zip(means, summaries)]]
-        line = ax.errorbar(xs[:-1], means[:-1], yerr=[e[:-1] for e in errors], label=method, capsize=3, marker="o")
-        ax.errorbar(xs[-1:], means[-1:], yerr=[e[-1:] for e in errors], color=line[0].get_color(), capsize=3,
-                    marker="s")
-    ax.set_xscale("log")
-    ax.set_xticks(xs, [*map(str, budgets), "fresh"])
-    ax.minorticks_off()
-    ax.set_xlabel("text-image pairs N"), ax.set_ylabel("overall score")
-    ax.set_title(f"equal compute: {steps['stage1']} + {steps['stage2']} steps; bars: 95% over seeds", fontsize=10)
-    ax.legend(fontsize=8), ax.grid(alpha=0.3)
+    metrics = [m for m in (OVERALL, COMPOSITIONS) if all(m in scores[method][label] for method in METHODS
+                                                           for label in labels)]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 4), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        for method in METHODS:
+            summaries = [scores[method][label][metric] for label in labels]
+            means = [s["mean"] for s in summaries]
+            errors = [[m - s["ci95"][0] if s["ci95"] else 0.0 for m, s in zip(means, summaries)],
+                      [s["ci95"][1] - m if s["ci95"] else 0.0 for m, s in zip(means, summaries)]]
+            line = ax.errorbar(xs[:-1], means[:-1], yerr=[e[:-1] for e in errors], label=method, capsize=3,
+                               marker="o")
+            ax.errorbar(xs[-1:], means[-1:], yerr=[e[-1:] for e in errors], color=line[0].get_color(), capsize=3,
+                        marker="s")
+        ax.set_xscale("log")
+        ax.set_xticks(xs, [*map(str, budgets), "fresh"])
+        ax.minorticks_off()
+        ax.set_xlabel("text-image pairs N")
+        ax.set_ylabel("overall score" if metric == OVERALL else "held-out compositions")
+        ax.legend(fontsize=8), ax.grid(alpha=0.3)
+    fig.suptitle(f"equal compute: {steps['stage1']} + {steps['stage2']} steps; bars: 95% t-intervals over "
+                 f"{seeds} seeds", fontsize=10)
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)
