@@ -19,8 +19,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from iomm.nano.mllm import NanoMLLMConfig, build_nano_mllm
 from iomm.nano.mllm_training import TaskSampler, train_loop
-from iomm.training.bench import fastest_matmul_peak
-from iomm.training.hardware import bf16_is_native, machine_facts
+from iomm.training.hardware import bf16_is_native, fastest_matmul_peak, machine_facts
 
 
 def step_flops(cfg: NanoMLLMConfig) -> int:

@@ -80,13 +80,13 @@ def test_mfu_is_divided_by_the_fastest_peak_and_bf16_is_timed_only_where_native(
         timed.append(dtype)
         return peaks[dtype]
 
-    monkeypatch.setattr(bench, "matmul_peak", fake_peak)
+    monkeypatch.setattr(hardware, "matmul_peak", fake_peak)
     cpu(AVX512)
-    assert bench.fastest_matmul_peak(torch.device("cpu")) == 100.0 and timed == [torch.float32]
+    assert hardware.fastest_matmul_peak(torch.device("cpu")) == 100.0 and timed == [torch.float32]
     cpu(AVX512 | {"avx512_bf16"})
-    assert bench.fastest_matmul_peak(torch.device("cpu")) == 300.0
+    assert hardware.fastest_matmul_peak(torch.device("cpu")) == 300.0
     peaks[torch.bfloat16] = 30.0  # native but slower at this size: fp32's peak still counts
-    assert bench.fastest_matmul_peak(torch.device("cpu")) == 100.0
+    assert hardware.fastest_matmul_peak(torch.device("cpu")) == 100.0
 
 
 def test_the_nano_mllm_trains_its_steps_whatever_the_clock_says(tmp_path, monkeypatch):
@@ -140,7 +140,7 @@ def test_a_nano_vae_below_its_target_stops_with_its_numbers(tmp_path):
 
 def test_on_a_cpu_without_native_bf16_the_bench_times_fp32_against_the_fp32_peak(tiny_config, cpu, monkeypatch):
     dtypes: list[torch.dtype] = []
-    monkeypatch.setattr(bench, "matmul_peak",
+    monkeypatch.setattr(hardware, "matmul_peak",
                         lambda device, dtype=torch.float32, repeats=10: dtypes.append(dtype) or 1e9)
     cpu(AVX512)
     run = bench.bench_train_step(tiny_config("train.mixed_precision=auto"), steps=1, warmup=0)

@@ -23,7 +23,7 @@ from iomm.nano.studies import (
     run_study,
     studies,
 )
-from iomm.nano.world import GENEVAL_TAGS
+from iomm.nano.world import COMPOSITIONS, GENEVAL_TAGS
 
 
 def test_recipes_pretrain_once_per_stage1_setting(tmp_path: Path) -> None:
@@ -62,8 +62,11 @@ def test_tiny_study_end_to_end(tiny_mllm_dir: Path, tmp_path: Path) -> None:
     assert [r["arm"] for r in record["results"]] == ["pair", "mix"]
     for row in record["results"]:  # one prompt per tag, one sample: each tag passes or fails, overall is their mean
         metrics = json.loads((out / row["arm"] / "seed0/metrics.json").read_text(encoding="utf-8"))
-        assert row == {"arm": row["arm"], "seed": 0,
-                       **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}}
+        numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+        assert row == {"arm": row["arm"], "seed": 0, **numbers,
+                       **{k: metrics[k]["accuracy"] for k in ("colors_held_out", "colors_seen")
+                          if metrics[k]["accuracy"] is not None}}  # the scorer's split, as numbers
+        assert row[COMPOSITIONS] == metrics[COMPOSITIONS]  # the held-out compositions, beside overall
         assert all(row[tag] in (0.0, 1.0) for tag in GENEVAL_TAGS)
         assert row["overall"] == pytest.approx(sum(row[tag] for tag in GENEVAL_TAGS) / 6)
     assert len(list((out / "pretrain").glob("*/seed0/done"))) == 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, AutoencoderKLQwenImage
@@ -221,6 +222,9 @@ def format_memory(memory: dict[str, float], gpus: int, parallel: str, counts: di
 # The stage-1 prompt ("Generate an image that is identical to the reference image:") in InternVL3's and
 # Qwen2.5-VL's tokenizer (Qwen2's BPE): its length, for counting without a tokenizer at hand.
 PROMPT_TOKENS = 12
+# Qwen-Image's image template around the image and its prompt, beyond the system prompt it drops:
+# <|vision_end|>, then <|im_end|> \n <|im_start|> assistant \n
+QWEN_TEMPLATE_TAIL_TOKENS = 6
 
 
 def _flops(fn: Callable[[], object]) -> int:
@@ -229,33 +233,61 @@ def _flops(fn: Callable[[], object]) -> int:
     return counter.get_total_flops()
 
 
+def _template_tokens(cfg: Config) -> tuple[int, int]:
+    """Tokens the condition's template adds around the prompt and image, and how many of them a raw condition
+    drops: none in the paper's layout; Qwen-Image's system prompt (dropped) and its chat tail."""
+    if cfg.generator.kind != "qwen_image":
+        return 0, 0
+    from iomm.conditioning.prompt_format import qwen_image_format
+
+    drop = qwen_image_format().image_drop
+    return drop + QWEN_TEMPLATE_TAIL_TOKENS, drop
+
+
+def _vision_flops(parts: MetaParts, family: Any, resolution: int) -> int:
+    """Forward FLOPs of the vision tower on one square image."""
+    if parts.mllm_config.model_type == "qwen2_5_vl":
+        # Qwen2.5-VL's tower reads its grid's values (window layout, rotary positions), which a meta tensor does
+        # not hold: the grid stays on the CPU, the patches and the precomputed positions go to the meta device.
+        from transformers.vision_utils import get_vision_position_ids
+
+        height, width = family.target_size(resolution, resolution)
+        grid = torch.tensor([[1, height // family.patch, width // family.patch]], device="cpu")
+        visual = parts.mllm.model.visual
+        patches = torch.empty(int(grid.prod()), 3 * family.temporal * family.patch**2, device="meta",
+                              dtype=visual.dtype)
+        positions = get_vision_position_ids(grid, family.merge).to("meta")
+        return _flops(lambda: visual(patches, grid_thw=grid, position_ids=positions))
+    images = torch.rand(1, 3, resolution, resolution, device="meta")
+    return _flops(lambda: family.image_features(parts.mllm, images))
+
+
 def forward_flops(cfg: Config) -> dict[str, dict[str, float]]:
     """Forward FLOPs of one stage-1 sample through each part (`FlopCounterMode` on the meta device), the token
     counts, and the proportions the training step's cost follows (MLLM and VAE against the generator)."""
     parts = meta_parts(cfg)
-    if parts.mllm_config.model_type != "internvl":
-        raise ValueError(f"forward FLOPs: a {parts.mllm_config.model_type} vision tower reads the values of its "
-                         "image grid, which the meta device does not hold; counted for InternVL MLLMs only")
     family = family_for(parts.mllm_config, {})
     resolution, hidden = cfg.data.resolution, int(parts.mllm_config.get_text_config().hidden_size)
     n_image = family.tokens_for(resolution, resolution)
-    n_prefix = PROMPT_TOKENS + n_image
+    template, drop = _template_tokens(cfg)
+    n_prompt = PROMPT_TOKENS + template
+    n_prefix = n_prompt + n_image
     n_queries = cfg.adapter.num_queries if parts.adapter is not None else 0
-    n_condition = n_queries or n_prefix
+    n_condition = n_queries or n_prefix - drop
     side = resolution // parts.factor
     patch = cfg.generator.patch_size if cfg.generator.kind != "unet" else 1
     width = parts.connector.width
+    flops = {"mllm_vision": _vision_flops(parts, family, resolution)}
     with torch.device("meta"):
         images, ones = torch.rand(1, 3, resolution, resolution), torch.ones(1, n_prefix, dtype=torch.bool)
         prefix, positions = torch.randn(1, n_prefix, hidden), torch.arange(n_prefix).unsqueeze(0)
-        flops = {
-            "mllm_vision": _flops(lambda: family.image_features(parts.mllm, images)),
+        flops |= {
             "mllm_language": _flops(lambda: parts.mllm.model.language_model(
                 inputs_embeds=torch.randn(1, n_prefix + n_queries, hidden))),
             "adapter": _flops(lambda: parts.adapter(prefix, ones, positions)) if parts.adapter is not None else 0,
             "connector": _flops(lambda: parts.connector(torch.randn(1, n_condition, hidden),
                                                         torch.ones(1, n_condition, dtype=torch.bool))),
-            "vae_encode": _flops(lambda: parts.vae.encode(images * 2 - 1)) if parts.vae is not None else 0,
+            "vae_encode": _flops(lambda: codec_for(parts.vae).moments(images)) if parts.vae is not None else 0,
             "generator": _flops(lambda: run_generator(
                 parts.generator, torch.randn(1, parts.channels, side, side), torch.tensor([500.0]),
                 torch.randn(1, n_condition, width), torch.randn(1, width))),
@@ -263,7 +295,7 @@ def forward_flops(cfg: Config) -> dict[str, dict[str, float]]:
     generator = max(flops["generator"], 1)
     return {
         "flops": {k: float(v) for k, v in flops.items()},
-        "tokens": {"prompt": PROMPT_TOKENS, "image": n_image, "queries": n_queries,
+        "tokens": {"prompt": n_prompt, "image": n_image, "queries": n_queries,
                    "latent": (side // patch) ** 2},
         "ratios": {"mllm_to_generator": (flops["mllm_vision"] + flops["mllm_language"]) / generator,
                    "vae_to_generator": flops["vae_encode"] / generator,

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from iomm.nano.edits import CASES_PER_KIND
 from iomm.nano.study_comparisons import SHAPES_RESULTS, compare_to_reference, finding, markdown_table
 from iomm.nano.world import COMPOSITIONS, GENEVAL_TAGS
 
@@ -88,7 +89,8 @@ def studies() -> dict[str, Study]:
             "paper finding: 'reproduced' means the nano path is better.)", "nano"),
         "editing": Study("editing", [
             Arm(f"{pre}-pretrain", (IMAGE if pre == "image" else PAIR,), None, edit=True) for pre in ("image", "pair")],
-            "zero-shot editing success after image-only vs pair pre-training (no editing data)", "image-pretrain"),
+            "zero-shot editing after image-only vs pair pre-training (no editing data), compared per case on the mean "
+            "of target (the instructed change happened) and kept (nothing else changed)", "image-pretrain"),
     }
 
 
@@ -154,7 +156,8 @@ def arm_commands(arm: Arm, config: str, common: list[str], seed: int, out: Path,
                      "--per-category", str(per_category), "--samples", str(samples), "--seed", "0",
                      "--results", str(out / SHAPES_RESULTS)])
     if arm.edit:
-        cmds.append([*iomm_argv(), "eval", "edits", "--model", str(pretrained), "--out", str(out / "metrics.json")])
+        cmds.append([*iomm_argv(), "eval", "edits", "--model", str(pretrained), "--out", str(out / "metrics.json"),
+                     "--per-kind", str(CASES_PER_KIND), "--seed", "0"])
     return cmds
 
 
@@ -202,7 +205,7 @@ def run_arms(label: str, arms: list[Arm], config: str, seeds: int, out: Path, pa
         results = []
         for future, (arm, seed) in futures.items():
             metrics = future.result()
-            headline = "edit_overall" if arm.edit else "overall"
+            headline = "edit_score" if arm.edit else "overall"
             print(f"[{label}] {arm.name} seed {seed}: "
                   f"{headline} {metrics.get(headline, float('nan')):.3f}", flush=True)
             results.append({"arm": arm.name, "seed": seed, **numeric(metrics)})

@@ -32,8 +32,9 @@ def _read(path: Path) -> list[dict[str, Any]]:
 
 
 def _items(rows_ref: list[dict], rows_arm: list[dict], edit: bool, where: Path) -> list[PairedItem]:
-    """Edit cases pair by case (each its own cluster); GenEval images by prompt."""
-    fields = ("success", "kind", None) if edit else ("correct", "tag", "prompt")
+    """Edit cases pair by case (each its own cluster) on their attribute-level `score` (the mean of target changed
+    and the rest kept: an exact match is too rare to tell arms apart); GenEval images by prompt."""
+    fields = ("score", "kind", None) if edit else ("correct", "tag", "prompt")
     try:
         return pair_records(rows_ref, rows_arm, *fields)
     except ValueError as error:

@@ -10,7 +10,6 @@ efficient by being divided by its own slow peak.
 
 from __future__ import annotations
 
-import resource
 import tempfile
 import time
 from pathlib import Path
@@ -20,7 +19,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from iomm.config import Config
 from iomm.training.distributed import Distributed
-from iomm.training.hardware import bf16_is_native
+from iomm.training.hardware import fastest_matmul_peak, peak_memory_mib
 from iomm.training.precision import resolve_precision
 from iomm.training.trainer import Trainer
 
@@ -95,39 +94,3 @@ def step_flops(trainer: Trainer, micro: list) -> dict[str, int]:
     finally:
         timer.enabled, timer.flop_counter = False, None
     return dict(timer.flop_totals)
-
-
-def peak_memory_mib() -> float:
-    """Peak memory of this process so far: CUDA memory allocated by torch where a GPU is in use, else the
-    process's peak resident set (each `iomm bench speedups` row runs in its own process)."""
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
-def fastest_matmul_peak(device: torch.device) -> float:
-    """The higher of the fp32 and the bf16 matmul peak, bf16 measured only where it is native (where it is
-    emulated it is slower by construction)."""
-    peak = matmul_peak(device, torch.float32)
-    if bf16_is_native(device.type):
-        peak = max(peak, matmul_peak(device, torch.bfloat16))
-    return peak
-
-
-def matmul_peak(device: torch.device | None = None, dtype: torch.dtype = torch.float32, repeats: int = 10) -> float:
-    """This machine's matmul FLOP/s in `dtype`: n x n products, n = 1024 on a CPU (at the
-    current thread count), 8192 on a GPU; the best of `repeats`."""
-    cuda = device is not None and device.type == "cuda"
-    n = 8192 if cuda else 1024
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    torch.mm(a, b)
-    best = float("inf")
-    for _ in range(repeats):
-        if cuda:
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        torch.mm(a, b)
-        if cuda:
-            torch.cuda.synchronize(device)
-        best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import platform
+import resource
+import time
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -77,3 +79,39 @@ def machine() -> str:
     bf16 = "bf16 native" if facts["bf16_native"] else "bf16 emulated"
     gpu = f", {facts['gpu']}" if "gpu" in facts else ""
     return f"{facts['cpu']}, {facts['cores']} cores, {flags}, {bf16}, torch {facts['torch']}{gpu}"
+
+
+def peak_memory_mib() -> float:
+    """Peak memory of this process so far: CUDA memory allocated by torch where a GPU is in use, else the
+    process's peak resident set (each `iomm bench speedups` row runs in its own process)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def fastest_matmul_peak(device: torch.device) -> float:
+    """The higher of the fp32 and the bf16 matmul peak, bf16 measured only where it is native (where it is
+    emulated it is slower by construction)."""
+    peak = matmul_peak(device, torch.float32)
+    if bf16_is_native(device.type):
+        peak = max(peak, matmul_peak(device, torch.bfloat16))
+    return peak
+
+
+def matmul_peak(device: torch.device | None = None, dtype: torch.dtype = torch.float32, repeats: int = 10) -> float:
+    """This machine's matmul FLOP/s in `dtype`: n x n products, n = 1024 on a CPU (at the
+    current thread count), 8192 on a GPU; the best of `repeats`."""
+    cuda = device is not None and device.type == "cuda"
+    n = 8192 if cuda else 1024
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    torch.mm(a, b)
+    best = float("inf")
+    for _ in range(repeats):
+        if cuda:
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        torch.mm(a, b)
+        if cuda:
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best

@@ -1,9 +1,9 @@
 """Wall time (and, with a FLOP counter, FLOPs) of the phases of the real training step, for `iomm bench
-train-step`.
+train-step` and a run's live throughput (`iomm.training.throughput`).
 
-The model and the trainer mark their phases with a `PhaseTimer`; it is a no-op unless a benchmark enables
-it, so the benchmark times `Trainer.train_step` itself rather than a copy of it. Backward is split where
-the gradient reaches the condition tokens: before that the generator's backward runs, after it the
+The model and the trainer mark their phases with a `PhaseTimer`; it is a no-op unless a benchmark or the
+throughput meter enables it, so both time `Trainer.train_step` itself rather than a copy of it. Backward is split
+where the gradient reaches the condition tokens: before that the generator's backward runs, after it the
 conditioning path's (connector, the frozen LLM's query positions, adapter). FLOPs are read from a running
 `FlopCounterMode` at the same boundaries (its own per-module split misattributes backward FLOPs).
 """
@@ -27,12 +27,23 @@ class PhaseTimer:
         self.enabled = False
         self.totals: dict[str, float] = defaultdict(float)
         self.flop_totals: dict[str, int] = defaultdict(int)
-        self.flop_counter: FlopCounterMode | None = None  # set while a benchmark counts FLOPs
+        self.flop_counter: FlopCounterMode | None = None  # set inside `counting_flops`
         self._gradient_arrival: tuple[float, int] | None = None
 
     def reset(self) -> None:
         self.totals.clear()
         self.flop_totals.clear()
+
+    @contextlib.contextmanager
+    def counting_flops(self) -> Iterator[None]:
+        """On, and counting FLOPs into `flop_totals` at every phase boundary, while inside."""
+        was_enabled = self.enabled
+        self.enabled, self.flop_counter = True, FlopCounterMode(display=False)
+        try:
+            with self.flop_counter:
+                yield
+        finally:
+            self.enabled, self.flop_counter = was_enabled, None
 
     def _flops(self) -> int:
         return self.flop_counter.get_total_flops() if self.flop_counter is not None else 0

@@ -45,6 +45,7 @@ from iomm.training.precision import autocast, describe_precision, store_frozen_i
 from iomm.training.resume import config_changes
 from iomm.training.run_log import RunLog, plot_loss_curve, step_line
 from iomm.training.stopping import StopSignal, TrainingInterrupted, TrainingStopped
+from iomm.training.throughput import ThroughputMeter
 from iomm.typed_config import ConfigError
 
 MIN_SAMPLES_FOR_BAD_CHECK = 64
@@ -181,10 +182,9 @@ class Trainer:
     def _autocast(self) -> contextlib.AbstractContextManager:
         return autocast(self.cfg.train.mixed_precision, self.device.type)
 
-    def train_step(self, micro_batches: list[Batch]) -> StepOutcome:
+    def forward_backward(self, micro_batches: list[Batch]) -> float:
+        """The step's loss; its gradients accumulated over the micro-batches (synchronised at the last)."""
         self.model.train()
-        for optimizer in self.optimizers:
-            optimizer.zero_grad(set_to_none=True)
         total = 0.0
         for k, batch in enumerate(micro_batches):
             first = self.dist.rank * len(batch.captions)  # this rank's rows of the global micro-batch
@@ -195,6 +195,12 @@ class Trainer:
                     loss = self.forward(images, batch.captions, generator) / len(micro_batches)
                 self.model.timer.backward(loss)
             total += float(loss.detach())
+        return total
+
+    def train_step(self, micro_batches: list[Batch]) -> StepOutcome:
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=True)
+        total = self.forward_backward(micro_batches)
         with self.model.timer("optimizer_and_ema"):
             grads = [p.grad for p in self.params.values() if p.grad is not None]
             clip = self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else math.inf
@@ -221,6 +227,7 @@ class Trainer:
             return self.run_dir
         self.log.start(self.step)
         self._print(f"precision: {describe_precision(t.mixed_precision, self.device.type)}")
+        self.meter = ThroughputMeter(self)
         accum = t.grad_accum
         batches = iter(batch_loader(self.batches, self.step * accum, t.steps * accum, self.cfg.data.num_workers))
         signals = StopSignal()
@@ -229,9 +236,11 @@ class Trainer:
         started, first_step = time.time(), self.step
         try:
             while self.step < t.steps:
-                micro = self._next_micro_batches(batches, accum)
+                with self.meter.data_wait():
+                    micro = self._next_micro_batches(batches, accum)
                 self._stop_if_any_rank_must(signals)
-                outcome = self.train_step(micro)
+                with self.meter.step(micro):
+                    outcome = self.train_step(micro)
                 self.step += 1
                 self._after_step(outcome, started, first_step, bar, plain=not use_bar)
                 if self.step % t.checkpoint_every == 0 and self.step < t.steps:
@@ -298,12 +307,15 @@ class Trainer:
             loss, skipped, nonfinite = self.dist.sum([outcome.loss, float(sum(self.report.skipped.values())),
                                                       float(self.nonfinite_total)])
             loss /= self.dist.world
+            throughput = self.meter.read()
             heldout = self._held_out_loss() if self.held_out_pairs is not None else None
             if plain:
-                self._print(step_line(self.step, t.steps, loss, lr, self.step - first_step, elapsed, heldout))
+                self._print(step_line(self.step, t.steps, loss, lr, self.step - first_step, elapsed, heldout,
+                                      throughput))
             scalars = {"loss": loss} | ({"heldout_loss": heldout} if heldout is not None else {})
             self.log.scalars(self.step, scalars | {"grad_norm": outcome.grad_norm, "lr": lr, "elapsed_s": elapsed,
-                                                   "skipped_samples": skipped, "nonfinite_steps": nonfinite})
+                                                   "skipped_samples": skipped, "nonfinite_steps": nonfinite}
+                             | throughput)
         if ((self.dist.main or self.sharded) and self.sample_fn is not None and t.sample_every
                 and (self.step % t.sample_every == 0 or self.step == t.steps)):
             self.write_samples()
