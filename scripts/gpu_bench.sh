@@ -2,7 +2,9 @@
 # IOMM-B's training step on one GPU: random weights of the real sizes (InternVL3-2B's layout, the FLUX.1 VAE's,
 # the 1.6B MM-DiT; built once in .cache/bench-b-*), bf16, SDPA, without and with torch.compile of the generator
 # blocks, at the largest batch that fits (halved from --batch on an out-of-memory error). Prints images/s, MFU
-# against the GPU's bf16 dense peak and against a bf16 GEMM measured in the same run, and peak memory.
+# against the GPU's bf16 dense peak and against a bf16 GEMM measured in the same run, and peak memory. Then a
+# short `iomm pretrain` at that batch prints what a real run logs live (images/s, the step's time split, MFU, peak
+# memory), to check `iomm describe --estimate --mfu-file OUT/compile_false.json` against a real training step.
 # About 5 minutes on an H100-class GPU, most of it building the random MLLM once.
 #
 #   bash scripts/gpu_bench.sh [--batch N] [--steps N] [--warmup N] [--out DIR] [--config CFG] [--set K=V ...]
@@ -55,18 +57,25 @@ for compile in "${COMPILE[@]}"; do
     fi
   done
 done
+# the live check: the same step in a real (uncompiled) training run, one log line at its end
+live_steps=$(( WARMUP + STEPS ))
+rm -rf "$OUT/live"
+.venv/bin/iomm pretrain --config "$CONFIG" "${MODELS[@]}" "${SETS[@]}" --set=train.batch_size="$batch" \
+  --set=train.compile=false --set=train.steps="$live_steps" --set=train.log_every="$live_steps" \
+  --set=train.sample_every=0 --set=train.checkpoint_every="$live_steps" --out "$OUT/live" --no-progress \
+  >"$OUT/live.log" 2>&1 || { cat "$OUT/live.log" >&2; exit 1; }
 .venv/bin/python - "$OUT" <<'PY'
 import json, sys
 from pathlib import Path
 
-# bf16 dense tensor-core peaks (vendor data sheets, TFLOP/s, no sparsity)
-PEAKS = {"H200": 989.4, "H100 SXM": 989.4, "H100 80GB HBM3": 989.4, "H800": 989.4, "H100 PCIe": 756.0,
-         "H100": 756.0, "A100": 312.0, "L40S": 362.1}
+from iomm.estimate import device_peak
+
 out = Path(sys.argv[1])
 for path in sorted(out.glob("compile_*.json")):
     record = json.loads(path.read_text())
     run, machine = record["run"], record["machine"]
-    peak = next((v * 1e12 for k, v in PEAKS.items() if k in machine), None)
+    found = device_peak(machine)
+    peak = found[1] * 1e12 if found else None
     achieved = run["flops_per_step"]["step"] / run["seconds_per_step"]["step"]
     nominal = f"{achieved / peak:.1%} of the {peak / 1e12:.0f} TFLOP/s bf16 dense peak" if peak else "no peak known"
     print(f"{path.stem}: batch {run['batch_size']}, {run['images_per_s']:.1f} images/s, "
@@ -74,4 +83,12 @@ for path in sorted(out.glob("compile_*.json")):
           f"MFU {nominal}; {run['mfu']['step']:.1%} of the measured GEMM peak "
           f"({run['matmul_peak_flops'] / 1e9:,.0f} GFLOP/s), generator {run['mfu']['generator']:.1%}; "
           f"peak memory {run['peak_memory_mib'] / 1024:.1f} GiB  [{machine}]")
+rows = [json.loads(line) for line in (out / "live/metrics.jsonl").read_text().splitlines()]
+live = next(row for row in reversed(rows) if "images_per_s" in row)
+split = ", ".join(f"{key.removesuffix('_s')} {live[key] * 1000:.0f}" for key in live
+                  if key.endswith("_s") and not key.endswith("per_s") and key not in ("step_s", "elapsed_s"))
+print(f"live (iomm pretrain, step {live['step']}): {live['images_per_s']:.1f} images/s, "
+      f"{live['condition_tokens_per_s']:,.0f} condition tokens/s, {live['step_s'] * 1000:.0f} ms a step ({split} ms), "
+      f"{live['tflop_per_s_per_device']:.1f} TFLOP/s, MFU {live['mfu']:.1%}, "
+      f"peak memory {live['peak_memory_gib']:.1f} GiB")
 PY

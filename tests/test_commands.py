@@ -164,6 +164,8 @@ def test_gpu_bench_script_checks_its_arguments_and_runs_at_a_tiny_size_on_a_cpu(
     assert result.returncode == 0, result.stderr
     record = json.loads((tmp_path / "out/compile_false.json").read_text())
     assert record["run"]["batch_size"] == 2 and "images/s" in result.stdout and "peak memory" in result.stdout
+    live = next(line for line in result.stdout.splitlines() if line.startswith("live (iomm pretrain, step 1)"))
+    assert "images/s" in live and "data_wait" in live and "MFU" in live  # what a real run logs, for the estimate
 
 
 def test_describe_flops_gives_the_paper_scale_proportions():

@@ -16,6 +16,8 @@ from iomm.config_checks import codec_factor
 from iomm.data.spec import DataConfig, check_data
 from iomm.typed_config import ConfigError, apply_overrides, build_dataclass, require
 
+Quantize = Literal["none", "int8"]  # frozen weights: as loaded, or int8 (iomm.generator.quantize)
+
 
 @dataclass
 class MLLMConfig:
@@ -30,6 +32,8 @@ class MLLMConfig:
     # The condition cannot attend to the queries after it (causal LLM): run it once without autograd
     # and differentiate the query positions only. Exact; off only to time the naive step.
     prefix_cache: bool = True
+    # int8: its linear weights stored in int8 (torchao, iomm.generator.quantize): half the bf16 memory
+    quantize: Quantize = "none"
 
 
 @dataclass
@@ -81,6 +85,8 @@ class GeneratorConfig:
     # (`pretrained`: a QwenImagePipeline directory), conditions written as Qwen-Image's pipelines write them
     kind: Literal["sd3", "zimage", "unet", "qwen_image"] = "sd3"
     pretrained: str | None = None
+    # int8: the frozen LoRA base's linear weights stored in int8 (torchao; kind=qwen_image with `pretrained`)
+    quantize: Quantize = "none"
     attention_head_dim: int = 32  # both kinds
     # kind=sd3 / zimage
     num_layers: int = 4
@@ -173,8 +179,10 @@ class TrainConfig:
     keep_last: int = 2
     keep_every: int = 0
     max_nonfinite_in_row: int = 5
-    # ddp: a replica per rank; fsdp: FSDP2 shards of the trainable weights, gradients, optimizer state and EMA
-    parallel: Literal["ddp", "fsdp"] = "ddp"
+    # ddp: a replica per rank; fsdp: FSDP2 shards of the trainable weights, gradients, optimizer state and EMA;
+    # hsdp: FSDP2 shards within each group of `shard_size` ranks (a node), replicated across the groups
+    parallel: Literal["ddp", "fsdp", "hsdp"] = "ddp"
+    shard_size: int | None = None  # hsdp: ranks per shard group (null: a node's, torchrun's LOCAL_WORLD_SIZE)
     activation_checkpointing: bool = False  # recompute each generator block in the backward pass
     compile: bool = False  # torch.compile each generator block (compiled on the first steps)
     fused_optimizer: bool = False  # AdamW's fused kernel (CPU and CUDA) instead of its per-parameter loop
@@ -257,6 +265,7 @@ def validate(cfg: Config, source: str = "<config>", *, check_paths: bool = True)
         require(getattr(t, name) >= 1, source, f"train.{name}", ">= 1", getattr(t, name))
     for name in ("warmup_steps", "sample_every", "keep_last", "keep_every", "threads"):
         require(getattr(t, name) >= 0, source, f"train.{name}", ">= 0", getattr(t, name))
+    require(t.shard_size is None or t.shard_size >= 1, source, "train.shard_size", "null or >= 1", t.shard_size)
     require(0.0 <= t.decay_fraction <= 1.0, source, "train.decay_fraction", "a value in [0, 1]", t.decay_fraction)
     if t.lora.enabled:
         require(t.lora.rank >= 1, source, "train.lora.rank", ">= 1", t.lora.rank)
@@ -294,10 +303,26 @@ def validate(cfg: Config, source: str = "<config>", *, check_paths: bool = True)
     require(t.cond_dropout == 0 or cfg.connector.kind != "identity", source, "train.cond_dropout",
             "0 with connector.kind=identity (no learned null condition to drop to)", t.cond_dropout)
     _check_generator(cfg.generator, codec_factor(cfg, source), d.resolution, source)
+    _check_quantize(cfg, source)
     for data in dict.fromkeys(check_data(d, t.mix_ratio, source)):
         data.validate(cfg, source)
     if check_paths:
         check_model_paths(cfg, source)
+
+
+def _check_quantize(cfg: Config, source: str) -> None:
+    """int8 weights are frozen: only a LoRA base loaded from a pipeline (int8 weights cannot train in full, and an
+    iomm checkpoint's base would be loaded into them after quantization)."""
+    g, lora = cfg.generator, cfg.train.lora
+    if g.quantize == "none":
+        return
+    field = "generator.quantize"
+    require(lora.enabled, source, field, "none without train.lora.enabled (int8 weights cannot be fine-tuned in "
+            "full)", g.quantize)
+    require(lora.base is None, source, field, "none with train.lora.base (the base is an iomm checkpoint)", g.quantize)
+    require(g.kind == "qwen_image" and g.pretrained is not None, source, field,
+            "none unless generator.kind=qwen_image with generator.pretrained", f"{g.quantize} (kind={g.kind}, "
+            f"pretrained={g.pretrained})")
 
 
 def _check_generator(g: GeneratorConfig, codec_factor: int, resolution: int, source: str) -> None:

@@ -22,6 +22,7 @@ from iomm.config_checks import component_dir
 from iomm.generator.codec import PixelCodec, codec_for
 from iomm.generator.lora import add_lora
 from iomm.generator.network import GENERATOR_CLASSES, build_generator, run_generator
+from iomm.generator.quantize import INT8_BYTES, int8_weight_count
 from iomm.training.optimizers import muon_parameters
 
 
@@ -142,6 +143,9 @@ def describe(cfg: Config) -> dict[str, int]:
     parts = meta_parts(cfg)
     mllm, adapter, connector, vae, generator = parts.mllm, parts.adapter, parts.connector, parts.vae, parts.generator
     generator_count = _count(generator)
+    int8 = {"generator_int8": int8_weight_count(generator) if cfg.generator.quantize == "int8" else 0,
+            "mllm_int8": int8_weight_count(mllm, skip=(mllm.get_output_embeddings(),))
+            if cfg.mllm.quantize == "int8" else 0}
     if cfg.train.lora.enabled:
         with torch.device("meta"):
             add_lora(generator, cfg.train.lora)
@@ -166,6 +170,7 @@ def describe(cfg: Config) -> dict[str, int]:
     if cfg.train.optimizer == "muon":  # of the trainable, what build_optimizers gives Muon
         trainable = {f"generator.{name}": p for name, p in generator.named_parameters() if p.requires_grad}
         counts["muon_matrices"] = sum(trainable[name].numel() for name in muon_parameters(generator, trainable))
+    counts |= {name: n for name, n in int8.items() if n}  # of the frozen weights, those stored in int8
     counts["total"] = total
     return counts
 
@@ -183,20 +188,24 @@ FROZEN_BYTES = 2
 GIB = 1024**3
 
 
-def memory_per_gpu(counts: dict[str, int], gpus: int, parallel: str) -> dict[str, float]:
+def memory_per_gpu(counts: dict[str, int], gpus: int, parallel: str, shard_size: int | None = None) -> dict[str, float]:
     """GiB per GPU of the model state (activations excluded: they scale with the batch and checkpointing).
 
     ddp: every rank holds everything. fsdp: the trainable state is sharded over `gpus` ranks (plus, while a
-    block computes, its gathered bf16 parameters: the largest block at most, left out here); the frozen MLLM
-    and VAE are replicated in bf16, since they have no gradients or optimizer state to shard.
+    block computes, its gathered bf16 parameters: the largest block at most, left out here); hsdp: over
+    `shard_size` ranks (default `gpus`), as fsdp on one node. The frozen MLLM and VAE are replicated in bf16,
+    since they have no gradients or optimizer state to shard.
     """
-    shards = gpus if parallel == "fsdp" else 1
+    shards = {"fsdp": gpus, "hsdp": min(shard_size or gpus, gpus)}.get(parallel, 1)
     out = {name: counts["trainable"] * size / shards / GIB for name, size in TRAINABLE_BYTES.items()}
     muon = counts.get("muon_matrices", 0)
     out["optimizer"] = (muon * MUON_STATE_BYTES + (counts["trainable"] - muon) * ADAMW_STATE_BYTES) / shards / GIB
+    saved = FROZEN_BYTES - INT8_BYTES  # by each int8 weight (its per-row scales left out: a weight in thousands)
     if "lora_base" in counts:  # a LoRA base: inside the sharded modules, so sharded by FSDP2 too
-        out["frozen_base"] = counts["lora_base"] * FROZEN_BYTES / shards / GIB
-    out["frozen_mllm"] = (counts["mllm_vision"] + counts["mllm_language"]) * FROZEN_BYTES / GIB
+        base_bytes = counts["lora_base"] * FROZEN_BYTES - counts.get("generator_int8", 0) * saved
+        out["frozen_base"] = base_bytes / shards / GIB
+    out["frozen_mllm"] = ((counts["mllm_vision"] + counts["mllm_language"]) * FROZEN_BYTES
+                          - counts.get("mllm_int8", 0) * saved) / GIB
     out["frozen_vae"] = counts["vae"] * FROZEN_BYTES / GIB
     out["total"] = sum(out.values())
     return out

@@ -66,7 +66,7 @@ def ensure_builtin(builtin: BuiltinModel, cfg: Config) -> str:
 def load_mllm(cfg: Config) -> FrozenMLLM:
     builtin = builtin_mllm(cfg.mllm.path)
     path = ensure_builtin(builtin, cfg) if builtin is not None else cfg.mllm.path
-    mllm = FrozenMLLM.from_pretrained(path, trust_remote_code=cfg.mllm.trust_remote_code)
+    mllm = FrozenMLLM.from_pretrained(path, trust_remote_code=cfg.mllm.trust_remote_code, quantize=cfg.mllm.quantize)
     if cfg.mllm.gradient_checkpointing:
         mllm.enable_gradient_checkpointing()
     mllm.prefix_cache = cfg.mllm.prefix_cache

@@ -10,6 +10,16 @@ import logging
 # iomm reads images with its own preprocessing and never uses these processors.
 TORCHVISION_FALLBACK = "requires torchvision (not installed); falling back to"
 TORCHVISION_FALLBACK_LOGGER = "transformers.utils.import_utils"
+# torchao (the int8 frozen base, `generator.quantize`) says at import that its optional fused kernels (mxfp8,
+# CUTLASS: GPU builds for another Python) are missing, torch that torchao registers enums it no longer needs to,
+# and diffusers that it cannot list torchao's tensor classes for torch.load: iomm quantizes at load and never
+# torch.loads a torchao checkpoint (weights load through safetensors only).
+KNOWN_HARMLESS: tuple[tuple[str, str], ...] = (
+    (TORCHVISION_FALLBACK_LOGGER, TORCHVISION_FALLBACK),
+    ("torchao", "Failed to load"),
+    ("torch.utils._pytree", "is an Enum subclass and is now natively supported"),
+    ("diffusers.quantizers.torchao.torchao_quantizer", "Unable to import `torchao` Tensor objects"),
+)
 
 
 class _DropMessage(logging.Filter):
@@ -30,7 +40,8 @@ class _DropMessage(logging.Filter):
 def quiet_libraries(*, show_progress: bool) -> None:
     """Drop the known-harmless messages; without `show_progress`, also transformers', diffusers', the Hub's and
     datasets' own progress bars (iomm's own progress is its log lines)."""
-    logging.getLogger(TORCHVISION_FALLBACK_LOGGER).addFilter(_DropMessage(TORCHVISION_FALLBACK))
+    for logger, fragment in KNOWN_HARMLESS:
+        logging.getLogger(logger).addFilter(_DropMessage(fragment))
     if show_progress:
         return
     import datasets

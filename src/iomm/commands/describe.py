@@ -22,7 +22,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_config_args(p)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--gpus", type=int, default=None, help="also the per-GPU memory of the model state on N GPUs")
-    p.add_argument("--parallel", choices=("ddp", "fsdp"), default="ddp", help="with --gpus: replicated or sharded")
+    p.add_argument("--parallel", choices=("ddp", "fsdp", "hsdp"), default="ddp",
+                   help="with --gpus: replicated, sharded, or sharded within groups of --shard-size")
+    p.add_argument("--shard-size", type=int, default=None, help="with --parallel hsdp: GPUs a shard group spans "
+                                                               "(default: all of them)")
     device = p.add_mutually_exclusive_group()
     device.add_argument("--gpu", type=str.lower, choices=sorted(GPU_MEMORY_GIB), default=None,
                         help=f"with --gpus: the GPU the model state is set against (default {DEFAULT_GPU})")
@@ -85,6 +88,10 @@ def _describe(args: argparse.Namespace) -> int:
         raise SystemExit("iomm describe: --gpu and --gpu-memory size the per-GPU memory table; add --gpus N")
     if args.gpu_memory is not None and args.gpu_memory <= 0:
         raise SystemExit(f"iomm describe: expected --gpu-memory > 0 (GiB), got {args.gpu_memory:g}")
+    if args.shard_size is not None and (args.parallel != "hsdp" or not args.gpus or args.shard_size < 1
+                                        or args.gpus % args.shard_size):
+        raise SystemExit(f"iomm describe: --shard-size: expected a divisor of --gpus with --parallel hsdp, got "
+                         f"{args.shard_size} with --gpus {args.gpus} --parallel {args.parallel}")
     mfu = _estimate_inputs(args)
     cfg = load_config(args.config, args.overrides, check_paths=False)
     counts = describe(cfg)
@@ -92,7 +99,7 @@ def _describe(args: argparse.Namespace) -> int:
         forward = forward_flops(cfg) if args.flops or args.estimate else None
     except ValueError as err:
         raise SystemExit(f"iomm describe --{'flops' if args.flops else 'estimate'}: {err}") from None
-    memory = memory_per_gpu(counts, args.gpus, args.parallel) if args.gpus else None
+    memory = memory_per_gpu(counts, args.gpus, args.parallel, args.shard_size) if args.gpus else None
     gpu_gib, gpu_origin = _gpu_memory(args.gpu, args.gpu_memory)
     cost = None
     if mfu is not None:
@@ -102,11 +109,12 @@ def _describe(args: argparse.Namespace) -> int:
             cost["gpu_from"] = gpu_origin
     if args.json:
         device = [f"--gpu {args.gpu}"] if args.gpu else [f"--gpu-memory {args.gpu_memory:g}"] if args.gpu_memory else []
+        shard = [f"--shard-size {args.shard_size}"] if args.shard_size else []
         mfu_flag = f"--mfu {args.mfu:g}" if args.mfu is not None else f"--mfu-file {args.mfu_file}"
         estimate_flags = ["--estimate", mfu_flag, *([f"--stage {args.stage}"] if args.stage != "both" else [])]
         command = " ".join(["iomm describe", *([f"--config {args.config}"] if args.config else []),
                             *(f"--set {o}" for o in args.overrides), "--json",
-                            *([f"--gpus {args.gpus} --parallel {args.parallel}", *device] if memory else []),
+                            *([f"--gpus {args.gpus} --parallel {args.parallel}", *shard, *device] if memory else []),
                             *(["--flops"] if args.flops else []), *(estimate_flags if cost else [])])
         device_memory = {"gpu_memory_gib": gpu_gib, "gpu_memory_from": gpu_origin}
         print(json.dumps({"command": command, **counts, **({"memory_gib": memory, **device_memory} if memory else {}),

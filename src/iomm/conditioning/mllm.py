@@ -26,6 +26,7 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from iomm.conditioning.mllm_families import check_supported, family_for
 from iomm.config_checks import component_dir
+from iomm.generator.quantize import Quantize, transformers_loading
 
 WEIGHT_FILES = (
     "model.safetensors",
@@ -135,9 +136,11 @@ class FrozenMLLM(nn.Module):
         trust_remote_code: bool = False,
         dtype: torch.dtype = torch.float32,
         gradient_checkpointing: bool = False,
+        quantize: Quantize = "none",
     ) -> "FrozenMLLM":
         """Load model, tokenizer and image preprocessing settings from a local directory, offline: a VLM
-        checkpoint, or a diffusers pipeline directory (its `text_encoder/`, `tokenizer/` and `processor/`)."""
+        checkpoint, or a diffusers pipeline directory (its `text_encoder/`, `tokenizer/` and `processor/`).
+        `quantize="int8"`: the linear weights stored in int8 (`iomm.generator.quantize`)."""
         root = Path(path)
         path, tokenizer_dir = component_dir(root, "text_encoder"), component_dir(root, "tokenizer")
         raw = check_checkpoint_dir(path, trust_remote_code=trust_remote_code, tokenizer_dir=tokenizer_dir)
@@ -146,7 +149,8 @@ class FrozenMLLM(nn.Module):
         kwargs = {"local_files_only": True, "trust_remote_code": trust_remote_code}
         config = AutoConfig.from_pretrained(path, **kwargs)
         check_supported(config.model_type, f"MLLM checkpoint {path}")
-        model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, **kwargs)
+        model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, **kwargs,
+                                                            **transformers_loading(quantize))
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, **kwargs)
         preprocessing = read_preprocessing(component_dir(root, "processor"))
         mllm = cls(model, tokenizer, preprocessing, gradient_checkpointing=gradient_checkpointing)

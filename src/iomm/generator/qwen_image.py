@@ -19,6 +19,7 @@ from diffusers import QwenImageTransformer2DModel as QwenImageTransformer
 from iomm.config import GeneratorConfig
 from iomm.config_checks import QWEN_IMAGE_DIR, qwen_image_problem
 from iomm.generator.flow import TIMESTEP_SCALE
+from iomm.generator.quantize import diffusers_loading, leave_int8_out_of_state
 
 
 def check_pipeline_dir(path: str | Path) -> Path:
@@ -29,10 +30,15 @@ def check_pipeline_dir(path: str | Path) -> Path:
 
 
 def build_transformer(cfg: GeneratorConfig, *, latent_channels: int, cond_width: int) -> QwenImageTransformer:
-    """The pipeline's transformer, or (no `pretrained`) a randomly initialised one of the configured size."""
+    """The pipeline's transformer (its linear weights in int8 with `quantize: int8`), or (no `pretrained`) a
+    randomly initialised one of the configured size."""
     if cfg.pretrained is not None:
         path = check_pipeline_dir(cfg.pretrained)
-        return QwenImageTransformer.from_pretrained(path, subfolder="transformer", local_files_only=True).train()
+        transformer = QwenImageTransformer.from_pretrained(path, subfolder="transformer", local_files_only=True,
+                                                           **diffusers_loading(cfg.quantize)).train()
+        if cfg.quantize != "none":
+            leave_int8_out_of_state(transformer)
+        return transformer
     d = cfg.attention_head_dim  # rotary axes (frame, height, width) as in Qwen-Image: 16 + 56 + 56 of 128
     return QwenImageTransformer(
         patch_size=cfg.patch_size, in_channels=latent_channels * 4, out_channels=latent_channels,

@@ -89,17 +89,18 @@ def score_summary(values: list[float]) -> dict[str, Any]:
 
 def pairs_to_match(curve: list[tuple[int, float]], ceiling: float, target: float) -> tuple[float | None, str]:
     """How many pairs pairs-only needs to score `target`: linear in log N between the budgets that bracket it
-    (the first crossing); a bound where the curve does not bracket it."""
+    (the first crossing); a bound where the curve does not bracket it (none where even unlimited fresh pairs
+    score below it)."""
     if target <= curve[0][1]:
-        return None, f"at most {curve[0][0]}"
+        return None, f"at most {curve[0][0]} pairs"
     for (n_low, low), (n_high, high) in zip(curve, curve[1:]):
         if low < target <= high:
             fraction = (target - low) / (high - low)
             pairs = math.exp(math.log(n_low) + fraction * (math.log(n_high) - math.log(n_low)))
-            return pairs, f"about {pairs:.0f}"
+            return pairs, f"about {pairs:.0f} pairs"
     if target <= ceiling:
-        return None, f"more than {curve[-1][0]}"
-    return None, f"more than unlimited fresh pairs give it (its ceiling: {ceiling:.3f})"
+        return None, f"more than {curve[-1][0]} pairs"
+    return None, f"more pairs than exist (unlimited fresh pairs give it {ceiling:.3f})"
 
 
 def findings(scores: dict, paired: dict, budgets: tuple[int, ...]) -> list[dict[str, Any]]:
@@ -113,13 +114,14 @@ def findings(scores: dict, paired: dict, budgets: tuple[int, ...]) -> list[dict[
         label = budget_label(n)
         iomm, base = scores[IOMM][label][OVERALL]["mean"], pairs_only[label][OVERALL]["mean"]
         matched, phrase = pairs_to_match(curve, ceiling, iomm)
-        held = paired[label][IOMM].get(COMPOSITIONS)
-        compositions = None if held is None else {
-            "iomm": held["b"], "pairs_only": held["a"], "label": FINDING_LABELS[held["verdict"]]}
+        held = paired[label][IOMM].get(COMPOSITIONS)  # its label; the scores as the table gives them (kinds' mean)
+        compositions = None if held is None or COMPOSITIONS not in scores[IOMM][label] else {
+            "iomm": scores[IOMM][label][COMPOSITIONS]["mean"], "pairs_only": pairs_only[label][COMPOSITIONS]["mean"],
+            "label": FINDING_LABELS[held["verdict"]]}
         out.append({"pairs": n, "iomm": iomm, "pairs_only": base, "pairs_to_match": matched,
                     "label": FINDING_LABELS[paired[label][IOMM][OVERALL]["verdict"]], COMPOSITIONS: compositions,
                     "sentence": f"At {n} pairs, IOMM scores {iomm:.3f} against pairs-only's {base:.3f}; "
-                                f"pairs-only needs {phrase} pairs to match IOMM at {n}."})
+                                f"pairs-only needs {phrase} to match IOMM at {n}."})
     return out
 
 
@@ -155,8 +157,8 @@ def run_pair_budget(config: str, budgets: tuple[int, ...], seeds: int, out: Path
 def markdown_report(record: dict) -> str:
     steps, budgets = record["steps"], list(record["scores"][PAIRS_ONLY])
     lines = [f"# Study `{record['study']}`: {record['description']}", "",
-             f"{record['seeds']} seeds; every arm {steps['stage1']} stage-1 + {steps['stage2']} stage-2 steps of "
-             f"batch {steps['batch_size']}. Machine: {record['machine']['cpu']}. "
+             f"{record['seeds']} seed{'s' if record['seeds'] > 1 else ''}; every arm {steps['stage1']} stage-1 + "
+             f"{steps['stage2']} stage-2 steps of batch {steps['batch_size']}. Machine: {record['machine']['cpu']}. "
              f"Wall time: {record['wall_s'] / 60:.1f} min.",
              f"Command: `{record['command']}`", "",
              *(f"- **{f['label']}**: {f['sentence']}" for f in record["findings"]),
@@ -213,8 +215,8 @@ def plot_learning_curve(scores: dict, budgets: tuple[int, ...], out: Path, steps
         ax.set_xlabel("text-image pairs N")
         ax.set_ylabel("overall score" if metric == OVERALL else "held-out compositions")
         ax.legend(fontsize=8), ax.grid(alpha=0.3)
-    fig.suptitle(f"equal compute: {steps['stage1']} + {steps['stage2']} steps; bars: 95% t-intervals over "
-                 f"{seeds} seeds", fontsize=10)
+    bars = f"bars: 95% t-intervals over {seeds} seeds" if seeds > 1 else "one seed: no interval"
+    fig.suptitle(f"equal compute: {steps['stage1']} + {steps['stage2']} steps; {bars}", fontsize=10)
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)

@@ -20,16 +20,18 @@ class Distributed:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    local_world: int = 1  # the ranks on this node (torchrun's LOCAL_WORLD_SIZE): hsdp's default shard size
 
     @classmethod
     def from_env(cls) -> "Distributed":
         world = int(os.environ.get("WORLD_SIZE", "1"))
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
         if world > 1 and not dist.is_initialized():
             if torch.cuda.is_available():
                 torch.cuda.set_device(local_rank)  # collectives on objects use the current device
             dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        return cls(int(os.environ.get("RANK", "0")), world, local_rank)
+        return cls(int(os.environ.get("RANK", "0")), world, local_rank, local_world)
 
     def stop_requested(self, reason: str | None) -> list[tuple[int, str]] | None:
         """Called by every rank before each step: None when no rank must stop, else (rank, reason) of each

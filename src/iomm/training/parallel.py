@@ -5,6 +5,11 @@ of the classes the diffusers model names in `_no_split_modules`, the same list a
 and then to the root, which holds the adapter, connector and the generator's remaining layers. The frozen MLLM and
 codec are left out of the shards (`ignored_params`): they have no gradients and no optimizer state, so replicating
 them costs their weights once per GPU (about 4 GiB for a 2B MLLM in bf16) and saves an all-gather of them every step.
+
+`train.parallel: hsdp` shards the same way on a 2-D DeviceMesh (replicas x `train.shard_size`): each parameter is
+sharded within a group of `shard_size` ranks (a node by default) and replicated across the groups, so the per-step
+all-gathers and reduce-scatters stay inside a node and only an all-reduce of the gradient shards crosses nodes.
+Its checkpoints are DTensors like fsdp's, so DCP resumes either at any world size.
 """
 
 from __future__ import annotations
@@ -14,13 +19,17 @@ from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from iomm.config import TrainConfig
 from iomm.training.precision import resolve_precision
+from iomm.typed_config import require
 
 Forward = Callable[..., torch.Tensor]
+SHARDED = ("fsdp", "hsdp")  # the engines that shard with FSDP2
+MESH_DIMS = ("dp_replicate", "dp_shard")  # torchtitan's names for HSDP's two dimensions
 
 
 def generator_blocks(generator: nn.Module) -> list[nn.Module]:
@@ -56,19 +65,43 @@ def fsdp_policy(train: TrainConfig, device_type: str) -> MixedPrecisionPolicy:
     return MixedPrecisionPolicy()
 
 
-def shard(model: nn.Module, generator: nn.Module, train: TrainConfig, device_type: str) -> None:
+def shard_groups(train: TrainConfig, world: int, local_world: int) -> tuple[int, int]:
+    """(replicas, ranks per shard group) of a launch of `world` ranks, `local_world` of them per node: fsdp
+    shards over all ranks, hsdp over groups of `train.shard_size` (default: a node's ranks). One process shards
+    nothing, so a sharded run's config (and checkpoint) also runs there. Raises the ConfigError naming
+    train.shard_size before anything is built when it does not divide the world size."""
+    if train.parallel != "hsdp" or world == 1:
+        return 1, world
+    size = train.shard_size or local_world
+    default = "" if train.shard_size else f" (null: the {local_world} ranks of a node, LOCAL_WORLD_SIZE)"
+    require(world % size == 0, "the launch", "train.shard_size", f"a divisor of the {world} ranks{default}", size)
+    return world // size, size
+
+
+def data_parallel_mesh(train: TrainConfig, world: int, local_world: int, device_type: str) -> DeviceMesh | None:
+    """hsdp's 2-D mesh (replicate over dim 0, shard over dim 1); None for fully_shard's default 1-D mesh over
+    every rank (fsdp, and hsdp with one shard group, which is the same thing)."""
+    replicas, size = shard_groups(train, world, local_world)
+    if replicas == 1:
+        return None
+    return init_device_mesh(device_type, (replicas, size), mesh_dim_names=MESH_DIMS)
+
+
+def shard(model: nn.Module, generator: nn.Module, train: TrainConfig, device_type: str,
+          mesh: DeviceMesh | None = None) -> None:
     """FSDP2 in place: each generator block, then the root (frozen parameters replicated, not sharded)."""
     policy = fsdp_policy(train, device_type)
     frozen = frozen_parameters(model)
     for block in generator_blocks(generator):
-        fully_shard(block, mp_policy=policy, ignored_params=frozen)
-    fully_shard(model, mp_policy=policy, ignored_params=frozen)
+        fully_shard(block, mesh=mesh, mp_policy=policy, ignored_params=frozen)
+    fully_shard(model, mesh=mesh, mp_policy=policy, ignored_params=frozen)
 
 
 def distribute(model: nn.Module, generator: nn.Module, train: TrainConfig, world: int,
-               device: torch.device) -> Forward:
-    """The callable that runs a training forward: the model itself, its DDP wrapper, or the FSDP2-sharded model.
-    Parameters are collected after this call: fully_shard replaces them with DTensors."""
+               device: torch.device, local_world: int | None = None) -> Forward:
+    """The callable that runs a training forward: the model itself, its DDP wrapper, or the FSDP2-sharded model
+    (hsdp: on the 2-D mesh of `local_world` ranks a node; default: one node). Parameters are collected after this
+    call: fully_shard replaces them with DTensors."""
     if train.activation_checkpointing:
         generator.enable_gradient_checkpointing()  # diffusers: recompute each block in the backward pass
     if train.compile:  # per block, before sharding, as torchtitan does: the blocks are where the FLOPs are
@@ -76,8 +109,9 @@ def distribute(model: nn.Module, generator: nn.Module, train: TrainConfig, world
             block.compile()
     if world == 1:
         return model
-    if train.parallel == "fsdp":
-        shard(model, generator, train, device.type)
+    if train.parallel in SHARDED:
+        mesh = data_parallel_mesh(train, world, local_world or world, device.type)
+        shard(model, generator, train, device.type, mesh)
         return model
     return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                                find_unused_parameters=True)

@@ -21,7 +21,7 @@ APPLIED_ON_RESUME = frozenset({
     "train.grad_clip", "train.ema_decay", "train.mixed_precision", "train.threads", "train.log_every",
     "train.sample_every", "train.checkpoint_every", "train.keep_last", "train.keep_every",
     "train.max_nonfinite_in_row", "train.parallel", "train.activation_checkpointing", "train.compile",
-    "train.fused_optimizer", "train.mix_ratio",
+    "train.fused_optimizer", "train.mix_ratio", "train.shard_size",
     "data.num_workers", "data.max_bad_fraction", "data.holdout_pairs",
     "flow.sample_steps", "flow.guidance_scale", "flow.reconstruct_guidance_scale",
     "mllm.gradient_checkpointing", "mllm.prefix_cache",

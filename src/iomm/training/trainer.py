@@ -40,7 +40,7 @@ from iomm.training.distributed import Distributed
 from iomm.training.ema import EMA
 from iomm.training.held_out import held_out_loss
 from iomm.training.optimizers import build_optimizers, build_schedulers
-from iomm.training.parallel import distribute, gathered, gradient_sync, local_value
+from iomm.training.parallel import SHARDED, distribute, gathered, gradient_sync, local_value, shard_groups
 from iomm.training.precision import autocast, describe_precision, store_frozen_in_bf16
 from iomm.training.resume import config_changes
 from iomm.training.run_log import RunLog, plot_loss_curve, step_line
@@ -94,6 +94,7 @@ class Trainer:
         if self.cfg.train.batch_size % self.dist.world:
             raise ConfigError("the launch", "train.batch_size", f"a multiple of the {self.dist.world} ranks",
                               self.cfg.train.batch_size)
+        shard_groups(self.cfg.train, self.dist.world, self.dist.local_world)  # a bad train.shard_size fails here
         self.report = DataReport()  # the data first: a source that cannot be read fails before the model is built
         sources = build_sources(self.cfg, self.report, self.run_dir, main=self.dist.main, barrier=self.dist.barrier,
                                 held_out=PANEL_SIZE)
@@ -111,8 +112,9 @@ class Trainer:
         if self.init is not None:
             load_trainable(self.model, ckpt.resolve_checkpoint(self.init), use_ema=False)
         t = self.cfg.train
-        self.forward = distribute(self.model, self.model.generator, t, self.dist.world, self.device)
-        self.sharded = self.dist.world > 1 and t.parallel == "fsdp"  # every rank takes part in every forward
+        self.forward = distribute(self.model, self.model.generator, t, self.dist.world, self.device,
+                                  self.dist.local_world)
+        self.sharded = self.dist.world > 1 and t.parallel in SHARDED  # every rank takes part in every forward
         self.params = self.model.trainable_parameters()  # after distribute: FSDP2 makes them DTensors
         self.optimizers = build_optimizers(self.params, self.model.generator, t)
         self.schedulers = build_schedulers(self.optimizers, t)
