@@ -38,7 +38,7 @@ TINY_OVERRIDES = [
 
 @pytest.fixture
 def tiny_config(tiny_mllm_dir: Path):
-    from iomm.config import load_config
+    from iomm.config_checks import load_config
 
     def make(*overrides: str):
         return load_config(None, [f"mllm.path={tiny_mllm_dir}", *TINY_OVERRIDES, *overrides])

@@ -1,20 +1,17 @@
-"""bench/oracle_arms.py and bench/denoise_probe.py on a tiny run: they train, load back and report."""
+"""The oracle-arms and denoise probes (`python -m iomm.lab.bench.probes.oracle_arms`, `...denoise`) on a tiny run:
+they train, load back and report."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import sys
 from pathlib import Path
 
 import torch
 from conftest import TINY_OVERRIDES
 
 from iomm.commands.recipe import packaged_config
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-import denoise_probe  # noqa: E402
-import oracle_arms  # noqa: E402
+from iomm.lab.bench.probes import denoise, oracle_arms
 
 
 def test_oracle_arm_trains_reports_and_bypasses_the_llm(tiny_mllm_dir: Path, tmp_path: Path) -> None:
@@ -24,7 +21,7 @@ def test_oracle_arm_trains_reports_and_bypasses_the_llm(tiny_mllm_dir: Path, tmp
     assert oracle_arms.main(["--arm", "vision", "--config", str(packaged_config("nano")), *sets,
                              "--out", str(tmp_path / "run"), "--n", "2", "--result", str(result)]) == 0
     report = json.loads(result.read_text())
-    assert report["command"].startswith("python bench/oracle_arms.py --arm vision")
+    assert report["command"].startswith("python -m iomm.lab.bench.probes.oracle_arms --arm vision")
     assert set(report["ratios"]) == {"0.0", "0.45"} and report["ratios"]["0.0"]["n"] == 2
     assert "connector.token_positions=true" in report["overrides"]
 
@@ -38,8 +35,8 @@ def test_oracle_arm_trains_reports_and_bypasses_the_llm(tiny_mllm_dir: Path, tmp
     assert torch.equal(a, b)  # the vision arm never reads the prompt: no LLM on its path
 
     out = tmp_path / "denoise.json"
-    assert denoise_probe.main(["--model", str(tmp_path / "run"), "--oracle-arm", "vision", "--n", "4",
+    assert denoise.main(["--model", str(tmp_path / "run"), "--oracle-arm", "vision", "--n", "4",
                                "--out", str(out)]) == 0
     times = json.loads(out.read_text())["times"]
-    assert list(times) == [str(t) for t in denoise_probe.TIMES]
+    assert list(times) == [str(t) for t in denoise.TIMES]
     assert all(v > 0 for row in times.values() for v in row.values())

@@ -6,7 +6,8 @@ import pytest
 import torch
 from diffusers import AutoencoderKL
 
-from iomm.config import ConfigError, codec_factor, load_config
+from iomm.config import ConfigError
+from iomm.config_checks import codec_factor, load_config
 from iomm.generator.codec import VAECodec
 from iomm.inference.pipeline import IOMMPipeline, load_model
 from iomm.nano.vae import NanoVAEConfig, ensure_nano_vae, train_nano_vae

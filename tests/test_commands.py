@@ -8,7 +8,7 @@ import pytest
 from transformers import Qwen2_5_VLConfig
 
 from iomm.cli import main
-from iomm.config import load_config
+from iomm.config_checks import load_config
 from iomm.describe import describe
 from tests.conftest import TINY_OVERRIDES
 
@@ -196,8 +196,8 @@ def test_bench_sample_times_iomms_sampler_against_diffusers_loop(tiny_config, tm
 
 
 def test_bench_speedups_rows_are_valid_configs_each_against_the_naive_step():
-    from iomm.commands.bench_speedups import rows
-    from iomm.training.bench import NAIVE
+    from iomm.lab.bench.speedups import rows
+    from iomm.lab.bench.train_step import NAIVE
 
     table = rows()
     assert table[0].name == "naive faithful step" and not table[0].overrides and not table[0].cached_latents

@@ -10,7 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from iomm.config import Config, ConfigError, finetune_config, load_config
+from iomm.config import Config, ConfigError
+from iomm.config_checks import finetune_config, load_config
 
 
 def _write(tmp_path, text):
@@ -134,7 +135,7 @@ def test_any_value_loads_or_fails_with_a_config_error(values):
     ("flow.logit_std=0", "flow.logit_std"),
     ("flow.guidance_scale=-1", "flow.guidance_scale"),
     ("flow.reconstruct_guidance_scale=nan", "flow.reconstruct_guidance_scale"),
-    ("connector.num_heads=0", "connector.num_heads"),  # was a ZeroDivisionError inside validate
+    ("connector.num_heads=0", "connector.num_heads"),  # was a ZeroDivisionError inside the value checks
     ("generator.num_layers=0", "generator.num_layers"),
     ("codec.kind=vae", "codec.path"),  # was a traceback from inside diffusers
     ("data.pairs=world:\u00b2", "data.pairs"),  # '²'.isdigit() but int('²') raises

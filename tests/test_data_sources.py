@@ -290,7 +290,7 @@ def tiny_vae_dir(tmp_path_factory):
 def test_a_latent_cache_trains_with_the_online_loss(tiny_mllm_dir, tiny_vae_dir, tmp_path, capsys):
     from conftest import TINY_OVERRIDES
 
-    from iomm.config import load_config
+    from iomm.config_checks import load_config
     from iomm.model import IOMM
 
     folder = _images(tmp_path)

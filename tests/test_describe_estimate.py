@@ -10,7 +10,7 @@ import pytest
 
 from iomm.cli import main
 from iomm.commands.describe import GPU_MEMORY_GIB
-from iomm.config import load_config
+from iomm.config_checks import load_config
 from iomm.estimate import (
     PEAK_BF16_TFLOPS,
     estimate,

@@ -20,8 +20,8 @@ from PIL import Image
 
 from iomm.checkpointing import checkpoint as ckpt
 from iomm.cli import main
-from iomm.config import load_config
-from iomm.evaluation.reconstruction import sample_grid
+from iomm.config_checks import load_config
+from iomm.evaluation.sample_grid import sample_grid
 from iomm.inference.pipeline import IOMMPipeline, load_model
 from iomm.training.distributed import Distributed
 from iomm.training.trainer import Trainer
@@ -100,8 +100,8 @@ _EVERY_CONFIG = """
 import sys
 from pathlib import Path
 import torch.distributed
-from iomm.config import load_config
-from iomm.evaluation.reconstruction import sample_grid
+from iomm.config_checks import load_config
+from iomm.evaluation.sample_grid import sample_grid
 from iomm.training.trainer import train
 args = sys.argv[2:]
 configs, out = Path(args[args.index("--config") + 1]), Path(args[args.index("--out") + 1])
@@ -171,7 +171,7 @@ def test_bad_data_on_the_ranks_stops_every_rank_with_one_report(tiny_config, tmp
 _EPOCH_PROBE = """
 import json, sys
 from pathlib import Path
-from iomm.config import load_config
+from iomm.config_checks import load_config
 from iomm.data.mixed_batches import MixedBatches, batch_loader, build_sources
 from iomm.checkpointing import checkpoint as ckpt
 from iomm.cli import main

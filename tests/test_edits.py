@@ -13,6 +13,8 @@ import pytest
 from PIL import Image
 
 from iomm.cli import build_parser
+from iomm.lab.studies import arm_commands, studies
+from iomm.lab.study_comparisons import EDITS_RESULTS, compare_runs
 from iomm.nano.edits import (
     CASE_FIELDS,
     CASES_PER_KIND,
@@ -24,8 +26,6 @@ from iomm.nano.edits import (
     new_object,
     score_edit,
 )
-from iomm.nano.studies import arm_commands, studies
-from iomm.nano.study_comparisons import EDITS_RESULTS, compare_runs
 from iomm.nano.world import COLORS, World, WorldConfig
 
 WORLD = World(WorldConfig(resolution=32, max_objects=2))

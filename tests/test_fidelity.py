@@ -165,9 +165,9 @@ def test_a_perfect_regeneration_of_the_held_out_set_scores_one():
     """The model-free part of the evaluation: the held-out images (the sample grid's) against their own scenes."""
     from types import SimpleNamespace
 
-    from iomm.builtins import builtin_data
-    from iomm.config import load_config
-    from iomm.nano.regeneration import held_out_scenes, records_for
+    from iomm.config_checks import load_config
+    from iomm.nano.reconstruction import held_out_scenes, records_for
+    from iomm.registry import builtin_data
 
     cfg = load_config(None, ["data.resolution=32"])
     originals, scene_list = held_out_scenes(SimpleNamespace(cfg=cfg), 12)
@@ -182,10 +182,10 @@ def test_a_perfect_regeneration_of_the_held_out_set_scores_one():
 
 
 def test_eval_reconstruct_on_a_tiny_run_matches_a_direct_call(tiny_config, tmp_path, capsys):
-    from iomm.builtins import builtin_data
     from iomm.cli import main
     from iomm.inference.pipeline import load_model
-    from iomm.nano.regeneration import evaluate_reconstruction, regenerate
+    from iomm.nano.reconstruction import evaluate_reconstruction, reconstruct
+    from iomm.registry import builtin_data
     from iomm.training.trainer import Trainer
 
     cfg = tiny_config("train.steps=1", "masking.ratio=0.45")
@@ -211,9 +211,9 @@ def test_eval_reconstruct_on_a_tiny_run_matches_a_direct_call(tiny_config, tmp_p
 
     originals = builtin_data("world").held_out(model.cfg, 2)
     model.cfg.flow.reconstruct_guidance_scale = 2.5  # regenerations follow it, text-to-image keeps guidance_scale
-    assert torch.equal(regenerate(model, originals, 0.0, seed=1), regenerate(model, originals, 0.0, 1, None, 2.5))
-    assert not torch.equal(regenerate(model, originals, 0.0, seed=1),
-                           regenerate(model, originals, 0.0, 1, None, model.cfg.flow.guidance_scale))
+    assert torch.equal(reconstruct(model, originals, 0.0, seed=1), reconstruct(model, originals, 0.0, 1, None, 2.5))
+    assert not torch.equal(reconstruct(model, originals, 0.0, seed=1),
+                           reconstruct(model, originals, 0.0, 1, None, model.cfg.flow.guidance_scale))
 
     results = tmp_path / "records.jsonl"
     assert main(["eval", "reconstruct", "--model", str(tmp_path / "run"), "--ratio", "0.2", "--n", "2",

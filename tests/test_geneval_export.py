@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from iomm.commands import eval_shapes
+from iomm.commands import eval as eval_commands
 from iomm.evaluation.geneval_export import load_prompts, write_geneval_layout, write_one_per_prompt
 from iomm.nano.prompts import eval_prompts
 from iomm.nano.scorer import score_directory
@@ -124,7 +124,7 @@ def test_export_command_writes_each_official_layout_with_a_real_model(tiny_confi
 
     Trainer(tiny_config("train.steps=1"), tmp_path / "run", progress=False).fit()
     parser = argparse.ArgumentParser()
-    eval_shapes.register(parser.add_subparsers(dest="command"))
+    eval_commands.register(parser.add_subparsers(dest="command"))
 
     def export(*argv: str) -> int:
         args = parser.parse_args(["eval", "export", *argv, "--model", str(tmp_path / "run"), "--steps", "2"])

@@ -1,8 +1,7 @@
 """Hybrid sharding (`train.parallel: hsdp`) under torchrun on CPU (gloo): 4 ranks as 2 replicas x 2 shards train as
-one process does at the same global batch, a SIGKILLed run resumes exactly from its checkpoint, and the same
-checkpoint resumes as plain fsdp on 2 ranks (DCP reshards the 2-D mesh's DTensors)."""
+one process does at the same global batch, and a SIGKILLed run resumes exactly from its checkpoint across
+hsdp -> fsdp -> hsdp and 4 -> 2 -> 4 ranks (DCP reshards the 2-D mesh's DTensors both ways)."""
 
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -37,14 +36,14 @@ def _torchrun(config: Path, run_dir: Path, ranks: int = 2, program: tuple[str, .
 
 
 # `iomm pretrain` as torchrun runs it, except that rank 0 prints the mesh of the trainable parameters and
-# SIGKILLs itself the moment the checkpoint of step 2 is on disk (torchrun then ends the other ranks).
-_KILLED_AT_STEP_2 = """
+# SIGKILLs itself the moment the checkpoint of step KILL_AT is on disk (torchrun then ends the other ranks).
+_KILLED_AFTER_CHECKPOINT = """
 import os, signal, sys
 from iomm.training.trainer import Trainer
 save = Trainer.save
 def save_then_die(self):
     saved = save(self)
-    if self.step == 2 and self.dist.main:
+    if self.step == KILL_AT and self.dist.main:
         weight = next(iter(self.params.values()))
         print(f"mesh {tuple(weight.device_mesh.shape)} {weight.device_mesh.mesh_dim_names} {weight.placements}",
               flush=True)
@@ -54,6 +53,11 @@ Trainer.save = save_then_die
 from iomm.cli import main
 sys.exit(main(sys.argv[1:]))
 """
+
+
+def _killed_at(step: int, path: Path) -> Path:
+    path.write_text(_KILLED_AFTER_CHECKPOINT.replace("KILL_AT", str(step)))
+    return path
 
 
 def test_shard_size_defaults_to_a_node_and_must_divide_the_world(tiny_config):
@@ -68,41 +72,42 @@ def test_shard_size_defaults_to_a_node_and_must_divide_the_world(tiny_config):
         tiny_config("train.parallel=hsdp", "train.shard_size=0")
 
 
-def test_hsdp_2x2_trains_as_one_process_resumes_after_sigkill_and_as_fsdp(tiny_config, tmp_path, capsys):
-    """4 ranks as 2 x 2 follow the 1-process losses of 4 samples a step; SIGKILLed after the checkpoint of step 2
-    they resume with the straight run's losses, and so does that checkpoint resumed by 2 fsdp ranks. Each rank
-    samples a grid at step 2 (gathered on the 2-D mesh) without changing the losses."""
-    run = ("train.steps=4", "train.batch_size=4", "train.checkpoint_every=2", "train.sample_every=2",
+def test_hsdp_2x2_trains_as_one_process_and_resumes_exactly_across_hsdp_and_fsdp(tiny_config, tmp_path):
+    """4 ranks as 2 x 2 follow the 1-process losses of 4 samples a step. SIGKILLed after the checkpoint of step 2,
+    the run resumes on 2 fsdp ranks, each holding half a weight; SIGKILLed again after step 3, it resumes as 2 x 2
+    from that fsdp checkpoint. Every step keeps the straight run's loss. Each rank samples a grid at step 2 (gathered
+    on the 2-D mesh) without changing the losses."""
+    run = ("train.steps=4", "train.batch_size=4", "train.checkpoint_every=1", "train.sample_every=2",
            "train.shard_size=2", "train.mix_ratio=0.5", "data.pairs=world:16", "data.holdout_pairs=0")
     cfg = tiny_config(*run, "train.parallel=hsdp")
-    config = _write_config(cfg, tmp_path / "hsdp.yaml")
+    hsdp = _write_config(cfg, tmp_path / "hsdp.yaml")
+    # shard_size stays (fsdp ignores it): resume.py refuses a change of it, as of any field it does not list
+    fsdp = _write_config(tiny_config(*run, "train.parallel=fsdp"), tmp_path / "fsdp.yaml")
     Trainer(cfg, tmp_path / "straight", progress=False, dist=Distributed()).fit()
     straight = _losses(tmp_path / "straight")
     assert len(set(straight)) == 4
 
-    script = tmp_path / "killed.py"
-    script.write_text(_KILLED_AT_STEP_2)
-    killed = _torchrun(config, tmp_path / "run", program=(str(script),), ranks=4)
+    killed = _torchrun(hsdp, tmp_path / "run", program=(str(_killed_at(2, tmp_path / "kill2.py")),), ranks=4)
     assert killed.returncode != 0 and "Signal 9 (SIGKILL) received" in killed.stderr, killed.stderr[-3000:]
     assert "mesh (2, 2) ('dp_replicate', 'dp_shard') (Replicate(), Shard(dim=0))" in killed.stdout, killed.stdout
     assert (tmp_path / "run/samples/step_00000002.png").is_file()
-    step2 = tmp_path / "run/checkpoints/step_00000002"
-    assert ckpt.latest_checkpoint(tmp_path / "run") == step2
+    assert ckpt.latest_checkpoint(tmp_path / "run") == tmp_path / "run/checkpoints/step_00000002"
     assert _losses(tmp_path / "run") == pytest.approx(straight[:2], abs=1e-5)
-    shutil.copytree(tmp_path / "run", tmp_path / "as_fsdp")
 
-    resumed = _torchrun(config, tmp_path / "run", ranks=4)  # the same command: 2 x 2, from the hsdp checkpoint
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"resumed from {step2} at step 2" in resumed.stdout + resumed.stderr
-    assert _losses(tmp_path / "run") == pytest.approx(straight, abs=1e-5)
-
-    # shard_size stays (fsdp ignores it): resume.py refuses a change of it, as of any field it does not list
-    fsdp = _write_config(tiny_config(*run, "train.parallel=fsdp"), tmp_path / "fsdp.yaml")
-    as_fsdp = _torchrun(fsdp, tmp_path / "as_fsdp")  # the 2 x 2 checkpoint on 2 ranks, each holding half a weight
+    as_fsdp = _torchrun(fsdp, tmp_path / "run", program=(str(_killed_at(3, tmp_path / "kill3.py")),))
     out = as_fsdp.stdout + as_fsdp.stderr
-    assert as_fsdp.returncode == 0, as_fsdp.stderr[-3000:]
+    assert "Signal 9 (SIGKILL) received" in as_fsdp.stderr, as_fsdp.stderr[-3000:]
+    assert "mesh (2,) None (Shard(dim=0),)" in as_fsdp.stdout, as_fsdp.stdout
     assert "resumed from" in out and "train.parallel: 'hsdp' -> 'fsdp'" in out, out[-3000:]
-    assert _losses(tmp_path / "as_fsdp") == pytest.approx(straight, abs=1e-5)
+    step3 = tmp_path / "run/checkpoints/step_00000003"
+    assert ckpt.latest_checkpoint(tmp_path / "run") == step3
+    assert _losses(tmp_path / "run") == pytest.approx(straight[:3], abs=1e-5)
+
+    as_hsdp = _torchrun(hsdp, tmp_path / "run", ranks=4)  # the first command again, from the fsdp checkpoint
+    out = as_hsdp.stdout + as_hsdp.stderr
+    assert as_hsdp.returncode == 0, as_hsdp.stderr[-3000:]
+    assert f"resumed from {step3} at step 3" in out and "train.parallel: 'fsdp' -> 'hsdp'" in out, out[-3000:]
+    assert _losses(tmp_path / "run") == pytest.approx(straight, abs=1e-5)
 
 
 def test_describe_gives_hsdp_the_memory_of_its_shard_group(capsys):

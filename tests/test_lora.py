@@ -10,7 +10,7 @@ from diffusers import SD3Transformer2DModel
 from safetensors.torch import load_file
 
 from iomm.cli import main
-from iomm.config import load_config
+from iomm.config_checks import load_config
 from iomm.inference.pipeline import IOMMPipeline, load_model
 from iomm.training.trainer import Trainer
 from iomm.typed_config import ConfigError

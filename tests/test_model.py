@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from iomm.conditioning.masking import random_keep_mask
 from iomm.data.mixed_batches import MixedBatches, build_sources
 from iomm.model import IOMM
 
@@ -43,6 +44,22 @@ def test_image_condition_depends_on_the_image_and_mask(tiny_config):
     assert not torch.allclose(a, c) and not torch.allclose(a, d)
 
 
+def test_a_masked_condition_returns_the_mask_it_drew(tiny_config):
+    """As MAE's random_masking returns its mask: the keep mask is the one drawn from the generator's first draw,
+    and the tokens it masks are the ones the LLM saw zeroed."""
+    model = IOMM.from_config(tiny_config("masking.ratio=0.5"))
+    images = _batch(tiny_config()).images
+    cond = model.condition_masked_images(images, torch.Generator().manual_seed(0))
+    tokens = model.image_tokens(images)
+    drawn = random_keep_mask(*tokens.shape[:2], 0.5, min_keep=model.cfg.masking.min_keep,
+                             generator=torch.Generator().manual_seed(0))
+    assert cond.keep.dtype == torch.bool and torch.equal(cond.keep, drawn) and 0 < cond.keep.float().mean() < 1
+    seen = model.image_segment(tokens, cond.keep).embeds
+    assert torch.equal(seen[~cond.keep], torch.zeros_like(seen[~cond.keep]))
+    assert torch.equal(seen[cond.keep], tokens[cond.keep])
+    assert model.condition_masked_images(images, None, ratio=0.0).keep.all()
+
+
 def test_drop_mode_matches_zero_mode_shapes_and_runs(tiny_config):
     model = IOMM.from_config(tiny_config("masking.mode=drop"))
     batch = _batch(tiny_config())
@@ -76,8 +93,8 @@ def test_samples_per_condition_reuses_each_condition_for_several_draws(tiny_conf
 
 def test_building_a_builtin_model_leaves_the_random_state_alone(tmp_path):
     """A run whose cache is cold (the built-in model is trained first) starts from the same weights as a warm one."""
-    from iomm.builtins import BuiltinModel
     from iomm.model import ensure_builtin
+    from iomm.registry import BuiltinModel
 
     def train_then_return(cfg):
         torch.nn.Linear(64, 64)  # training draws random numbers
@@ -94,7 +111,7 @@ def test_building_a_builtin_model_leaves_the_random_state_alone(tmp_path):
 @pytest.mark.parametrize("rank", [0, 1])
 def test_under_torch_distributed_rank_0_builds_a_builtin_while_the_others_wait(rank, monkeypatch):
     from iomm import model as model_module
-    from iomm.builtins import BuiltinModel
+    from iomm.registry import BuiltinModel
 
     events: list[str] = []
     monkeypatch.setattr(model_module.dist, "is_initialized", lambda: True)

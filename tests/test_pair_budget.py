@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from iomm.builtins import split_pairs_spec
 from iomm.commands.recipe import packaged_config
-from iomm.config import finetune_config, load_config
-from iomm.nano import studies
-from iomm.nano.pair_budget import FRESH, IMAGE_PAIRS, IOMM, PAIRS_ONLY, budget_arms, pairs_to_match
-from iomm.nano.studies import arm_commands, pretrain_command, pretrain_dir
+from iomm.config_checks import finetune_config, load_config
+from iomm.lab import studies
+from iomm.lab.pair_budget import FRESH, IMAGE_PAIRS, IOMM, PAIRS_ONLY, budget_arms, pairs_to_match
+from iomm.lab.studies import arm_commands, pretrain_command, pretrain_dir
 from iomm.nano.world import COMPOSITIONS, GENEVAL_TAGS
+from iomm.registry import split_pairs_spec
 
 NANO = str(packaged_config("nano"))
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from iomm.config import finetune_config
+from iomm.config_checks import finetune_config
 from iomm.nano.mllm_training import train_nano_mllm
 from iomm.nano.vae import tiny_config as tiny_vae_config
 from iomm.nano.vae import train_nano_vae

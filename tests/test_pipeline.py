@@ -115,7 +115,7 @@ def test_reconstruction_shows_the_masked_condition_and_the_understanding_tab_ans
 def test_a_run_with_a_builtin_model_is_not_loaded_with_another_one(tmp_path, monkeypatch):
     """Built-in models live in directories relative to the working directory: loading a run from elsewhere
     must fail clearly, not build (train) a different nano MLLM and use it."""
-    from iomm.config import load_config
+    from iomm.config_checks import load_config
     from iomm.inference.pipeline import require_builtins
 
     cfg = load_config(None, ["mllm.path=nano", "mllm.nano_dir=.cache/nano-mllm"], check_paths=False)

@@ -11,13 +11,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from iomm.builtins import BuiltinBelowTarget
 from iomm.cli import main
+from iomm.lab.bench.train_step import bench_train_step
 from iomm.nano import mllm_training
 from iomm.nano.mllm import UNDERSTANDING_TARGETS
 from iomm.nano.mllm_training import check_understanding, train_nano_mllm
 from iomm.nano.vae import check_reconstruction
-from iomm.training import bench, hardware, run_log
+from iomm.registry import BuiltinBelowTarget
+from iomm.training import hardware, run_log
 from iomm.training.precision import autocast, describe_precision, resolve_precision
 from tests.conftest import TINY_OVERRIDES
 
@@ -143,6 +144,6 @@ def test_on_a_cpu_without_native_bf16_the_bench_times_fp32_against_the_fp32_peak
     monkeypatch.setattr(hardware, "matmul_peak",
                         lambda device, dtype=torch.float32, repeats=10: dtypes.append(dtype) or 1e9)
     cpu(AVX512)
-    run = bench.bench_train_step(tiny_config("train.mixed_precision=auto"), steps=1, warmup=0)
+    run = bench_train_step(tiny_config("train.mixed_precision=auto"), steps=1, warmup=0)
     assert run["mixed_precision"] == "fp32"  # the same precision as the naive step it is compared with
     assert dtypes == [torch.float32] and run["matmul_peak_flops"] == 1e9

@@ -19,8 +19,8 @@ from transformers import PreTrainedTokenizerFast, Qwen2_5_VLConfig, Qwen2_5_VLFo
 
 from iomm.cli import main
 from iomm.conditioning.prompt_format import NEGATIVE_PROMPT, qwen_image_format
-from iomm.config import load_config
-from iomm.evaluation.reconstruction import sample_grid
+from iomm.config_checks import load_config
+from iomm.evaluation.sample_grid import sample_grid
 from iomm.inference.pipeline import IOMMPipeline, load_model
 from iomm.inference.sampling import sample_images
 from iomm.model import IOMM

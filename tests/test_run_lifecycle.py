@@ -10,12 +10,13 @@ import pytest
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from iomm.config import ConfigError, FinetuneConfig, finetune_config
+from iomm.config import ConfigError, FinetuneConfig
+from iomm.config_checks import finetune_config
 from iomm.data import folder_index
 from iomm.data.folder_index import indexed_images, split_held_out
 from iomm.data.images import BadSource
 from iomm.data.mixed_batches import DataPosition, MixedBatches
-from iomm.evaluation.reconstruction import sample_grid
+from iomm.evaluation.sample_grid import sample_grid
 from iomm.training.resume import APPLIED_ON_RESUME, ResumeConflict
 from iomm.training.trainer import Trainer
 

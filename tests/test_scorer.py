@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from iomm.commands import eval_shapes
+from iomm.commands import eval as eval_commands
 from iomm.evaluation.prompt_images import save_prompt_images
 from iomm.nano.prompts import eval_prompts
 from iomm.nano.scorer import (
@@ -214,7 +214,7 @@ def test_score_directory_and_the_eval_command(tmp_path):
     assert len(judge_directory(tmp_path / "imgs")) == 2 * len(prompts)
 
     parser = argparse.ArgumentParser()
-    eval_shapes.register(parser.add_subparsers(dest="command"))
+    eval_commands.register(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["eval", "shapes", "--images", str(tmp_path / "imgs"), "--out", str(tmp_path / "m.json"),
                               "--results", str(tmp_path / "r.jsonl")])
     assert args.func(args) == 0
@@ -270,7 +270,7 @@ def test_eval_shapes_with_a_real_model_writes_all_six_categories_and_the_composi
 
     Trainer(tiny_config("train.steps=1"), tmp_path / "run", progress=False).fit()
     parser = argparse.ArgumentParser()
-    eval_shapes.register(parser.add_subparsers(dest="command"))
+    eval_commands.register(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["eval", "shapes", "--model", str(tmp_path / "run"), "--per-category", "1",
                               "--samples", "2", "--out", str(tmp_path / "m.json")])
     assert args.func(args) == 0

@@ -1,5 +1,7 @@
-"""Rules of the house, checked on the source: small modules, a core that never imports the testbed,
-and no import cycle (imports inside functions count; `if TYPE_CHECKING:` blocks do not)."""
+"""Rules of the house, checked on the source: small modules, a core that imports neither the testbed nor the lab,
+dependencies
+that point one way between packages, and no import cycle. Every import counts: inside functions and inside
+`if TYPE_CHECKING:` blocks too (a type-only import is still a dependency a reader has to follow)."""
 
 import ast
 from importlib import resources
@@ -7,9 +9,28 @@ from pathlib import Path
 
 PACKAGE = Path(str(resources.files("iomm")))
 MAX_LINES = 400
-# Everything but the testbed (nano), the command line and the studies of the testbed.
-CORE = ("config", "typed_config", "builtins", "model", "describe", "image_tensors", "conditioning", "generator",
-        "checkpointing", "training", "data", "inference", "evaluation")
+# The library: everything but the testbed (nano), the lab (studies, benchmarks, probes) and the command line.
+CORE = ("config", "typed_config", "registry", "model_files", "model", "describe", "image_tensors", "conditioning",
+        "generator", "checkpointing", "training", "data", "inference", "evaluation", "profiling", "ema", "quantize")
+# The top-level packages and modules of iomm, lowest first. A package imports only from lower layers; those that
+# share a layer are peers and import nothing from each other.
+LAYERS = (
+    ("typed_config", "quiet", "row_generators", "image_tensors", "profiling"),
+    ("config",),  # plain dataclasses: their values' checks, nothing that reads a file or the registry
+    ("registry", "model_files", "quantize"),
+    ("data", "conditioning", "generator"),
+    ("config_checks", "ema"),  # the checks against the registry and the files a config names
+    ("model",),
+    ("checkpointing",),
+    ("training",),
+    ("inference",),
+    ("evaluation",),
+    ("describe", "estimate"),
+    ("nano",),  # the testbed (and the random-weight models `iomm bench` times, built-ins it registers)
+    ("lab",),  # the studies, the benchmarks and the probes: above the testbed, whose runs they read
+    ("commands",),
+    ("cli", "__init__"),
+)
 
 
 def modules() -> dict[str, Path]:
@@ -21,27 +42,16 @@ def modules() -> dict[str, Path]:
     return found
 
 
-def _type_checking_block(node: ast.AST) -> bool:
-    return isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
-
-
 def imports(path: Path, names: set[str]) -> set[str]:
     """The iomm modules `path` imports, at any depth of the file."""
     out: set[str] = set()
-
-    def visit(node: ast.AST) -> None:
-        if _type_checking_block(node):
-            return
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.Import):
             out.update(alias.name for alias in node.names if alias.name.startswith("iomm"))
         elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("iomm"):
             for alias in node.names:  # `from iomm.x import y` imports module iomm.x.y when there is one
                 sub = f"{node.module}.{alias.name}"
                 out.add(sub if sub in names else node.module)
-        for child in ast.iter_child_nodes(node):
-            visit(child)
-
-    visit(ast.parse(path.read_text(encoding="utf-8")))
     return {name for name in out if name in names}
 
 
@@ -50,29 +60,32 @@ def graph() -> dict[str, set[str]]:
     return {name: imports(path, set(found)) for name, path in found.items()}
 
 
-def test_no_module_is_over_400_lines():
-    long = {name: n for name, path in modules().items() if (n := len(path.read_text().splitlines())) > MAX_LINES}
-    assert not long, long
+def package(module: str) -> str:
+    """iomm.training.trainer -> training; iomm -> __init__."""
+    return module.split(".")[1] if "." in module else "__init__"
 
 
-def test_the_core_imports_nothing_from_the_testbed():
-    offenders = {name: sorted(d for d in deps if d.startswith("iomm.nano"))
-                 for name, deps in graph().items() if name.split(".")[1:2] and name.split(".")[1] in CORE}
-    assert not {k: v for k, v in offenders.items() if v}
+def layer(name: str) -> int:
+    return next(i for i, peers in enumerate(LAYERS) if name in peers)
 
 
-def test_there_is_no_import_cycle():
-    deps = graph()
+def wrong_way(deps: dict[str, set[str]]) -> list[str]:
+    """Every import of a package by another that is not below it."""
+    return sorted(f"{name} -> {dep}" for name, found in deps.items() for dep in found
+                  if package(dep) != package(name) and layer(package(dep)) >= layer(package(name)))
+
+
+def cycles(deps: dict[str, set[str]]) -> list[list[str]]:
     state: dict[str, int] = {}
     stack: list[str] = []
-    cycles: list[list[str]] = []
+    found: list[list[str]] = []
 
     def visit(name: str) -> None:
         state[name] = 1
         stack.append(name)
         for dep in sorted(deps[name]):
             if state.get(dep) == 1:
-                cycles.append(stack[stack.index(dep):] + [dep])
+                found.append(stack[stack.index(dep):] + [dep])
             elif dep not in state:
                 visit(dep)
         stack.pop()
@@ -81,11 +94,58 @@ def test_there_is_no_import_cycle():
     for name in sorted(deps):
         if name not in state:
             visit(name)
-    assert not cycles, cycles
+    return found
 
 
-def test_the_checker_sees_lazy_imports():
-    """The rules above are only as good as the import scan: a function-level import must be found."""
+def packages(deps: dict[str, set[str]]) -> dict[str, set[str]]:
+    out: dict[str, set[str]] = {package(name): set() for name in deps}
+    for name, found in deps.items():
+        out[package(name)].update(package(dep) for dep in found if package(dep) != package(name))
+    return out
+
+
+def test_no_module_is_over_400_lines():
+    long = {name: n for name, path in modules().items() if (n := len(path.read_text().splitlines())) > MAX_LINES}
+    assert not long, long
+
+
+def test_every_package_has_its_layer():
+    placed = [name for peers in LAYERS for name in peers]
+    assert len(placed) == len(set(placed))
+    assert set(packages(graph())) == set(placed)
+
+
+def test_the_library_imports_nothing_from_the_testbed_or_the_lab():
+    offenders = {name: sorted(d for d in deps if package(d) in ("nano", "lab"))
+                 for name, deps in graph().items() if package(name) in CORE}
+    assert not {k: v for k, v in offenders.items() if v}
+    assert not [name for name, deps in graph().items() if package(name) == "nano" and any(
+        package(d) == "lab" for d in deps)]  # the testbed does not import the lab either
+
+
+def test_dependencies_point_one_way():
+    assert not wrong_way(graph())
+
+
+def test_there_is_no_import_cycle_of_modules_or_packages():
+    deps = graph()
+    assert not cycles(deps)
+    assert not cycles(packages(deps))
+
+
+def test_the_checks_fail_on_a_planted_upward_import_and_cycle():
+    """The rules are only as good as their checks: plant what they must catch."""
+    deps = graph()
+    deps["iomm.config"] = deps["iomm.config"] | {"iomm.training.trainer"}  # the config reaching up to the trainer
+    assert wrong_way(deps) == ["iomm.config -> iomm.training.trainer"]
+    assert any({"config", "training"} <= set(cycle) for cycle in cycles(packages(deps)))
+    deps = graph()
+    deps["iomm.data.spec"] = deps["iomm.data.spec"] | {"iomm.generator.codec"}  # peers
+    assert wrong_way(deps) == ["iomm.data.spec -> iomm.generator.codec"]
+
+
+def test_the_checker_sees_lazy_and_type_only_imports():
+    """The scan must find a function-level import and one inside `if TYPE_CHECKING:`."""
     deps = graph()
     assert "iomm.training.trainer" in deps["iomm.commands.train"]  # imported inside _pretrain
-    assert "iomm.nano.builtins" in deps and "iomm.builtins" in deps["iomm.nano.builtins"]
+    assert "iomm.config" in deps["iomm.registry"]  # only under TYPE_CHECKING

@@ -11,7 +11,7 @@ from conftest import TINY_OVERRIDES
 from iomm.commands.recipe import packaged_config
 from iomm.config import ConfigError
 from iomm.evaluation.paired import NOT_DECIDED
-from iomm.nano.studies import (
+from iomm.lab.studies import (
     Arm,
     Study,
     arm_commands,
@@ -108,7 +108,7 @@ def test_adapter_and_mask_ratio_studies_record_regeneration_curves() -> None:
 
 
 def test_a_finding_is_decided_by_the_intervals_against_the_reference() -> None:
-    from iomm.nano.study_comparisons import finding
+    from iomm.lab.study_comparisons import finding
 
     def arm(verdict: str) -> dict:
         return {"overall": {"verdict": verdict}}

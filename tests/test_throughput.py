@@ -4,9 +4,11 @@ them changes nothing."""
 import json
 import math
 
+from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from iomm.training import bench, throughput
+from iomm.lab.bench.train_step import step_flops
+from iomm.training import throughput
 from iomm.training.throughput import DATA_WAIT
 from iomm.training.trainer import Trainer
 
@@ -32,13 +34,15 @@ def test_every_log_step_records_throughput_time_split_flops_and_memory(tiny_conf
         assert all(math.isfinite(row[name]) and row[name] > 0 for name in fields), row
         assert sum(row[f"{phase}_s"] for phase in SPLIT) <= row["step_s"]
         assert row["images_per_s"] == row["images_per_s_per_device"]  # one process
-    assert not trainer.model.timer.enabled  # held-out losses and sampling after training run untimed
+    assert not trainer.timer.enabled  # held-out losses and sampling after training run untimed
     events = EventAccumulator(str(tmp_path / "run/tensorboard"), size_guidance={"scalars": 0})
     events.Reload()
     assert [e.step for e in events.Scalars("images_per_s")] == [1, 2, 3]
     assert [e.step for e in events.Scalars("mfu")] == [1, 2, 3]
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
     assert len(lines) == 3 and all(" img/s  MFU " in line for line in lines)
+    with Image.open(tmp_path / "run/throughput.png") as plot:  # the four panels, drawn at the run's end
+        assert plot.width > 3 * plot.height
 
 
 def test_the_flops_per_sample_are_those_bench_train_step_counts(tiny_config, tmp_path):
@@ -47,7 +51,7 @@ def test_the_flops_per_sample_are_those_bench_train_step_counts(tiny_config, tmp
     trainer.fit()
     fresh = Trainer(cfg, tmp_path / "bench", progress=False)
     first = fresh.batches[0]
-    counted = bench.step_flops(fresh, [first])["step"] / len(first.captions)
+    counted = step_flops(fresh, [first])["step"] / len(first.captions)
     assert counted > 0 and trainer.meter.flops_per_sample == counted
     assert trainer.meter.condition_tokens_per_sample > 0
 

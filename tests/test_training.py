@@ -73,7 +73,7 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous(tiny_config, tmp_p
 
 
 def test_ema_warm_up_forgets_the_initial_weights():
-    from iomm.training.ema import EMA
+    from iomm.ema import EMA
 
     p = torch.nn.Parameter(torch.zeros(3))
     ema = EMA({"p": p}, decay=0.995)
@@ -101,7 +101,7 @@ def test_lr_schedule_warms_up_holds_then_decays_to_zero():
 
 def test_where_bf16_is_native_frozen_weights_are_stored_in_bf16(tiny_config, tmp_path, monkeypatch):
     """(bf16 is emulated on this CPU: the test says it is native, to run the path a GPU takes.)"""
-    from iomm.evaluation.reconstruction import sample_grid
+    from iomm.evaluation.sample_grid import sample_grid
 
     monkeypatch.setattr("iomm.training.precision.bf16_is_native", lambda device_type="cpu": True)
     trainer = Trainer(tiny_config("train.steps=2", "train.mixed_precision=bf16", "train.sample_every=2"),

@@ -11,7 +11,8 @@ from PIL import Image
 
 from iomm.cli import main
 from iomm.conditioning.mllm import FrozenMLLM
-from iomm.config import ConfigError, codec_factor, config_source, finetune_config, load_config
+from iomm.config import ConfigError, config_source
+from iomm.config_checks import codec_factor, finetune_config, load_config
 from tests.test_mllm import BUILDERS, save, tiny_internvl
 
 # ---------------------------------------------------------------- A: 5e-4 and friends

@@ -7,14 +7,14 @@ import importlib
 import os
 import sys
 
-from iomm.builtins import BuiltinBelowTarget
 from iomm.checkpointing.checkpoint import CheckpointError
 from iomm.config import ConfigError
 from iomm.data.images import BadSource
 from iomm.quiet import quiet_libraries
+from iomm.registry import BuiltinBelowTarget
 
 # Modules under iomm.commands each add their sub-commands with `register(subparsers)`.
-COMMAND_MODULES = ("train", "data", "describe", "bench", "generate", "export", "demo", "world", "eval_shapes", "mllm",
+COMMAND_MODULES = ("train", "data", "describe", "bench", "generate", "export", "demo", "world", "eval", "mllm",
                    "vae", "recipe", "study")
 
 

@@ -1,4 +1,6 @@
-"""Typed configuration: dataclasses loaded from YAML, `--set a.b=value` overrides, validated before any compute."""
+"""Typed configuration: dataclasses read from YAML with `--set a.b=value` overrides, and the checks that need
+only their values. The checks against the registry of built-ins and the file system, and `load_config` (reading
+and every check), are in iomm.config_checks."""
 
 from __future__ import annotations
 
@@ -11,17 +13,14 @@ from typing import Any, Literal
 
 import yaml
 
-from iomm.config_checks import check_paths as check_model_paths
-from iomm.config_checks import codec_factor
-from iomm.data.spec import DataConfig, check_data
 from iomm.typed_config import ConfigError, apply_overrides, build_dataclass, require
 
-Quantize = Literal["none", "int8"]  # frozen weights: as loaded, or int8 (iomm.generator.quantize)
+Quantize = Literal["none", "int8"]  # frozen weights: as loaded, or int8 (iomm.quantize)
 
 
 @dataclass
 class MLLMConfig:
-    # A local Hugging Face VLM checkpoint, or a built-in model (iomm.builtins; "nano": trained on first use)
+    # A local Hugging Face VLM checkpoint, or a built-in model (iomm.registry; "nano": trained on first use)
     path: str = "nano"
     nano_dir: str = ".cache/nano-mllm"
     # A built-in architecture name (see iomm.describe) used by `iomm describe` when no weights are at hand.
@@ -32,7 +31,7 @@ class MLLMConfig:
     # The condition cannot attend to the queries after it (causal LLM): run it once without autograd
     # and differentiate the query positions only. Exact; off only to time the naive step.
     prefix_cache: bool = True
-    # int8: its linear weights stored in int8 (torchao, iomm.generator.quantize): half the bf16 memory
+    # int8: its linear weights stored in int8 (torchao, iomm.quantize): half the bf16 memory
     quantize: Quantize = "none"
 
 
@@ -103,7 +102,7 @@ class GeneratorConfig:
 @dataclass
 class CodecConfig:
     kind: Literal["pixel", "vae"] = "pixel"
-    # kind=vae: a local diffusers AutoencoderKL, or a built-in model (iomm.builtins; "nano": trained on first use)
+    # kind=vae: a local diffusers AutoencoderKL, or a built-in model (iomm.registry; "nano": trained on first use)
     path: str | None = None
     nano_dir: str = ".cache/nano-vae"
     architecture: str | None = None
@@ -151,6 +150,40 @@ class LoRAConfig:
     # The run or checkpoint whose (EMA) weights the adapters start from, all of them frozen. None: the generator's
     # own (`generator.pretrained`) frozen, the adapter and connector new and trained in full.
     base: str | None = None
+
+
+FILE_KINDS = ("folder", "jsonl", "webdataset", "hf")  # data.source values read from files; any other is a built-in
+
+
+@dataclass
+class DataConfig:
+    # "folder" (image files below `path`), "jsonl", "webdataset" (tar shards: a brace pattern, a directory or a
+    # comma-separated list), "hf" (a `save_to_disk` directory or a folder of parquet / arrow files), or a
+    # built-in source (iomm.registry; "world": the nano testbed)
+    source: str = "world"
+    path: str | None = None
+    resolution: int = 32
+    world_max_objects: int = 4
+    num_workers: int = 0
+    # Stage 2: text-image pairs: KIND:LOCATION (KIND jsonl, webdataset or hf), a JSONL path, or "NAME:N".
+    pairs: str | None = None
+    # Captions: None reads a shard's `txt` member and an HF dataset's `text` column; a name reads that field of
+    # a shard's `json` member, or that column.
+    caption_field: str | None = None
+    image_column: str = "image"  # HF datasets: the column holding the images
+    # HF parquet folders: read as a `datasets` stream (shuffle buffer of `stream_buffer` rows) instead of
+    # converting them into the Arrow cache first; nothing is held out for the sample grids.
+    streaming: bool = False
+    stream_buffer: int = 1000
+    # A latent cache written by `iomm data cache` for this config: training reads the frozen encoders' outputs
+    # from it (the VAE's posterior, the MLLM's image tokens) instead of encoding every image at every step.
+    latents: str | None = None
+    max_bad_fraction: float = 0.01
+    # Files and shards: this many samples (spread over the list) never train; the sample grids regenerate them.
+    holdout: int = 8
+    # Built-in pairs (NAME:N): this many more, never drawn for training; stage 2 logs their loss (`heldout_loss`).
+    # Pair files and datasets have no held-out split: nothing is set aside from them and no such loss is logged.
+    holdout_pairs: int = 64
 
 
 @dataclass
@@ -216,9 +249,8 @@ class Config:
         return dataclasses.asdict(self)
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None, *,
-                check_paths: bool = True) -> Config:
-    """Load a YAML config (or the defaults), apply `--set` overrides, and validate everything."""
+def read_config(path: str | Path | None = None, overrides: Sequence[str] | None = None) -> Config:
+    """A YAML config (or the defaults) with `--set` overrides applied: typed, its values checked (`parse_config`)."""
     source = config_source(path)
     data: dict[str, Any] = {}
     if path is not None:
@@ -231,13 +263,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(source, "<file>", "valid YAML", str(err).splitlines()[0]) from None
     data = apply_overrides(data, list(overrides or []))
     source = config_source(path, overrides)  # the bad value may come from the command line rather than the file
-    return config_from_dict(data, source, check_paths=check_paths)
+    return parse_config(data, source)
 
 
-def config_from_dict(data: dict[str, Any], source: str, *, check_paths: bool = True) -> Config:
-    """A validated config from plain data (a YAML file's, or one saved inside a model directory)."""
+def parse_config(data: dict[str, Any], source: str) -> Config:
+    """A config from plain data (a YAML file's, or one saved inside a model directory): types and values checked."""
     config = build_dataclass(Config, data, source)
-    validate(config, source, check_paths=check_paths)
+    check_values(config, source)
     return config
 
 
@@ -247,8 +279,8 @@ def config_source(path: str | Path | None, overrides: Sequence[str] | None = Non
     return source + " with --set " + " ".join(overrides) if overrides else source
 
 
-def validate(cfg: Config, source: str = "<config>", *, check_paths: bool = True) -> None:
-    """Range and consistency checks that need more than the types."""
+def check_values(cfg: Config, source: str = "<config>") -> None:
+    """Range and consistency checks that need more than the types, and nothing but the values."""
     m, t, d = cfg.masking, cfg.train, cfg.data
     require(0.0 <= m.ratio < 1.0, source, "masking.ratio", "a value in [0, 1)", m.ratio)
     require(m.min_keep >= 0, source, "masking.min_keep", ">= 0", m.min_keep)
@@ -302,12 +334,25 @@ def validate(cfg: Config, source: str = "<config>", *, check_paths: bool = True)
            f"a multiple of connector.num_heads={cfg.connector.num_heads}", cfg.connector.width)
     require(t.cond_dropout == 0 or cfg.connector.kind != "identity", source, "train.cond_dropout",
             "0 with connector.kind=identity (no learned null condition to drop to)", t.cond_dropout)
-    _check_generator(cfg.generator, codec_factor(cfg, source), d.resolution, source)
+    _check_generator(cfg.generator, source)
     _check_quantize(cfg, source)
-    for data in dict.fromkeys(check_data(d, t.mix_ratio, source)):
-        data.validate(cfg, source)
-    if check_paths:
-        check_model_paths(cfg, source)
+    _check_data(d, t.mix_ratio, source)
+
+
+def _check_data(d: DataConfig, mix_ratio: float, source: str) -> None:
+    require(d.num_workers >= 0, source, "data.num_workers", ">= 0", d.num_workers)
+    require(d.holdout >= 0, source, "data.holdout", ">= 0", d.holdout)
+    require(d.holdout_pairs >= 0, source, "data.holdout_pairs", ">= 0", d.holdout_pairs)
+    require(0.0 <= d.max_bad_fraction <= 1.0, source, "data.max_bad_fraction", "a value in [0, 1]", d.max_bad_fraction)
+    require(d.resolution >= 8, source, "data.resolution", ">= 8", d.resolution)
+    require(d.source not in FILE_KINDS or bool(d.path), source, "data.path", f"a location for data.source={d.source}",
+           d.path)
+    require(mix_ratio == 1.0 or d.pairs is not None, source, "data.pairs",
+           "a pair source (KIND:LOCATION, a JSONL path or NAME:N) when train.mix_ratio < 1", d.pairs)
+    uses_hf = d.source == "hf" or (d.pairs or "").startswith("hf:")
+    require(not d.streaming or uses_hf, source, "data.streaming", "false unless data.source or data.pairs is hf",
+           d.streaming)
+    require(d.stream_buffer >= 1, source, "data.stream_buffer", ">= 1", d.stream_buffer)
 
 
 def _check_quantize(cfg: Config, source: str) -> None:
@@ -325,7 +370,8 @@ def _check_quantize(cfg: Config, source: str) -> None:
             f"pretrained={g.pretrained})")
 
 
-def _check_generator(g: GeneratorConfig, codec_factor: int, resolution: int, source: str) -> None:
+def _check_generator(g: GeneratorConfig, source: str) -> None:
+    """What the generator's own fields must be; the latent grid it must divide is checked in iomm.config_checks."""
     if g.kind == "zimage":
         require(g.attention_head_dim % 16 == 0, source, "generator.attention_head_dim",
                "a multiple of 16 for kind=zimage (its three rotary axes)", g.attention_head_dim)
@@ -333,7 +379,6 @@ def _check_generator(g: GeneratorConfig, codec_factor: int, resolution: int, sou
         require(g.patch_size >= 1, source, "generator.patch_size", ">= 1", g.patch_size)
         require(g.patch_size == 2 or g.kind != "qwen_image", source, "generator.patch_size",
                 "2 for kind=qwen_image (QwenImagePipeline packs 2x2 latent patches)", g.patch_size)
-        factor, why = codec_factor * g.patch_size, "the codec factor x patch size"
     else:
         channels = g.block_out_channels
         require(len(channels) >= 1 and all(isinstance(c, int) and c >= 1 for c in channels), source,
@@ -343,18 +388,6 @@ def _check_generator(g: GeneratorConfig, codec_factor: int, resolution: int, sou
                    "generator.block_out_channels", f"multiples of {UNET_NORM_GROUPS} and of "
                    f"generator.attention_head_dim={g.attention_head_dim}", channels)
         require(g.layers_per_block >= 1, source, "generator.layers_per_block", ">= 1", g.layers_per_block)
-        factor, why = codec_factor * 2 ** (len(channels) - 1), "the codec factor x the U-Net's downsampling"
-    require(resolution % factor == 0, source, "data.resolution", f"divisible by {why} = {factor}", resolution)
-
-
-def finetune_config(cfg: Config, source: str = "<config>") -> Config:
-    """The stage-2 config: `finetune` fields replace their `train` counterparts. `source` names the config in
-    errors (`config_source`, as `load_config` does)."""
-    out = dataclasses.replace(cfg, train=dataclasses.replace(
-        cfg.train, steps=cfg.finetune.steps, mix_ratio=cfg.finetune.mix_ratio,
-        lr=cfg.finetune.lr if cfg.finetune.lr is not None else cfg.train.lr))
-    validate(out, f"{source} (fine-tuning)", check_paths=False)
-    return out
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

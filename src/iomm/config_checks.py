@@ -1,76 +1,77 @@
-"""Checks of a config against the model files it names, before any compute.
+"""Loading a config with every check: the value checks of iomm.config, then those that need the registry of
+built-ins or the files it names (the codec's latent grid, the built-in data sources, model and data paths).
 
 A model path may be a diffusers pipeline directory (`model_index.json`): each part is then read from its own
-subfolder, as diffusers lays it out (`text_encoder/` and `tokenizer/` for the MLLM, `vae/`, `transformer/`).
+subfolder, as diffusers lays it out (iomm.model_files).
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Mapping, Sequence
+import dataclasses
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from iomm.builtins import builtin_mllm, builtin_vae, registry
-from iomm.data.spec import check_data_paths, check_latent_cache, path_exists
+from iomm.config import Config, GeneratorConfig, check_values, config_source, parse_config, read_config
+from iomm.data.spec import check_data_paths, check_data_sources, check_latent_cache
+from iomm.model_files import (
+    QWEN_IMAGE_DIR,
+    VAE_DIR,
+    component_dir,
+    latent_factor,
+    path_exists,
+    qwen_image_problem,
+    read_json,
+    vae_factor,
+)
+from iomm.registry import builtin_mllm, builtin_vae, registry
 from iomm.typed_config import require
 
-if TYPE_CHECKING:
-    from iomm.config import Config
 
-PIPELINE_INDEX = "model_index.json"
-VAE_DIR = ("a diffusers AutoencoderKL directory (config.json with block_out_channels), an AutoencoderKLQwenImage "
-           "directory (temperal_downsample), or a pipeline directory holding either in vae/")
-QWEN_IMAGE_TRANSFORMER = "QwenImageTransformer2DModel"
-QWEN_IMAGE_PARTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
-QWEN_IMAGE_DIR = (f"a diffusers QwenImagePipeline directory ({PIPELINE_INDEX} naming a {QWEN_IMAGE_TRANSFORMER}, "
-                  f"with the subfolders {', '.join(QWEN_IMAGE_PARTS)})")
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, *,
+                check_paths: bool = True) -> Config:
+    """Load a YAML config (or the defaults), apply `--set` overrides, and validate everything."""
+    path = Path(path) if path is not None else None  # named in errors as read_config names it
+    config = read_config(path, overrides)
+    check_config(config, config_source(path, overrides), check_paths=check_paths)
+    return config
 
 
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
+def config_from_dict(data: dict[str, Any], source: str, *, check_paths: bool = True) -> Config:
+    """A validated config from plain data (a YAML file's, or one saved inside a model directory)."""
+    config = parse_config(data, source)
+    check_config(config, source, check_paths=check_paths)
+    return config
 
 
-def pipeline_index(path: str | Path | None) -> dict[str, Any] | None:
-    """A diffusers pipeline directory's `model_index.json`, or None if `path` is not one."""
-    index = _read_json(Path(path) / PIPELINE_INDEX) if path is not None else None
-    return index if isinstance(index, dict) else None
+def finetune_config(cfg: Config, source: str = "<config>") -> Config:
+    """The stage-2 config: `finetune` fields replace their `train` counterparts. `source` names the config in
+    errors (`config_source`, as `load_config` does)."""
+    out = dataclasses.replace(cfg, train=dataclasses.replace(
+        cfg.train, steps=cfg.finetune.steps, mix_ratio=cfg.finetune.mix_ratio,
+        lr=cfg.finetune.lr if cfg.finetune.lr is not None else cfg.train.lr))
+    source = f"{source} (fine-tuning)"
+    check_values(out, source)
+    check_config(out, source, check_paths=False)
+    return out
 
 
-def component_dir(path: str | Path, component: str) -> Path:
-    """Where a model part is read from: `path/component` in a pipeline directory, else `path` itself."""
-    return Path(path) / component if pipeline_index(path) is not None else Path(path)
+def check_config(cfg: Config, source: str, *, check_paths: bool = True) -> None:
+    """The checks of a config whose values passed iomm.config's (`read_config`, `parse_config`) that need the
+    registry of built-ins, and with `check_paths` the file system."""
+    _check_latent_grid(cfg.generator, codec_factor(cfg, source), cfg.data.resolution, source)
+    for data in dict.fromkeys(check_data_sources(cfg.data, source)):
+        data.validate(cfg, source)
+    if check_paths:
+        check_model_paths(cfg, source)
 
 
-def qwen_image_problem(path: str | Path) -> str | None:
-    """What keeps `path` from being a Qwen-Image pipeline directory (None: nothing)."""
-    index = pipeline_index(path)
-    if index is None:
-        return f"{path} (no readable {PIPELINE_INDEX})"
-    transformer = index.get("transformer")
-    if not (isinstance(transformer, list) and QWEN_IMAGE_TRANSFORMER in transformer):
-        return f"{path} (a {index.get('_class_name')} with transformer {transformer})"
-    missing = [part for part in QWEN_IMAGE_PARTS if not (Path(path) / part).is_dir()]
-    return f"{path} (missing {', '.join(missing)})" if missing else None
-
-
-def vae_factor(block_out_channels: Sequence[int]) -> int:
-    """Spatial downsampling of an AutoencoderKL: one 2x step between consecutive blocks."""
-    return 2 ** (len(block_out_channels) - 1)
-
-
-def latent_factor(vae_config: Mapping[str, Any]) -> int | None:
-    """Pixels per latent cell of a diffusers VAE config (AutoencoderKL or AutoencoderKLQwenImage), None if neither."""
-    kind = vae_config.get("_class_name", "AutoencoderKL")
-    if kind == "AutoencoderKLQwenImage" and isinstance(vae_config.get("temperal_downsample"), list):
-        return 2 ** len(vae_config["temperal_downsample"])  # one 2x spatial step per temporal-downsample entry
-    blocks = vae_config.get("block_out_channels")
-    if kind == "AutoencoderKL" and isinstance(blocks, list) and len(blocks) >= 1:
-        return vae_factor(blocks)
-    return None
+def _check_latent_grid(g: GeneratorConfig, codec_factor: int, resolution: int, source: str) -> None:
+    """The image splits into whole latent cells, and those into whole patches (or survive the U-Net's downsampling)."""
+    if g.kind in ("sd3", "zimage", "qwen_image"):
+        factor, why = codec_factor * g.patch_size, "the codec factor x patch size"
+    else:
+        factor, why = codec_factor * 2 ** (len(g.block_out_channels) - 1), "the codec factor x the U-Net's downsampling"
+    require(resolution % factor == 0, source, "data.resolution", f"divisible by {why} = {factor}", resolution)
 
 
 def codec_factor(cfg: Config, source: str = "<config>") -> int:
@@ -84,14 +85,15 @@ def codec_factor(cfg: Config, source: str = "<config>") -> int:
     config_file = component_dir(codec.path or "", "vae") / "config.json"
     if not path_exists(str(config_file), "file"):
         return 8  # SD / SD3 / FLUX VAEs; a missing path or config.json is reported by the path checks
-    vae = _read_json(config_file)
+    vae = read_json(config_file)
     factor = latent_factor(vae) if isinstance(vae, dict) else None
     kind = vae.get("_class_name") if isinstance(vae, dict) else None
     require(factor is not None, source, "codec.path", VAE_DIR, f"{config_file}" + (f" of a {kind}" if kind else ""))
     return factor
 
 
-def check_paths(cfg: Config, source: str) -> None:
+def check_model_paths(cfg: Config, source: str) -> None:
+    """The model and data locations the config names exist and hold what it needs."""
     models = registry()
     if builtin_mllm(cfg.mllm.path) is None:
         require(path_exists(cfg.mllm.path, "dir"), source, "mllm.path",
@@ -129,7 +131,7 @@ def _check_mllm_dir(path: Path, trusted: bool, source: str) -> None:
     config_file = path / "config.json"
     if not config_file.is_file():
         return  # FrozenMLLM.from_pretrained names what the directory is missing
-    config = _read_json(config_file)
+    config = read_json(config_file)
     if isinstance(config, dict) and "auto_map" in config:
         require(trusted, source, "mllm.trust_remote_code",
                 f"true to run the custom code shipped in {path} (its config.json has auto_map)", trusted)

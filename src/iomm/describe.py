@@ -13,16 +13,16 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoConfig, AutoModelForImageTextToText, PretrainedConfig
 
-from iomm.builtins import builtin_mllm, builtin_vae
 from iomm.conditioning.adapter import build_adapter
 from iomm.conditioning.connector import build_connector
 from iomm.conditioning.mllm_families import family_for
 from iomm.config import Config
-from iomm.config_checks import component_dir
 from iomm.generator.codec import PixelCodec, codec_for
 from iomm.generator.lora import add_lora
 from iomm.generator.network import GENERATOR_CLASSES, build_generator, run_generator
-from iomm.generator.quantize import INT8_BYTES, int8_weight_count
+from iomm.model_files import component_dir
+from iomm.quantize import INT8_BYTES, int8_weight_count
+from iomm.registry import builtin_mllm, builtin_vae
 from iomm.training.optimizers import muon_parameters
 
 

@@ -66,7 +66,7 @@ def train_flops_per_sample(cfg: Config, forward: dict[str, dict[str, float]]) ->
 def stage_configs(cfg: Config, stage: str) -> dict[str, Config]:
     """The config of each stage `stage` names: `train` for pre-training; for fine-tuning, `finetune_config`'s
     schedule (finetune.steps at finetune.mix_ratio) without its checks of the data, since a stage-2 run needs
-    data.pairs and sizing one does not (`validate` has checked the `finetune` fields already)."""
+    data.pairs and sizing one does not (`iomm.config.check_values` has checked the `finetune` fields already)."""
     finetune = dataclasses.replace(cfg, train=dataclasses.replace(
         cfg.train, steps=cfg.finetune.steps, mix_ratio=cfg.finetune.mix_ratio))
     return {name: {"pretrain": cfg, "finetune": finetune}[name] for name in STAGES[stage]}

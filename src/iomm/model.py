@@ -13,7 +13,6 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 from torch import nn
 from torch.nn import functional as F
 
-from iomm.builtins import BuiltinModel, builtin_mllm, builtin_vae
 from iomm.conditioning.adapter import build_adapter
 from iomm.conditioning.connector import IdentityConnector, build_connector
 from iomm.conditioning.masking import random_keep_mask, zero_masked
@@ -25,8 +24,9 @@ from iomm.data.encoded import EncodedImages
 from iomm.generator.codec import PixelCodec, load_codec
 from iomm.generator.flow import TIMESTEP_SCALE, flow_matching_loss, output_to_velocity
 from iomm.generator.network import build_generator, generator_scheduler, run_generator
+from iomm.profiling import mark_gradient, phase
+from iomm.registry import BuiltinModel, builtin_mllm, builtin_vae
 from iomm.row_generators import Generators, rand, repeat_rows, select
-from iomm.training.phases import PhaseTimer
 
 TRAINABLE = ("adapter", "connector", "generator", "token_head")
 Images = torch.Tensor | EncodedImages  # (B, 3, R, R) pixels in [0, 1], or the frozen encoders' outputs
@@ -45,6 +45,8 @@ class Condition:
     caption_tokens: torch.Tensor | None = None
     # (B, L) bool: the valid tokens, where rows differ in length (raw conditions); None: every token is valid
     mask: torch.Tensor | None = None
+    # (B, N) bool: the image tokens a masked self-condition kept (`condition_masked_images`), as MAE returns its mask
+    keep: torch.Tensor | None = None
 
 
 def ensure_builtin(builtin: BuiltinModel, cfg: Config) -> str:
@@ -98,7 +100,6 @@ class IOMM(nn.Module):
         self.scheduler = scheduler if generator is not None else generator_scheduler(cfg.generator)  # for sampling
         self.token_head = self._build_token_head(cfg, mllm, self.connector.width)
         self._prompt_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.timer = PhaseTimer()  # off: `iomm bench train-step` turns it on to time the real step
 
     @staticmethod
     def _build_token_head(cfg: Config, mllm: FrozenMLLM, width: int) -> nn.Linear | None:
@@ -125,7 +126,7 @@ class IOMM(nn.Module):
                 for n, p in module.named_parameters() if p.requires_grad}
 
     # ---- conditions -------------------------------------------------------------------------
-    def _text_segment(self, texts: list[str]) -> Segment:
+    def text_segment(self, texts: list[str]) -> Segment:
         """Texts as written into the condition, embedded (the fixed stage-1 prompt: once)."""
         if len(set(texts)) == 1:
             key = texts[0]
@@ -136,25 +137,29 @@ class IOMM(nn.Module):
         embeds, mask = self.mllm.embed_text(texts)
         return Segment(embeds, mask)
 
-    def _image_segment(self, tokens: torch.Tensor, generator: Generators, ratio: float) -> Segment:
-        """The segment of image tokens (B, N, D) from `mllm.embed_images`, each masked with probability `ratio`."""
+    def keep_mask(self, tokens: torch.Tensor, generator: Generators, ratio: float) -> torch.Tensor | None:
+        """Bool (B, N): the image tokens (B, N, D) a condition masked at `ratio` keeps; None at ratio 0 (all)."""
+        if ratio == 0.0:
+            return None
+        return random_keep_mask(tokens.shape[0], tokens.shape[1], ratio, min_keep=self.cfg.masking.min_keep,
+                                generator=generator, device=tokens.device)
+
+    def image_segment(self, tokens: torch.Tensor, keep: torch.Tensor | None) -> Segment:
+        """The segment of image tokens (B, N, D) from `mllm.embed_images`, masked where `keep` is False."""
         valid = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
         grid = self.mllm.image_grid(self.cfg.data.resolution)
-        if ratio == 0.0:
+        if keep is None:
             return Segment(tokens, valid, grid=grid)
-        keep = random_keep_mask(tokens.shape[0], tokens.shape[1], ratio,
-                                min_keep=self.cfg.masking.min_keep, generator=generator, device=tokens.device)
         if self.cfg.masking.mode == "zero":
             return Segment(zero_masked(tokens, keep), valid, grid=grid)
         return Segment(tokens, keep, counts_position=valid, grid=grid)
 
-    def _prompted_image(self, prompts: list[str], tokens: torch.Tensor, generator: Generators,
-                        ratio: float) -> list[Segment]:
-        """The segments of images (their tokens masked at `ratio`) written into their prompts (`PromptFormat`)."""
+    def _prompted_image(self, prompts: list[str], tokens: torch.Tensor, keep: torch.Tensor | None) -> list[Segment]:
+        """The segments of images (their tokens masked where `keep` is False) written into their prompts."""
         before, after = zip(*(self.format.image_parts(p) for p in prompts))
-        segments = [self._text_segment(list(before))] if any(before) else []
-        segments.append(self._image_segment(tokens, generator, ratio))
-        return segments + ([self._text_segment(list(after))] if any(after) else [])
+        segments = [self.text_segment(list(before))] if any(before) else []
+        segments.append(self.image_segment(tokens, keep))
+        return segments + ([self.text_segment(list(after))] if any(after) else [])
 
     def encode(self, segments: list[Segment], drop: int = 0) -> Condition:
         """Condition sequence c -> concat(c, adapter(c)) -> frozen LLM -> connector. Without an adapter the LLM's
@@ -189,17 +194,19 @@ class IOMM(nn.Module):
         tokens = self.image_tokens(images)
         ratio = self.cfg.masking.ratio if ratio is None else ratio
         prompts = [self.cfg.masking.prompt] * len(images)
-        cond = self.encode(self._prompted_image(prompts, tokens, generator, ratio), self.format.image_drop)
+        keep = self.keep_mask(tokens, generator, ratio)
+        cond = self.encode(self._prompted_image(prompts, tokens, keep), self.format.image_drop)
         cond.image_rows, cond.image_tokens = list(range(len(images))), tokens
+        cond.keep = keep if keep is not None else torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
         return cond
 
     def condition_texts(self, texts: list[str]) -> Condition:
-        return self.encode([self._text_segment([self.format.text.format(t) for t in texts])], self.format.text_drop)
+        return self.encode([self.text_segment([self.format.text.format(t) for t in texts])], self.format.text_drop)
 
     def condition_edit(self, images: torch.Tensor, instructions: list[str]) -> Condition:
         """Zero-shot editing: the instruction and the unmasked reference image, as in stage 1's layout."""
         tokens = self.mllm.embed_images(images)
-        return self.encode(self._prompted_image(instructions, tokens, None, 0.0), self.format.image_drop)
+        return self.encode(self._prompted_image(instructions, tokens, None), self.format.image_drop)
 
     def null_condition(self, batch: int, length: int) -> Condition:
         """The unconditional input of guidance: the connector's learned null tokens; without a connector (a
@@ -260,12 +267,12 @@ class IOMM(nn.Module):
         """Flow-matching loss of one (mixed) batch; all randomness comes from `generator`. `cond_dropout`:
         default `train.cond_dropout` (0 scores every sample under its own condition)."""
         dropout = self.cfg.train.cond_dropout if cond_dropout is None else cond_dropout
-        with self.timer("conditioning_forward"):
+        with phase("conditioning_forward"):
             cond = self.condition_batch(images, captions, generator, dropout)
-        with self.timer("codec_encode"):
+        with phase("codec_encode"):
             latents = self.latents(images, generator)
-        self.timer.mark_gradient(cond.tokens, cond.pooled)
-        with self.timer("generator_forward"):
+        mark_gradient(cond.tokens, cond.pooled)
+        with phase("generator_forward"):
             loss = self.flow_loss(latents, cond, generator)
         adapter = self.cfg.adapter
         if adapter.token_loss > 0 and cond.image_rows:

@@ -23,9 +23,9 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimi
 
 from iomm.checkpointing.checkpoint import CheckpointError, resolve_checkpoint
 from iomm.config import Config
+from iomm.ema import EMA
 from iomm.generator.lora import add_lora
 from iomm.model import IOMM
-from iomm.training.ema import EMA
 
 WEIGHTS_DIR = "weights"
 TRAINABLE_ONLY = StateDictOptions(ignore_frozen_params=True)

@@ -1,4 +1,6 @@
-"""`iomm bench train-step`: images/s and the time split of a training step, as JSON; `iomm bench speedups`."""
+"""`iomm bench`, the benchmark commands: `train-step` (images/s and the time split of a training step, as JSON),
+`speedups` (each training-step speed-up alone and all together), `sample` (iomm's sampler against diffusers' loop),
+`world` (the procedural world's render speed). What they measure lives in `iomm.lab.bench`."""
 
 from __future__ import annotations
 
@@ -7,9 +9,8 @@ import json
 import shlex
 from pathlib import Path
 
-from iomm.commands import bench_speedups
 from iomm.commands.train import add_config_args
-from iomm.config import load_config
+from iomm.config_checks import load_config
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -25,7 +26,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     b.add_argument("--out", default="runs/bench/train_step.json",
                    help="result JSON (default: runs/bench/train_step.json, outside the tracked tree)")
     b.set_defaults(func=_train_step)
-    bench_speedups.register(sub)
+    s = sub.add_parser("speedups", help="each training-step speed-up alone and all together, one process each")
+    s.add_argument("--config", required=True)
+    s.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    s.add_argument("--steps", type=int, default=5)
+    s.add_argument("--warmup", type=int, default=2)
+    s.add_argument("--repeats", type=int, default=1,
+                   help="rounds over all rows; each row keeps its fastest round (a shared machine's speed drifts)")
+    s.add_argument("--images", type=int, default=64, help="world images in the folder every row reads")
+    s.add_argument("--work", type=Path, default=Path("runs/bench/speedups"), help="images, latent cache, rows")
+    s.add_argument("--out", type=Path, default=Path("runs/bench/speedups.json"))
+    s.set_defaults(func=_speedups)
     s = sub.add_parser("sample", help="text-to-image with iomm's sampler against diffusers' scheduler loop")
     s.add_argument("--model", required=True, help="run, checkpoint or exported pipeline directory")
     s.add_argument("--prompts", type=int, default=16, help="how many (held-out world prompts)")
@@ -41,7 +52,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _train_step(args: argparse.Namespace) -> int:
-    from iomm.training.bench import NAIVE, bench_train_step
+    from iomm.lab.bench.train_step import NAIVE, bench_train_step
     from iomm.training.hardware import machine
 
     command = ["iomm", "bench", "train-step", *(["--config", args.config] if args.config else []),
@@ -62,11 +73,23 @@ def _train_step(args: argparse.Namespace) -> int:
     return 0
 
 
+def _speedups(args: argparse.Namespace) -> int:
+    from iomm.lab.bench.speedups import run, table
+
+    record = run(args.config, args.overrides, args.steps, args.warmup, args.repeats, args.images, args.work,
+                 args.out)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(record, indent=1), encoding="utf-8")
+    print(table(record))
+    print(f"wrote {args.out}")
+    return 0
+
+
 def _sample(args: argparse.Namespace) -> int:
     import torch
 
     from iomm.inference.pipeline import IOMMPipeline
-    from iomm.inference.sample_bench import bench_sample
+    from iomm.lab.bench.sampling import bench_sample
     from iomm.nano.prompts import eval_prompts
     from iomm.training.hardware import machine
 

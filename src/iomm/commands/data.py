@@ -51,7 +51,7 @@ def _samples(source: Path, report) -> list[tuple[Path, str | None]]:
 
 def caption_lines(captioned: int, samples: int) -> list[str]:
     """How many samples have a caption and, when some lack one (shards meant for pairs), what that costs."""
-    from iomm.data.spec import DataConfig
+    from iomm.config import DataConfig
 
     if captioned == samples:
         return [f"captions: all {samples} samples"]
@@ -92,7 +92,7 @@ def run_shards(args: argparse.Namespace) -> int:
 def run_cache(args: argparse.Namespace) -> int:
     import torch
 
-    from iomm.config import load_config
+    from iomm.config_checks import load_config
     from iomm.data.images import DataReport
     from iomm.data.latent_cache import write_latent_cache
     from iomm.model import build_codec, load_mllm

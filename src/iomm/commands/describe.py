@@ -7,7 +7,7 @@ import argparse
 import json
 
 from iomm.commands.train import add_config_args
-from iomm.config import load_config
+from iomm.config_checks import load_config
 from iomm.estimate import STAGES
 
 # Nominal memory of common GPUs (GB as sold, compared here with GiB, so the room left reads a few GiB high:

@@ -39,9 +39,9 @@ def format_table(ratios: dict[str, dict[str, Any]]) -> str:
 def _reconstruct(args: argparse.Namespace) -> int:
     from iomm.evaluation.prompt_images import write_jsonl
     from iomm.inference.pipeline import load_model
-    from iomm.nano.builtins import WORLD
     from iomm.nano.fidelity import TOLERANCE, tolerance_px
-    from iomm.nano.regeneration import reconstruction_records, regeneration_guidance, summaries
+    from iomm.nano.reconstruction import reconstruction_guidance, reconstruction_records, summaries
+    from iomm.nano.registration import WORLD
 
     if args.n < 1:
         raise SystemExit(f"--n: expected >= 1, got {args.n}")
@@ -60,7 +60,7 @@ def _reconstruct(args: argparse.Namespace) -> int:
                *[arg for flag, value in options if value is not None for arg in (flag, str(value))]]
     report = {"command": shlex.join(command), "model": str(args.model), "n": args.n,
               "steps": args.steps or model.cfg.flow.sample_steps,
-              "guidance_scale": regeneration_guidance(model.cfg, args.cfg), "ratios": ratios,
+              "guidance_scale": reconstruction_guidance(model.cfg, args.cfg), "ratios": ratios,
               "tolerance": {"fraction_of_extent": TOLERANCE, "px": tolerance_px(model.cfg.data.resolution)}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")

@@ -1,5 +1,4 @@
-"""`iomm eval shapes`: the exact GenEval-style score on the nano world; `iomm eval export`: images
-for the official GenEval, DPG-Bench and WISE scorers."""
+"""`iomm eval shapes`: the exact GenEval-style score of images of the nano world's prompts."""
 
 from __future__ import annotations
 
@@ -9,27 +8,13 @@ import shlex
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
-
-from iomm.commands.eval_compare import register_under as register_compare
-from iomm.commands.eval_edits import register_under as register_edits
-from iomm.commands.eval_reconstruct import register_under as register_reconstruct
-from iomm.evaluation.geneval_export import (
-    DEFAULT_SAMPLES,
-    GenerateFn,
-    load_prompts,
-    write_geneval_layout,
-    write_one_per_prompt,
-)
 from iomm.evaluation.prompt_images import write_jsonl
 from iomm.nano.prompts import eval_prompts
 from iomm.nano.scorer import judge_directory, read_prompts, score
 from iomm.nano.world import COMPOSITIONS
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    evaluate = subparsers.add_parser("eval", help="evaluate generated images")
-    commands = evaluate.add_subparsers(dest="eval_command", required=True)
+def register_under(commands: argparse._SubParsersAction) -> None:
     shapes = commands.add_parser(
         "shapes", help="score images of the nano world's GenEval-style prompts (classical detector)")
     shapes.add_argument("--images", type=Path, default=None,
@@ -47,24 +32,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     shapes.add_argument("--out", type=Path, required=True, help="metrics JSON file")
     shapes.add_argument("--results", type=Path, default=None, help="also write per-image results (JSONL)")
     shapes.set_defaults(func=run_shapes)
-    register_edits(commands)
-    register_reconstruct(commands)
-    register_compare(commands)
-
-    export = commands.add_parser(
-        "export", help="generate images in the layout an official scorer reads (GenEval, DPG-Bench, WISE)")
-    export.add_argument("benchmark", choices=list(DEFAULT_SAMPLES))
-    export.add_argument("--model", required=True, metavar="RUN_DIR_OR_CKPT")
-    export.add_argument("--prompts", type=Path, nargs="+", required=True,
-                        help="geneval: one evaluation_metadata.jsonl; dpg: the dpg_bench/prompts folder "
-                             "(<item_id>.txt files); wise: one or more data/*.json files")
-    export.add_argument("--out", type=Path, required=True, help="output folder")
-    export.add_argument("--samples", type=int, default=None,
-                        help="images per prompt (default: geneval 4, dpg 4 as a 2x2 grid, wise 1)")
-    export.add_argument("--seed", type=int, default=0, help="prompt i uses seed + i")
-    export.add_argument("--steps", type=int, default=None, help="Euler steps (default: config)")
-    export.add_argument("--cfg", type=float, default=None, help="guidance scale (default: config)")
-    export.set_defaults(func=run_export)
 
 
 def _generate(args: argparse.Namespace) -> Path:
@@ -111,33 +78,4 @@ def run_shapes(args: argparse.Namespace) -> int:
         write_jsonl(args.results, records)
     print(format_table(metrics))
     print(f"wrote {args.out}")
-    return 0
-
-
-def _pipeline_generate_fn(args: argparse.Namespace) -> GenerateFn:
-    """The IOMM pipeline as a `generate_fn`, loaded on first use (so bad prompt files fail first)."""
-    from iomm.inference.pipeline import IOMMPipeline, generate_images
-
-    pipes: list[IOMMPipeline] = []
-
-    def generate(prompts: list[str], seed: int) -> list[Image.Image]:
-        if not pipes:
-            pipes.append(IOMMPipeline.from_pretrained(args.model))
-        return generate_images(pipes[0], prompts, seed=seed, num_inference_steps=args.steps, guidance_scale=args.cfg)
-
-    return generate
-
-
-def run_export(args: argparse.Namespace) -> int:
-    samples = DEFAULT_SAMPLES[args.benchmark] if args.samples is None else args.samples
-    generate = _pipeline_generate_fn(args)
-    if args.benchmark == "geneval":
-        if len(args.prompts) != 1:
-            raise SystemExit(f"--prompts: geneval takes one evaluation_metadata.jsonl, got {len(args.prompts)} paths")
-        folders = write_geneval_layout(args.prompts[0], args.out, generate, samples, args.seed)
-        print(f"wrote {len(folders)} prompt folders x {samples} samples to {args.out} (GenEval layout)")
-        return 0
-    pairs = [pair for source in args.prompts for pair in load_prompts(source, args.benchmark)]
-    written = write_one_per_prompt(pairs, args.out, generate, args.benchmark, samples, args.seed)
-    print(f"wrote {len(written)} images to {args.out} ({args.benchmark} naming, {samples} sample(s) each)")
     return 0

@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from iomm.builtins import BuiltinModel
     from iomm.config import Config
+    from iomm.registry import BuiltinModel
 
 
 def packaged_config(name: str) -> Path:
@@ -32,11 +32,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _recipe(args: argparse.Namespace) -> int:
-    from iomm.builtins import builtin_mllm, builtin_vae
-    from iomm.config import config_source, finetune_config, load_config
-    from iomm.evaluation.reconstruction import sample_grid
+    from iomm.config import config_source
+    from iomm.config_checks import finetune_config, load_config
+    from iomm.evaluation.sample_grid import sample_grid
     from iomm.model import build_codec, load_mllm
-    from iomm.nano.builtins import WORLD, builtin_records
+    from iomm.nano.registration import WORLD, builtin_records
+    from iomm.registry import builtin_mllm, builtin_vae
     from iomm.training.hardware import machine_facts
     from iomm.training.trainer import train
 
@@ -92,7 +93,7 @@ def check_builtin(builtin: BuiltinModel | None, cfg: Config) -> None:
 
 def stage_precisions(cfg: Config, stage2: Config) -> dict[str, str]:
     """Each stage's precision as it resolves on this machine, and why."""
-    from iomm.builtins import builtin_mllm
+    from iomm.registry import builtin_mllm
     from iomm.training.precision import describe_precision
 
     stages = {}
@@ -120,10 +121,10 @@ def evaluate_run(model_path: Path, out_dir: Path, per_category: int, seed: int =
 def stage1_fidelity(run: Path, n: int) -> dict:
     """`iomm eval reconstruct --model RUN --ratio 0 --n N`'s metrics, with the guidance it sampled at."""
     from iomm.inference.pipeline import load_model
-    from iomm.nano.regeneration import evaluate_reconstruction, regeneration_guidance
+    from iomm.nano.reconstruction import evaluate_reconstruction, reconstruction_guidance
 
     model = load_model(run)
-    return {"ratio": 0.0, "guidance_scale": regeneration_guidance(model.cfg),
+    return {"ratio": 0.0, "guidance_scale": reconstruction_guidance(model.cfg),
             **evaluate_reconstruction(model, [0.0], n=n)[0.0]}
 
 

@@ -7,10 +7,10 @@ import shlex
 from pathlib import Path
 
 from iomm.commands.recipe import packaged_config
-from iomm.nano.studies import studies
+from iomm.lab.studies import studies
 
-VLM_TIMING = "vlm-timing"  # its arms are MLLMs, not recipe runs (iomm.nano.vlm_timing)
-PAIR_BUDGET = "pair-budget"  # a learning curve over the number of pairs (iomm.nano.pair_budget)
+VLM_TIMING = "vlm-timing"  # its arms are MLLMs, not recipe runs (iomm.lab.vlm_timing)
+PAIR_BUDGET = "pair-budget"  # a learning curve over the number of pairs (iomm.lab.pair_budget)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -41,8 +41,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _study(args: argparse.Namespace) -> int:
-    from iomm.config import load_config
-    from iomm.nano.studies import check_arms, run_study
+    from iomm.config_checks import load_config
+    from iomm.lab.studies import check_arms, run_study
 
     config = str(args.config or packaged_config("nano"))
     if args.name == VLM_TIMING:
@@ -65,9 +65,9 @@ def _study(args: argparse.Namespace) -> int:
 def _vlm_timing(args: argparse.Namespace, config: str) -> int:
     import dataclasses
 
-    from iomm.config import load_config
+    from iomm.config_checks import load_config
+    from iomm.lab.vlm_timing import COMMON, IMAGE_STARTS, run_vlm_timing
     from iomm.nano.mllm import NanoMLLMConfig
-    from iomm.nano.vlm_timing import COMMON, IMAGE_STARTS, run_vlm_timing
     from iomm.typed_config import apply_overrides, build_dataclass
 
     for image_start in IMAGE_STARTS:  # every arm's MLLM config, before any compute
@@ -90,8 +90,8 @@ def _vlm_timing(args: argparse.Namespace, config: str) -> int:
 
 
 def _pair_budget(args: argparse.Namespace, config: str) -> int:
-    from iomm.nano.pair_budget import BUDGETS, pair_budget_study, run_pair_budget
-    from iomm.nano.studies import check_arms
+    from iomm.lab.pair_budget import BUDGETS, pair_budget_study, run_pair_budget
+    from iomm.lab.studies import check_arms
 
     budgets = tuple(args.pair_budgets or BUDGETS)
     if any(n < 1 for n in budgets) or list(budgets) != sorted(set(budgets)):

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from iomm.config import config_source, finetune_config, load_config
+from iomm.config import config_source
+from iomm.config_checks import finetune_config, load_config
 
 
 def add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -29,7 +30,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _pretrain(args: argparse.Namespace) -> int:
-    from iomm.evaluation.reconstruction import sample_grid
+    from iomm.evaluation.sample_grid import sample_grid
     from iomm.training.trainer import train
 
     cfg = load_config(args.config, args.overrides)
@@ -38,7 +39,7 @@ def _pretrain(args: argparse.Namespace) -> int:
 
 
 def _finetune(args: argparse.Namespace) -> int:
-    from iomm.evaluation.reconstruction import sample_grid
+    from iomm.evaluation.sample_grid import sample_grid
     from iomm.training.trainer import train
 
     cfg = finetune_config(load_config(args.config, args.overrides), config_source(args.config, args.overrides))

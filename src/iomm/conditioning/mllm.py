@@ -25,8 +25,8 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from iomm.conditioning.mllm_families import check_supported, family_for
-from iomm.config_checks import component_dir
-from iomm.generator.quantize import Quantize, transformers_loading
+from iomm.model_files import component_dir
+from iomm.quantize import Quantize, transformers_loading
 
 WEIGHT_FILES = (
     "model.safetensors",
@@ -140,7 +140,7 @@ class FrozenMLLM(nn.Module):
     ) -> "FrozenMLLM":
         """Load model, tokenizer and image preprocessing settings from a local directory, offline: a VLM
         checkpoint, or a diffusers pipeline directory (its `text_encoder/`, `tokenizer/` and `processor/`).
-        `quantize="int8"`: the linear weights stored in int8 (`iomm.generator.quantize`)."""
+        `quantize="int8"`: the linear weights stored in int8 (`iomm.quantize`)."""
         root = Path(path)
         path, tokenizer_dir = component_dir(root, "text_encoder"), component_dir(root, "tokenizer")
         raw = check_checkpoint_dir(path, trust_remote_code=trust_remote_code, tokenizer_dir=tokenizer_dir)

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Protocol
 
 import torch
 import webdataset as wds
 from torch import nn
 from tqdm import tqdm
 
-from iomm.conditioning.mllm import FrozenMLLM
 from iomm.config import Config
 from iomm.data.encoded import CACHE_EXTENSION, EncodedImages
 from iomm.data.images import BadSample, DataReport
@@ -25,14 +25,23 @@ from iomm.data.mixed_batches import Items, SampleSets
 from iomm.data.spec import CACHE_FILE, CACHED_IMAGES, CACHED_PAIRS, FileSpec, latent_cache_fingerprint, pair_spec
 
 
+class ImageEmbedder(Protocol):
+    """What the cache reads of the frozen MLLM (`iomm.conditioning.mllm.FrozenMLLM`; data sits below it)."""
+
+    @property
+    def device(self) -> torch.device: ...
+
+    def embed_images(self, images: torch.Tensor) -> torch.Tensor: ...
+
+
 @torch.no_grad()
-def encode_images(images: torch.Tensor, codec: nn.Module, mllm: FrozenMLLM) -> EncodedImages:
+def encode_images(images: torch.Tensor, codec: nn.Module, mllm: ImageEmbedder) -> EncodedImages:
     """What a cached sample holds: the codec's posterior moments and the MLLM's image tokens."""
     images = images.to(mllm.device)
     return EncodedImages(codec.moments(images), mllm.embed_images(images))
 
 
-def write_latent_cache(cfg: Config, out: Path, codec: nn.Module, mllm: FrozenMLLM, *, command: str,
+def write_latent_cache(cfg: Config, out: Path, codec: nn.Module, mllm: ImageEmbedder, *, command: str,
                        batch_size: int = 64, dtype: torch.dtype = torch.float32, per_shard: int = 1000,
                        progress: bool = True) -> dict:
     report = DataReport()
@@ -51,7 +60,7 @@ def write_latent_cache(cfg: Config, out: Path, codec: nn.Module, mllm: FrozenMLL
     return info
 
 
-def _write(items: Items, keep: list[int], out: Path, codec: nn.Module, mllm: FrozenMLLM, batch_size: int,
+def _write(items: Items, keep: list[int], out: Path, codec: nn.Module, mllm: ImageEmbedder, batch_size: int,
            dtype: torch.dtype, per_shard: int, report: DataReport, progress: bool) -> int:
     out.mkdir(parents=True, exist_ok=True)
     written = 0

@@ -17,7 +17,6 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from iomm.builtins import builtin_data
 from iomm.config import Config
 from iomm.data.encoded import EncodedImages, stack_images
 from iomm.data.epochs import IMAGE_STREAM, PAIR_STREAM, EpochOrder
@@ -27,6 +26,7 @@ from iomm.data.images import BadSample, DataReport, TooMuchBadData, load_image
 from iomm.data.pairs import read_pairs
 from iomm.data.shards import ShardItems, expand_shards, shard_index
 from iomm.data.spec import CACHED_IMAGES, CACHED_PAIRS, FileSpec, pair_spec
+from iomm.registry import builtin_data
 
 MAX_RETRIES = 16
 CACHE_KIND = "latent cache"  # shards written by `iomm data cache`

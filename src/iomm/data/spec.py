@@ -1,4 +1,5 @@
-"""The data section of a config: where images and pairs come from, and its checks (before any compute).
+"""The data section of a config (iomm.config.DataConfig): where images and pairs come from, and the checks of it
+that need the registry of built-ins or the file system (before any compute).
 
 An image source is `data.source` with `data.path`; a pair set is `data.pairs`, written `KIND:LOCATION`
 (`jsonl:pairs.jsonl`, `webdataset:shards/{000000..000999}.tar`, `hf:DIR`), `NAME:N` for N pairs of a
@@ -12,44 +13,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from iomm.builtins import BuiltinData, builtin_data, registry, split_pairs_spec
+from iomm.config import FILE_KINDS, DataConfig
+from iomm.model_files import path_exists
+from iomm.registry import BuiltinData, builtin_data, registry, split_pairs_spec
 from iomm.typed_config import ConfigError, require
 
-FILE_KINDS = ("folder", "jsonl", "webdataset", "hf")
 PAIR_KINDS = ("jsonl", "webdataset", "hf")  # a folder has no captions
 CACHED_IMAGES, CACHED_PAIRS = "images", "pairs"  # a latent cache directory's two shard folders
 CACHE_FILE = "cache.json"  # what a latent cache was made from, and by which command
-
-
-@dataclass
-class DataConfig:
-    # "folder" (image files below `path`), "jsonl", "webdataset" (tar shards: a brace pattern, a directory or a
-    # comma-separated list), "hf" (a `save_to_disk` directory or a folder of parquet / arrow files), or a
-    # built-in source (iomm.builtins; "world": the nano testbed)
-    source: str = "world"
-    path: str | None = None
-    resolution: int = 32
-    world_max_objects: int = 4
-    num_workers: int = 0
-    # Stage 2: text-image pairs: KIND:LOCATION (KIND jsonl, webdataset or hf), a JSONL path, or "NAME:N".
-    pairs: str | None = None
-    # Captions: None reads a shard's `txt` member and an HF dataset's `text` column; a name reads that field of
-    # a shard's `json` member, or that column.
-    caption_field: str | None = None
-    image_column: str = "image"  # HF datasets: the column holding the images
-    # HF parquet folders: read as a `datasets` stream (shuffle buffer of `stream_buffer` rows) instead of
-    # converting them into the Arrow cache first; nothing is held out for the sample grids.
-    streaming: bool = False
-    stream_buffer: int = 1000
-    # A latent cache written by `iomm data cache` for this config: training reads the frozen encoders' outputs
-    # from it (the VAE's posterior, the MLLM's image tokens) instead of encoding every image at every step.
-    latents: str | None = None
-    max_bad_fraction: float = 0.01
-    # Files and shards: this many samples (spread over the list) never train; the sample grids regenerate them.
-    holdout: int = 8
-    # Built-in pairs (NAME:N): this many more, never drawn for training; stage 2 logs their loss (`heldout_loss`).
-    # Pair files and datasets have no held-out split: nothing is set aside from them and no such loss is logged.
-    holdout_pairs: int = 64
 
 
 @dataclass(frozen=True)
@@ -66,24 +37,12 @@ def pair_spec(spec: str) -> FileSpec | tuple[BuiltinData, str]:
     return split_pairs_spec(spec) or FileSpec("jsonl", spec)
 
 
-def check_data(d: DataConfig, mix_ratio: float, source: str) -> list[BuiltinData]:
-    """Range and consistency checks of the data section; returns the built-in sources it names."""
-    require(d.num_workers >= 0, source, "data.num_workers", ">= 0", d.num_workers)
-    require(d.holdout >= 0, source, "data.holdout", ">= 0", d.holdout)
-    require(d.holdout_pairs >= 0, source, "data.holdout_pairs", ">= 0", d.holdout_pairs)
-    require(0.0 <= d.max_bad_fraction <= 1.0, source, "data.max_bad_fraction", "a value in [0, 1]", d.max_bad_fraction)
-    require(d.resolution >= 8, source, "data.resolution", ">= 8", d.resolution)
+def check_data_sources(d: DataConfig, source: str) -> list[BuiltinData]:
+    """The built-in sources the data section names (after iomm.config's value checks): they exist, and `NAME:N`
+    and the latent cache fit them. Returns them."""
     builtins = [data for data in [builtin_data(d.source)] if data is not None]
     kinds = ", ".join(repr(k) for k in (*FILE_KINDS, *registry().data))
     require(d.source in FILE_KINDS or builtins, source, "data.source", f"one of {kinds}", d.source)
-    require(d.source not in FILE_KINDS or bool(d.path), source, "data.path", f"a location for data.source={d.source}",
-           d.path)
-    require(mix_ratio == 1.0 or d.pairs is not None, source, "data.pairs",
-           "a pair source (KIND:LOCATION, a JSONL path or NAME:N) when train.mix_ratio < 1", d.pairs)
-    uses_hf = d.source == "hf" or (d.pairs or "").startswith("hf:")
-    require(not d.streaming or uses_hf, source, "data.streaming", "false unless data.source or data.pairs is hf",
-           d.streaming)
-    require(d.stream_buffer >= 1, source, "data.stream_buffer", ">= 1", d.stream_buffer)
     require(d.latents is None or d.source in FILE_KINDS, source, "data.latents",
            f"null with a procedural data.source ({d.source!r}: nothing finite to cache)", d.latents)
     if d.pairs is not None:
@@ -97,14 +56,6 @@ def check_data(d: DataConfig, mix_ratio: float, source: str) -> list[BuiltinData
         else:
             require(bool(spec.location), source, "data.pairs", f"a location after '{spec.kind}:'", d.pairs)
     return builtins
-
-
-def path_exists(path: str, kind: str) -> bool:
-    """Path.is_dir / is_file that say False instead of raising for names no file can have (too long, NUL)."""
-    try:
-        return Path(path).is_dir() if kind == "dir" else Path(path).is_file()
-    except (OSError, ValueError):
-        return False
 
 
 def check_data_paths(d: DataConfig, source: str) -> None:

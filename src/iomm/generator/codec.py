@@ -11,7 +11,7 @@ from diffusers import AutoencoderKL, AutoencoderKLQwenImage
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from torch import nn
 
-from iomm.config_checks import component_dir, latent_factor
+from iomm.model_files import component_dir, latent_factor
 from iomm.row_generators import Generators
 
 

@@ -17,9 +17,9 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers import QwenImageTransformer2DModel as QwenImageTransformer
 
 from iomm.config import GeneratorConfig
-from iomm.config_checks import QWEN_IMAGE_DIR, qwen_image_problem
 from iomm.generator.flow import TIMESTEP_SCALE
-from iomm.generator.quantize import diffusers_loading, leave_int8_out_of_state
+from iomm.model_files import QWEN_IMAGE_DIR, qwen_image_problem
+from iomm.quantize import diffusers_loading, leave_int8_out_of_state
 
 
 def check_pipeline_dir(path: str | Path) -> Path:

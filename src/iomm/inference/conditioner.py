@@ -17,7 +17,8 @@ from safetensors.torch import save_file
 
 from iomm.conditioning.adapter import build_adapter
 from iomm.conditioning.connector import build_connector
-from iomm.config import Config, config_from_dict
+from iomm.config import Config
+from iomm.config_checks import config_from_dict
 
 
 class IOMMConditioner(ModelMixin, ConfigMixin):

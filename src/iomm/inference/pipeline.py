@@ -26,12 +26,11 @@ from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, ImageP
 from PIL import Image
 from torch import nn
 
-from iomm.builtins import builtin_mllm, builtin_vae
 from iomm.checkpointing.checkpoint import resolve_checkpoint
 from iomm.checkpointing.weights import build_model, load_trainable
-from iomm.conditioning.masking import random_keep_mask
 from iomm.conditioning.mllm import FrozenMLLM
-from iomm.config import Config, load_config
+from iomm.config import Config
+from iomm.config_checks import load_config
 from iomm.data.images import prepare_image
 from iomm.generator.codec import PixelCodec, codec_for
 from iomm.generator.flow import flow_scheduler
@@ -40,6 +39,7 @@ from iomm.image_tensors import to_pil
 from iomm.inference.conditioner import IOMMConditioner
 from iomm.inference.sampling import sample_images
 from iomm.model import IOMM
+from iomm.registry import builtin_mllm, builtin_vae
 from iomm.row_generators import Generators
 
 PIPELINE_FILE = "model_index.json"
@@ -185,13 +185,9 @@ class IOMMPipeline(DiffusionPipeline):
             raise ValueError(f"mask_ratio: expected a value in [0, 1), got {mask_ratio}")
         generator = generator or torch.Generator().manual_seed(0)
         pixels = self._pixels(image)
-        state = generator.get_state()  # the condition's first draw is its mask: the same draw shows it
         cond = self.model.condition_masked_images(pixels, generator, ratio=mask_ratio)
-        n = self.model.mllm.num_image_tokens(self.cfg.data.resolution)
-        keep = random_keep_mask(1, n, mask_ratio, min_keep=self.cfg.masking.min_keep,
-                                generator=torch.Generator().set_state(state)) if mask_ratio > 0 else torch.ones(1, n)
-        side = math.isqrt(n)
-        grid = keep.float().view(1, 1, side, side)
+        side = math.isqrt(cond.keep.shape[1])
+        grid = cond.keep.float().view(1, 1, side, side)
         shown = nn.functional.interpolate(grid, size=pixels.shape[-2:], mode="nearest").to(pixels)
         masked = pixels * shown + 0.5 * (1 - shown)
         regenerated = sample_images(self.model, cond, generator=generator, scheduler=self.scheduler,

@@ -3,7 +3,9 @@
 seconds (`configs/bench-b-mini.yaml`), whose sizes keep IOMM-B's proportions of MLLM and VAE to generator FLOPs
 and of condition to latent tokens (`iomm describe --flops`; bench/README.md). Each is saved with
 `save_pretrained` in the config's `nano_dir` on first use and loaded back through the real code path; the
-tokenizer is the nano one (what it says does not matter to the step's cost).
+tokenizer is the nano one (what it says does not matter to the step's cost). They live in the testbed, not in
+`iomm.lab.bench`: they are built from its nano MLLM and tokenizer and registered by its entry point
+(`iomm.nano.registration`).
 """
 
 from __future__ import annotations

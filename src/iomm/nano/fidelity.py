@@ -22,7 +22,7 @@ Per image (`compare`), each a bool:
   shape and colour (extra detections allowed).
 - `placement`: the 3x3 grid cell of the centre of the largest detection (the largest bbox side, then the
   area) is the cell of an original object of the largest extent (any of them, when several share it).
-Per image, two floats as in the training sample grid (`iomm.evaluation.reconstruction`), on [0, 1] pixels:
+Per image, two floats as in the training sample grid (`iomm.evaluation.sample_grid`), on [0, 1] pixels:
 - `mse_own`: the mean squared error of the regeneration to its own original;
 - `mse_other`: the same to another original, the previous image of the set (`originals.roll(1, dims=0)`):
   a regeneration that follows its condition has `mse_own` well below `mse_other` (equal for n = 1).

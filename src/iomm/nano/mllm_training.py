@@ -17,7 +17,6 @@ from transformers import (
 )
 from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
 
-from iomm.builtins import BuiltinBelowTarget
 from iomm.conditioning.mllm_families import family_for
 from iomm.evaluation.prompt_images import write_jsonl
 from iomm.image_tensors import to_tensor
@@ -52,6 +51,7 @@ from iomm.nano.world import (
     World,
     WorldConfig,
 )
+from iomm.registry import BuiltinBelowTarget
 from iomm.training.hardware import machine_facts
 from iomm.training.precision import autocast, describe_precision
 from iomm.training.run_log import Progress

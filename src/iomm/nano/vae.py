@@ -21,11 +21,11 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
 
-from iomm.builtins import BuiltinBelowTarget
-from iomm.config_checks import vae_factor
 from iomm.image_tensors import to_tensor, to_uint8
+from iomm.model_files import vae_factor
 from iomm.nano.scorer import detect_objects
 from iomm.nano.world import World, WorldConfig
+from iomm.registry import BuiltinBelowTarget
 from iomm.training.hardware import machine_facts
 from iomm.training.run_log import Progress
 

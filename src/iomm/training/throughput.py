@@ -1,31 +1,46 @@
 """Live throughput of a training run, averaged over the steps since the last log step: images/s, condition
 tokens/s, the step's time split by phase, achieved FLOP/s and MFU, and peak memory.
 
-The split is the model's `PhaseTimer`, the phases `iomm bench train-step` reports, switched on around the data
-wait and the train step only (the held-out loss and sample grids between steps stay out of it) and only on the
-main rank, the one that logs; the timer already synchronises CUDA at each phase boundary. FLOPs and condition
-tokens are counted once, on the run's first micro-batches, by the timer's FLOP counter as `iomm bench
-train-step` counts them; MFU divides by bench's measured matmul peak (the faster of fp32 and native bf16), which
-bench measures on a CPU too.
+The split is the trainer's `PhaseTimer` (iomm.profiling), the phases `iomm bench train-step` reports,
+switched on around the data wait and the train step only (the held-out loss and sample grids between steps
+stay out of it) and only on the main rank, the one that logs; the timer already synchronises CUDA at each
+phase boundary. FLOPs and condition tokens are counted once, on the run's first micro-batches, by the timer's
+FLOP counter as `iomm bench train-step` counts them; MFU divides by bench's measured matmul peak (the faster of
+fp32 and native bf16), which bench measures on a CPU too.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import json
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import Protocol
 
 import torch
+from torch import nn
 
 from iomm.data.mixed_batches import Batch
+from iomm.model import IOMM
+from iomm.profiling import PhaseTimer
+from iomm.training.distributed import Distributed
 from iomm.training.hardware import fastest_matmul_peak, peak_memory_mib
-
-if TYPE_CHECKING:
-    from iomm.training.trainer import Trainer
 
 DATA_WAIT = "data_wait"
 STEP = "step"
+
+
+class Trainer(Protocol):
+    """What the meter reads of `iomm.training.trainer.Trainer` (which imports the meter)."""
+
+    timer: PhaseTimer
+    dist: Distributed
+    device: torch.device
+    model: IOMM
+    params: dict[str, nn.Parameter]
+
+    def forward_backward(self, micro_batches: list[Batch]) -> float: ...
 
 
 class ThroughputMeter:
@@ -33,7 +48,7 @@ class ThroughputMeter:
     log step gives the metrics of the steps since the previous `read()`."""
 
     def __init__(self, trainer: Trainer) -> None:
-        self.trainer, self.timer = trainer, trainer.model.timer
+        self.trainer, self.timer = trainer, trainer.timer
         self.enabled, self.world = trainer.dist.main, trainer.dist.world
         self.flops_per_sample: float | None = None  # this rank's FLOPs of a step over its samples
         self.condition_tokens_per_sample = 0.0
@@ -93,7 +108,7 @@ def count_step(trainer: Trainer, micro_batches: list[Batch]) -> tuple[dict[str, 
     backward of `micro_batches`, run once more and thrown away. Training goes on bit for bit as without it: the
     random state, the gradients and the timer's times are left as they were, and no update follows (a real step
     under the counter would round differently: the counter runs some operators decomposed)."""
-    timer = trainer.model.timer
+    timer = trainer.timer
     times = dict(timer.totals)
     tokens: list[int] = []
     hook = trainer.model.mllm.language_model.register_forward_pre_hook(
@@ -133,3 +148,37 @@ def measured_peak(device: torch.device, threads: int) -> float:
 
 def peak_memory_gib() -> float:
     return peak_memory_mib() / 1024
+
+
+def plot_throughput(metrics_file: Path, out: Path) -> None:
+    """The run's log steps in four panels: images/s, the step's time split by phase (stacked), MFU and peak
+    memory; nothing when no log step holds them."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in metrics_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = [row for row in rows if "images_per_s" in row]
+    if not rows:
+        return
+    steps = [row["step"] for row in rows]
+    phases = [name for name in rows[-1]  # seconds a step per phase: not the rates, the step, the run's time
+              if name.endswith("_s") and not name.endswith("_per_s") and name not in ("step_s", "elapsed_s")]
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.2))
+    axes[0].plot(steps, [row["images_per_s"] for row in rows], lw=1)
+    axes[0].set_ylabel("images/s (all devices)")
+    axes[1].stackplot(steps, *([row.get(name, 0.0) for row in rows] for name in phases),
+                      labels=[name.removesuffix("_s").replace("_", " ") for name in phases])
+    top = max(sum(row.get(name, 0.0) for name in phases) for row in rows)
+    axes[1].set_ylabel("seconds a step"), axes[1].set_ylim(0, 1.6 * top)  # headroom for the legend
+    axes[1].legend(fontsize=6, loc="upper left", ncol=2)
+    axes[2].plot(steps, [100 * row["mfu"] for row in rows], lw=1)
+    axes[2].set_ylabel("MFU (%)"), axes[2].set_ylim(bottom=0)
+    axes[3].plot(steps, [row["peak_memory_gib"] for row in rows], lw=1)
+    axes[3].set_ylabel("peak memory (GiB)"), axes[3].set_ylim(bottom=0)
+    for ax in axes:
+        ax.set_xlabel("step"), ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import shutil
 import sys
@@ -23,21 +22,18 @@ import torch
 from tqdm import tqdm
 
 from iomm.checkpointing import checkpoint as ckpt
-from iomm.checkpointing.weights import (
-    build_model,
-    load_trainable,
-    load_training_state,
-    save_training_state,
-)
-from iomm.config import Config, load_config, save_config
+from iomm.checkpointing.manager import CONFIG_FILE, CheckpointManager
+from iomm.checkpointing.weights import build_model, load_trainable
+from iomm.config import Config, save_config
+from iomm.config_checks import load_config
 from iomm.data.images import DataReport, TooMuchBadData
 from iomm.data.mixed_batches import Batch, DataPosition, MixedBatches, batch_loader, build_sources
-from iomm.generator.lora import lora_state, save_lora
+from iomm.ema import EMA
 from iomm.image_tensors import image_grid
 from iomm.model import IOMM
+from iomm.profiling import PhaseTimer
 from iomm.row_generators import sample_generators
 from iomm.training.distributed import Distributed
-from iomm.training.ema import EMA
 from iomm.training.held_out import held_out_loss
 from iomm.training.optimizers import build_optimizers, build_schedulers
 from iomm.training.parallel import SHARDED, distribute, gathered, gradient_sync, local_value, shard_groups
@@ -45,7 +41,7 @@ from iomm.training.precision import autocast, describe_precision, store_frozen_i
 from iomm.training.resume import config_changes
 from iomm.training.run_log import RunLog, plot_loss_curve, step_line
 from iomm.training.stopping import StopSignal, TrainingInterrupted, TrainingStopped
-from iomm.training.throughput import ThroughputMeter
+from iomm.training.throughput import ThroughputMeter, plot_throughput
 from iomm.typed_config import ConfigError
 
 MIN_SAMPLES_FOR_BAD_CHECK = 64
@@ -54,7 +50,7 @@ SIGNAL = "signal"  # how a stop reason from SIGTERM / Ctrl-C begins
 
 # What the trainer calls every `train.sample_every` steps, under the EMA weights, with the run's held-out
 # images: rows of (B, 3, H, W) images for the sample grid and scalar metrics for the log
-# (iomm.evaluation.reconstruction.sample_grid).
+# (iomm.evaluation.sample_grid.sample_grid).
 SampleFn = Callable[[IOMM, Config, torch.Tensor], tuple[list[torch.Tensor], dict[str, float]]]
 
 
@@ -73,7 +69,7 @@ class Trainer:
     progress: bool = True
     dist: Distributed = field(default_factory=Distributed.from_env)
     sample_fn: SampleFn | None = None
-    # Builds the model from the config; a probe can pass a subclass of IOMM (bench/oracle_arms.py).
+    # Builds the model from the config; a probe can pass a subclass of IOMM (iomm.lab.bench.probes.oracle_arms).
     model_fn: Callable[[Config], IOMM] = IOMM.from_config
 
     def __post_init__(self) -> None:
@@ -108,6 +104,7 @@ class Trainer:
             self.init = None
         torch.manual_seed(self.cfg.train.seed)  # the same initial weights on every rank and every rerun
         self.model = build_model(self.cfg, self.model_fn).to(self.device)
+        self.timer = PhaseTimer()  # off: the throughput meter and `iomm bench train-step` turn it on
         store_frozen_in_bf16(self.model, self.cfg.train.mixed_precision, self.device.type)
         if self.init is not None:
             load_trainable(self.model, ckpt.resolve_checkpoint(self.init), use_ema=False)
@@ -126,39 +123,23 @@ class Trainer:
         self.nonfinite_total = 0
         self.pending_stop: str | None = None  # why this rank must stop before the next step
         self.log = RunLog(self.run_dir, enabled=self.dist.main)
+        self.checkpoints = CheckpointManager(self.run_dir, self.cfg, self.model, self.ema, self.optimizers,
+                                             self.schedulers, self.dist, log=self._print)
 
     # ---- state -------------------------------------------------------------------------------
-    def _write_checkpoint(self, tmp: Path) -> None:
-        """Every rank writes its shards of the weights, EMA and optimizer state; rank 0 the run's state."""
-        has_optimizer = save_training_state(self.model, self.ema, self.optimizers, tmp)
-        if self.cfg.train.lora.enabled:  # the EMA adapters in diffusers' LoRA format, loadable by plain diffusers
-            with self.ema.applied():
-                adapters = lora_state(self.model.generator)
-            if self.dist.main:
-                save_lora(adapters, self.cfg.generator.kind, tmp)
-        if not self.dist.main:
-            return
-        state = {"step": self.step, "nonfinite_total": self.nonfinite_total, "data": self.report.to_dict(),
-                 "data_position": self.batches.state(self.step * self.cfg.train.grad_accum),
-                 "schedulers": [s.state_dict() for s in self.schedulers], "optimizer_state": has_optimizer,
-                 "world_size": self.dist.world, "parallel": self.cfg.train.parallel}
-        (tmp / "state.json").write_text(json.dumps(state, indent=1), encoding="utf-8")
-        save_config(self.cfg, tmp / "config.yaml")
-
     def save(self) -> Path:
         """Every rank saves its shards together (a rank that left early would end the launch)."""
-        return ckpt.save_checkpoint(self.run_dir, self.step, self._write_checkpoint, keep_last=self.cfg.train.keep_last,
-                                    keep_every=self.cfg.train.keep_every, group=self.dist)
+        return self.checkpoints.save(self.step, {
+            "nonfinite_total": self.nonfinite_total, "data": self.report.to_dict(),
+            "data_position": self.batches.state(self.step * self.cfg.train.grad_accum),
+            "world_size": self.dist.world, "parallel": self.cfg.train.parallel})
 
     def resume(self) -> bool:
-        found = ckpt.latest_checkpoint(self.run_dir, log=self._print)
+        found = self.checkpoints.latest()
         if found is None:
             return False
-        changes = config_changes(load_config(found / "config.yaml", check_paths=False), self.cfg, found)
-        state = json.loads((found / "state.json").read_text(encoding="utf-8"))
-        load_training_state(self.model, self.ema, self.optimizers, found, has_optimizer=state["optimizer_state"])
-        for scheduler, saved in zip(self.schedulers, state["schedulers"], strict=True):
-            scheduler.load_state_dict(saved)
+        changes = config_changes(load_config(found / CONFIG_FILE, check_paths=False), self.cfg, found)
+        state = self.checkpoints.load(found)
         self.step, self.nonfinite_total = state["step"], state["nonfinite_total"]
         position = state["data_position"]
         self.batches.resume_from(DataPosition(position["micro_batch"], position["images"], position["pairs"]))
@@ -195,7 +176,7 @@ class Trainer:
             with gradient_sync(self.forward, enabled=k == len(micro_batches) - 1):
                 with self._autocast():
                     loss = self.forward(images, batch.captions, generator) / len(micro_batches)
-                self.model.timer.backward(loss)
+                self.timer.backward(loss)
             total += float(loss.detach())
         return total
 
@@ -203,7 +184,7 @@ class Trainer:
         for optimizer in self.optimizers:
             optimizer.zero_grad(set_to_none=True)
         total = self.forward_backward(micro_batches)
-        with self.model.timer("optimizer_and_ema"):
+        with self.timer("optimizer_and_ema"):
             grads = [p.grad for p in self.params.values() if p.grad is not None]
             clip = self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else math.inf
             grad_norm = (float(local_value(torch.nn.utils.clip_grad_norm_(list(self.params.values()), clip)))
@@ -362,6 +343,7 @@ class Trainer:
     def _finish(self) -> None:
         if self.dist.main and (self.run_dir / "metrics.jsonl").is_file():
             plot_loss_curve(self.run_dir / "metrics.jsonl", self.run_dir / "loss.png")
+            plot_throughput(self.run_dir / "metrics.jsonl", self.run_dir / "throughput.png")
         summary = self._merged_report().summary()
         self._print(summary)
 

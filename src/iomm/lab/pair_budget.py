@@ -1,0 +1,223 @@
+"""`iomm study pair-budget`: does image-only pre-training save pairs? A learning curve over the number of
+text-image pairs N at equal compute (the same stage-1 and stage-2 steps in every arm).
+
+At each N, three arms per seed:
+
+- `pairs-only`: both stages on the N pairs (the `recipes` study's pair+pair);
+- `iomm`: the recipe's image-only stage 1, then the stage-2 mix (lambda = 0.5) on the N pairs;
+- `image+pairs`: the same stage 1, then stage 2 on the N pairs alone (mix ratio 0).
+
+The ceiling is unlimited fresh pairs (`data.pairs: world-fresh:1`). A seed draws its own N-pair subset (the
+world's pairs are drawn from `train.seed`), which every arm of that seed shares, as it shares the evaluation
+prompts and noise; the image-only stage 1 does not depend on N, so it is trained once per seed and shared by
+the image arms at every N. Comparisons are decided at the level of training runs (`seed_bootstrap`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+from iomm.evaluation.paired import NOT_DECIDED, OVERALL, t_interval
+from iomm.lab.studies import (
+    CATEGORIES,
+    FT,
+    IMAGE,
+    PAIR,
+    Arm,
+    Study,
+    arm_configs,
+    arm_dir,
+    provenance,
+    run_arms,
+    wall_time,
+)
+from iomm.lab.study_comparisons import compare_runs, format_interval
+from iomm.nano.registration import FRESH_WORLD, WORLD
+from iomm.nano.world import COMPOSITIONS
+
+BUDGETS = (128, 512, 2048)
+FRESH = "fresh"
+PAIRS_ONLY, IOMM, IMAGE_PAIRS = "pairs-only", "iomm", "image+pairs"
+METHODS = (PAIRS_ONLY, IOMM, IMAGE_PAIRS)
+FINDING_LABELS = {"b_better": "reproduced", "a_better": "contradicted", "inconclusive": "inconclusive",
+                  NOT_DECIDED: NOT_DECIDED}
+DESCRIPTION = ("learning curve over the number of text-image pairs N at equal compute: pairs-only (both stages on "
+               "the N pairs) vs IOMM (image-only stage 1, stage-2 mix at lambda 0.5 on the N pairs) vs image+pairs "
+               "(image-only stage 1, stage 2 on the N pairs alone); the ceiling is unlimited fresh pairs")
+
+
+def budget_label(n: int | None) -> str:
+    """None: unlimited fresh pairs."""
+    return FRESH if n is None else f"N={n}"
+
+
+def budget_arms(budgets: tuple[int, ...]) -> dict[str, dict[str, Arm]]:
+    """{budget label: {method: arm}}; the image arms of every budget share one stage-1 setting."""
+    out = {}
+    for n in [*budgets, None]:
+        label = budget_label(n)
+        pairs = f"data.pairs={FRESH_WORLD}:1" if n is None else f"data.pairs={WORLD}:{n}"
+        out[label] = {PAIRS_ONLY: Arm(f"{PAIRS_ONLY}@{label}", (PAIR, pairs), FT["pair"]),
+                      IOMM: Arm(f"{IOMM}@{label}", (IMAGE,), (pairs, *FT["mix"])),
+                      IMAGE_PAIRS: Arm(f"{IMAGE_PAIRS}@{label}", (IMAGE,), (pairs, *FT["pair"]))}
+    return out
+
+
+def pair_budget_study(budgets: tuple[int, ...]) -> Study:
+    arms = [arm for methods in budget_arms(budgets).values() for arm in methods.values()]
+    return Study("pair-budget", arms, DESCRIPTION, reference=arms[0].name)
+
+
+def budget_steps(budgets: tuple[int, ...], config: str, common: list[str]) -> dict[str, int]:
+    """The compute every arm gets, as the configs say it."""
+    study = pair_budget_study(budgets)
+    stage1, stage2 = arm_configs(study, study.arms[0], config, common)
+    assert stage2 is not None  # every arm of this study fine-tunes
+    return {"stage1": stage1.train.steps, "stage2": stage2.train.steps,
+            "total": stage1.train.steps + stage2.train.steps, "batch_size": stage1.train.batch_size}
+
+
+def score_summary(values: list[float]) -> dict[str, Any]:
+    """An arm's score over seeds: mean, standard deviation, 95% t-interval of the mean (None for one seed)."""
+    return {"mean": statistics.fmean(values), "sd": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "ci95": t_interval(values), "per_seed": values}
+
+
+def pairs_to_match(curve: list[tuple[int, float]], ceiling: float, target: float) -> tuple[float | None, str]:
+    """How many pairs pairs-only needs to score `target`: linear in log N between the budgets that bracket it
+    (the first crossing); a bound where the curve does not bracket it (none where even unlimited fresh pairs
+    score below it)."""
+    if target <= curve[0][1]:
+        return None, f"at most {curve[0][0]} pairs"
+    for (n_low, low), (n_high, high) in zip(curve, curve[1:]):
+        if low < target <= high:
+            fraction = (target - low) / (high - low)
+            pairs = math.exp(math.log(n_low) + fraction * (math.log(n_high) - math.log(n_low)))
+            return pairs, f"about {pairs:.0f} pairs"
+    if target <= ceiling:
+        return None, f"more than {curve[-1][0]} pairs"
+    return None, f"more pairs than exist (unlimited fresh pairs give it {ceiling:.3f})"
+
+
+def findings(scores: dict, paired: dict, budgets: tuple[int, ...]) -> list[dict[str, Any]]:
+    """One sentence per budget, labelled by the seed-level verdict of IOMM against pairs-only there; the held-out
+    compositions' scores and label beside it."""
+    pairs_only = scores[PAIRS_ONLY]
+    curve = [(n, pairs_only[budget_label(n)][OVERALL]["mean"]) for n in budgets]
+    ceiling = pairs_only[FRESH][OVERALL]["mean"]
+    out = []
+    for n in budgets:
+        label = budget_label(n)
+        iomm, base = scores[IOMM][label][OVERALL]["mean"], pairs_only[label][OVERALL]["mean"]
+        matched, phrase = pairs_to_match(curve, ceiling, iomm)
+        held = paired[label][IOMM].get(COMPOSITIONS)  # its label; the scores as the table gives them (kinds' mean)
+        compositions = None if held is None or COMPOSITIONS not in scores[IOMM][label] else {
+            "iomm": scores[IOMM][label][COMPOSITIONS]["mean"], "pairs_only": pairs_only[label][COMPOSITIONS]["mean"],
+            "label": FINDING_LABELS[held["verdict"]]}
+        out.append({"pairs": n, "iomm": iomm, "pairs_only": base, "pairs_to_match": matched,
+                    "label": FINDING_LABELS[paired[label][IOMM][OVERALL]["verdict"]], COMPOSITIONS: compositions,
+                    "sentence": f"At {n} pairs, IOMM scores {iomm:.3f} against pairs-only's {base:.3f}; "
+                                f"pairs-only needs {phrase} to match IOMM at {n}."})
+    return out
+
+
+def run_pair_budget(config: str, budgets: tuple[int, ...], seeds: int, out: Path, parallel: int, per_category: int,
+                    common: list[str], samples: int = 4, command: str = "") -> Path:
+    """Every arm at every budget and seed, the seed-level comparisons with pairs-only, the results files."""
+    out.mkdir(parents=True, exist_ok=True)
+    arms = budget_arms(budgets)
+    study = pair_budget_study(budgets)
+    resumed = (out / "pretrain").is_dir()
+    start = time.time()
+    rows = run_arms(study.name, study.arms, config, seeds, out, parallel, per_category, common, samples)
+    method_of = {arm.name: (method, label) for label, methods in arms.items() for method, arm in methods.items()}
+    for row in rows:
+        row["method"], row["budget"] = method_of[row["arm"]]
+    metrics = [m for m in CATEGORIES if all(m in row for row in rows)]
+    scores = {method: {label: {m: score_summary([r[m] for r in rows if r["arm"] == arms[label][method].name])
+                               for m in metrics} for label in arms} for method in METHODS}
+    paired = {label: {method: compare_runs(arm_dir(out, methods[PAIRS_ONLY]), arm_dir(out, methods[method]), seeds,
+                                           edit=False) for method in (IOMM, IMAGE_PAIRS)}
+              for label, methods in arms.items()}
+    record = {"command": command, **provenance(config, common), "study": study.name, "description": DESCRIPTION,
+              "config": config, "common": common, "seeds": seeds, "budgets": [*budgets, FRESH],
+              "steps": budget_steps(budgets, config, common), "per_category": per_category, "samples": samples,
+              "wall_s": time.time() - start, "resumed": resumed, "results": rows, "scores": scores,
+              "paired": paired, "findings": findings(scores, paired, budgets)}
+    (out / "results.json").write_text(json.dumps(record, indent=1), encoding="utf-8")
+    (out / "results.md").write_text(markdown_report(record), encoding="utf-8")
+    plot_learning_curve(scores, budgets, out / "learning_curve.png", record["steps"], record["seeds"])
+    return out
+
+
+def markdown_report(record: dict) -> str:
+    steps, budgets = record["steps"], list(record["scores"][PAIRS_ONLY])
+    lines = [f"# Study `{record['study']}`: {record['description']}", "",
+             f"{record['seeds']} seed{'s' if record['seeds'] > 1 else ''}; every arm {steps['stage1']} stage-1 + "
+             f"{steps['stage2']} stage-2 steps of batch {steps['batch_size']}. Machine: {record['machine']['cpu']}. "
+             f"Wall time: {wall_time(record)}.",
+             f"Command: `{record['command']}`", "",
+             *(f"- **{f['label']}**: {f['sentence']}" for f in record["findings"]),
+             *(f"- held-out compositions at {f['pairs']} pairs: IOMM {f[COMPOSITIONS]['iomm']:.3f}, pairs-only "
+               f"{f[COMPOSITIONS]['pairs_only']:.3f} ({f[COMPOSITIONS]['label']})"
+               for f in record["findings"] if f.get(COMPOSITIONS))]
+    for metric, title in ((OVERALL, "Overall score (GenEval's six tags)"),
+                          (COMPOSITIONS, "Held-out compositions (no training caption states them)")):
+        if not all(metric in record["scores"][method][label] for method in METHODS for label in budgets):
+            continue
+        lines += ["", f"{title}, mean ± standard deviation over seeds:", "",
+                  "| arm | " + " | ".join(budgets) + " |", "|---|" + "---|" * len(budgets)]
+        for method in METHODS:
+            cells = [record["scores"][method][label][metric] for label in budgets]
+            lines.append(f"| {method} | " + " | ".join(f"{c['mean']:.3f} ± {c['sd']:.3f}" for c in cells) + " |")
+    lines += ["", "Against pairs-only at the same N (arm seed s against pairs-only seed s): difference, "
+              "bootstrap interval over seeds, prompts and images, t-interval over seeds, verdict.", "",
+              "| N | arm | score | arm - pairs-only | 95% interval | t over seeds | verdict |",
+              "|---|---|---|---|---|---|---|"]
+    lines += [f"| {label} | {method} | {metric} | {s['diff']:+.3f} | {format_interval(s['ci95'])} | "
+              f"{format_interval(s['t_ci95'])} | {s['verdict']} |"
+              for label, methods in record["paired"].items() for method, result in methods.items()
+              for metric in (OVERALL, COMPOSITIONS) if metric in result for s in [result[metric]]]
+    return "\n".join(lines) + "\n"
+
+
+def plot_learning_curve(scores: dict, budgets: tuple[int, ...], out: Path, steps: dict[str, int],
+                        seeds: int) -> None:
+    """Score against N (log axis), one line per arm, the seeds' 95% t-intervals as error bars; the fresh-pairs
+    ceiling sits right of the largest N. Left: overall; right: the held-out compositions, where scored."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    xs = [*budgets, budgets[-1] * 4]
+    labels = [*map(budget_label, budgets), FRESH]
+    metrics = [m for m in (OVERALL, COMPOSITIONS) if all(m in scores[method][label] for method in METHODS
+                                                           for label in labels)]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 4), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        for method in METHODS:
+            summaries = [scores[method][label][metric] for label in labels]
+            means = [s["mean"] for s in summaries]
+            errors = [[m - s["ci95"][0] if s["ci95"] else 0.0 for m, s in zip(means, summaries)],
+                      [s["ci95"][1] - m if s["ci95"] else 0.0 for m, s in zip(means, summaries)]]
+            line = ax.errorbar(xs[:-1], means[:-1], yerr=[e[:-1] for e in errors], label=method, capsize=3,
+                               marker="o")
+            ax.errorbar(xs[-1:], means[-1:], yerr=[e[-1:] for e in errors], color=line[0].get_color(), capsize=3,
+                        marker="s")
+        ax.set_xscale("log")
+        ax.set_xticks(xs, [*map(str, budgets), "fresh"])
+        ax.minorticks_off()
+        ax.set_xlabel("text-image pairs N")
+        ax.set_ylabel("overall score" if metric == OVERALL else "held-out compositions")
+        ax.legend(fontsize=8), ax.grid(alpha=0.3)
+    bars = f"bars: 95% t-intervals over {seeds} seeds" if seeds > 1 else "one seed: no interval"
+    fig.suptitle(f"equal compute: {steps['stage1']} + {steps['stage2']} steps; {bars}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
