@@ -22,12 +22,13 @@ from iomm.quiet import quiet_libraries
 
 quiet_libraries(show_progress=False)
 from iomm.training.hardware import machine_facts  # noqa: E402 - after the filters of library import notices
-from iomm.training.throughput import plot_throughput
+from iomm.training.run_log import read_metrics  # noqa: E402
+from iomm.training.throughput import plot_throughput  # noqa: E402
 
 run, out, command = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
-plot_throughput(out / "metrics.jsonl", out / "throughput.png")
-rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"images_per_s"' in line]
-last = rows[-1]
+rows = read_metrics(out / "metrics.jsonl")
+plot_throughput(rows, out / "throughput.png")
+last = [row for row in rows if "images_per_s" in row][-1]
 config = yaml.safe_load((run / "config.yaml").read_text()) if (run / "config.yaml").is_file() else {}
 record = {"run": str(run), "command": command, "machine": machine_facts(),
           "run_threads": config.get("train", {}).get("threads"),  # the run's own (0: torch's default)

@@ -370,12 +370,15 @@ def _check_quantize(cfg: Config, source: str) -> None:
             f"pretrained={g.pretrained})")
 
 
+PATCH_KINDS = ("sd3", "zimage", "qwen_image")  # transformers that cut the latent grid into patches
+
+
 def _check_generator(g: GeneratorConfig, source: str) -> None:
     """What the generator's own fields must be; the latent grid it must divide is checked in iomm.config_checks."""
     if g.kind == "zimage":
         require(g.attention_head_dim % 16 == 0, source, "generator.attention_head_dim",
                "a multiple of 16 for kind=zimage (its three rotary axes)", g.attention_head_dim)
-    if g.kind in ("sd3", "zimage", "qwen_image"):
+    if g.kind in PATCH_KINDS:
         require(g.patch_size >= 1, source, "generator.patch_size", ">= 1", g.patch_size)
         require(g.patch_size == 2 or g.kind != "qwen_image", source, "generator.patch_size",
                 "2 for kind=qwen_image (QwenImagePipeline packs 2x2 latent patches)", g.patch_size)

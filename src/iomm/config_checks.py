@@ -11,7 +11,15 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from iomm.config import Config, GeneratorConfig, check_values, config_source, parse_config, read_config
+from iomm.config import (
+    PATCH_KINDS,
+    Config,
+    GeneratorConfig,
+    check_values,
+    config_source,
+    parse_config,
+    read_config,
+)
 from iomm.data.spec import check_data_paths, check_data_sources, check_latent_cache
 from iomm.model_files import (
     QWEN_IMAGE_DIR,
@@ -65,13 +73,19 @@ def check_config(cfg: Config, source: str, *, check_paths: bool = True) -> None:
         check_model_paths(cfg, source)
 
 
+def generator_downsampling(g: GeneratorConfig) -> tuple[int, str]:
+    """Latent cells per generator position along a side, and what sets it (in the words of config errors)."""
+    if g.kind in PATCH_KINDS:
+        return g.patch_size, "patch size"
+    return 2 ** (len(g.block_out_channels) - 1), "the U-Net's downsampling"
+
+
 def _check_latent_grid(g: GeneratorConfig, codec_factor: int, resolution: int, source: str) -> None:
     """The image splits into whole latent cells, and those into whole patches (or survive the U-Net's downsampling)."""
-    if g.kind in ("sd3", "zimage", "qwen_image"):
-        factor, why = codec_factor * g.patch_size, "the codec factor x patch size"
-    else:
-        factor, why = codec_factor * 2 ** (len(g.block_out_channels) - 1), "the codec factor x the U-Net's downsampling"
-    require(resolution % factor == 0, source, "data.resolution", f"divisible by {why} = {factor}", resolution)
+    downsampling, why = generator_downsampling(g)
+    factor = codec_factor * downsampling
+    require(resolution % factor == 0, source, "data.resolution", f"divisible by the codec factor x {why} = {factor}",
+            resolution)
 
 
 def codec_factor(cfg: Config, source: str = "<config>") -> int:

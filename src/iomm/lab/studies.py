@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from iomm.lab.study_comparisons import SHAPES_RESULTS, compare_to_reference, finding, markdown_table
 from iomm.nano.edits import CASES_PER_KIND
 from iomm.nano.world import COMPOSITIONS, GENEVAL_TAGS
+from iomm.training.run_log import read_metrics
 
 if TYPE_CHECKING:
     from iomm.config import Config
@@ -277,8 +278,7 @@ def reconstruction_curve(run_dir: Path) -> dict[int, tuple[float, float]]:
     """Step -> MSE of the stage-1 regenerations against their own originals and against other images,
     as logged with each sample grid: the gap between the two is how much the condition is followed."""
     curve = {}
-    for line in (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines():
-        row = json.loads(line)
+    for row in read_metrics(run_dir / "metrics.jsonl"):
         if all(k in row for k in CURVE_KEYS):  # a resumed run logs a step again: keep the last
             curve[int(row["step"])] = tuple(float(row[k]) for k in CURVE_KEYS)
     return curve

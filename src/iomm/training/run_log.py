@@ -6,6 +6,7 @@ import json
 import time
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -90,13 +91,18 @@ class RunLog:
             self.writer = None
 
 
-def plot_loss_curve(metrics_file: Path, out: Path) -> None:
+def read_metrics(metrics_file: Path) -> list[dict[str, Any]]:
+    """A run's metrics.jsonl, one dict per logged line, in the order they were logged."""
+    return [json.loads(line) for line in metrics_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def plot_loss_curve(rows: list[dict[str, Any]], out: Path) -> None:
+    """The loss of the `read_metrics` rows that hold one; nothing when none does."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(line) for line in metrics_file.read_text(encoding="utf-8").splitlines() if line.strip()]
     rows = [r for r in rows if "loss" in r]
     if not rows:
         return

@@ -13,10 +13,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -150,15 +149,14 @@ def peak_memory_gib() -> float:
     return peak_memory_mib() / 1024
 
 
-def plot_throughput(metrics_file: Path, out: Path) -> None:
-    """The run's log steps in four panels: images/s, the step's time split by phase (stacked), MFU and peak
-    memory; nothing when no log step holds them."""
+def plot_throughput(rows: list[dict[str, Any]], out: Path) -> None:
+    """The log steps among a run's `read_metrics` rows in four panels: images/s, the step's time split by phase
+    (stacked), MFU and peak memory; nothing when no row holds them."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(line) for line in metrics_file.read_text(encoding="utf-8").splitlines() if line.strip()]
     rows = [row for row in rows if "images_per_s" in row]
     if not rows:
         return

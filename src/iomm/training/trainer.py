@@ -39,7 +39,7 @@ from iomm.training.optimizers import build_optimizers, build_schedulers
 from iomm.training.parallel import SHARDED, distribute, gathered, gradient_sync, local_value, shard_groups
 from iomm.training.precision import autocast, describe_precision, store_frozen_in_bf16
 from iomm.training.resume import config_changes
-from iomm.training.run_log import RunLog, plot_loss_curve, step_line
+from iomm.training.run_log import RunLog, plot_loss_curve, read_metrics, step_line
 from iomm.training.stopping import StopSignal, TrainingInterrupted, TrainingStopped
 from iomm.training.throughput import ThroughputMeter, plot_throughput
 from iomm.typed_config import ConfigError
@@ -342,8 +342,9 @@ class Trainer:
 
     def _finish(self) -> None:
         if self.dist.main and (self.run_dir / "metrics.jsonl").is_file():
-            plot_loss_curve(self.run_dir / "metrics.jsonl", self.run_dir / "loss.png")
-            plot_throughput(self.run_dir / "metrics.jsonl", self.run_dir / "throughput.png")
+            rows = read_metrics(self.run_dir / "metrics.jsonl")
+            plot_loss_curve(rows, self.run_dir / "loss.png")
+            plot_throughput(rows, self.run_dir / "throughput.png")
         summary = self._merged_report().summary()
         self._print(summary)
 
