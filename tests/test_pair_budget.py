@@ -84,8 +84,9 @@ RATES = {PAIRS_ONLY: {"N=4": 0.2, "N=16": 0.4, FRESH: 0.5}, IOMM: {"N=4": 0.3, "
 
 
 def _fake_run_logged(calls: list[list[str]]):
-    """Stands in for the iomm subprocesses: an evaluation writes 6 tags x 5 prompts x 2 images whose success
-    count follows RATES, and as many held-out compositions, which IOMM gets right 0.3 more often than pairs-only."""
+    """Stands in for the iomm subprocesses: an evaluation writes 6 tags x 5 prompts x 2 images, and 30 held-out
+    compositions x 2 images whose success rate follows RATES; IOMM gets the tags right 0.3 more often than
+    pairs-only."""
 
     def run(argv: list[str], log: Path) -> None:
         calls.append(argv)
@@ -94,10 +95,12 @@ def _fake_run_logged(calls: list[list[str]]):
         model = Path(argv[argv.index("--model") + 1])
         method, budget = model.parent.parent.name.split("@")
         seed = int(model.parent.name.removeprefix("seed"))
-        hits = round(10 * (RATES[method][budget] + 0.1 * seed))
-        held = 1 + 3 * (method == IOMM) + seed
-        rows = [{"tag": tag, "prompt": f"{tag}-{p}", "correct": 2 * p + s < (held if tag == COMPOSITIONS else hits)}
-                for tag in (*GENEVAL_TAGS, COMPOSITIONS) for p in range(5) for s in range(2)]
+        held = round(10 * (RATES[method].get(budget, RATES[method][FRESH]) + 0.1 * seed))
+        hits = 1 + 3 * (method == IOMM) + seed
+        rows = [{"tag": tag, "prompt": f"{tag}-{p}", "correct": 2 * p + s < hits}
+                for tag in GENEVAL_TAGS for p in range(5) for s in range(2)]
+        rows += [{"tag": COMPOSITIONS, "prompt": f"held-{p}", "correct": (2 * p + s) % 10 < held}
+                 for p in range(30) for s in range(2)]
         Path(argv[argv.index("--results") + 1]).write_text("".join(json.dumps(r) + "\n" for r in rows))
         metrics = {tag: hits / 10 for tag in GENEVAL_TAGS}
         Path(argv[argv.index("--out") + 1]).write_text(json.dumps({**metrics, "overall": hits / 10,
@@ -126,25 +129,28 @@ def test_pair_budget_study_writes_the_learning_curve_and_its_finding(tmp_path: P
     assert record["machine"] and record["steps"]["stage1"] == 7 and record["steps"]["stage2"] == 5
     assert record["budgets"] == [4, 16, FRESH] and len(record["results"]) == 3 * 3 * 3
     assert set(record["scores"]) == {PAIRS_ONLY, IOMM, IMAGE_PAIRS}
-    overall = record["scores"][IOMM]["N=4"]["overall"]
-    assert overall["mean"] == pytest.approx(0.4) and overall["per_seed"] == pytest.approx([0.3, 0.4, 0.5])
+    held = record["scores"][IOMM]["N=4"][COMPOSITIONS]
+    assert held["mean"] == pytest.approx(0.4) and held["per_seed"] == pytest.approx([0.3, 0.4, 0.5])
     assert set(record["scores"][IOMM]["N=4"]) == {*GENEVAL_TAGS, "overall", COMPOSITIONS}
-    assert record["scores"][IOMM]["N=4"][COMPOSITIONS]["mean"] == pytest.approx(0.5)
-    iomm_vs = record["paired"]["N=4"][IOMM]["overall"]  # 0.1 better in every seed: decided over seeds
+    assert record["scores"][IOMM]["N=4"]["overall"]["mean"] == pytest.approx(0.5)
+    iomm_vs = record["paired"]["N=4"][IOMM][COMPOSITIONS]  # 0.1 better in every seed: decided over seeds
     assert iomm_vs["diff"] == pytest.approx(0.1) and iomm_vs["verdict"] == "b_better" and iomm_vs["n_seeds"] == 3
-    assert record["paired"][FRESH][IMAGE_PAIRS]["overall"]["verdict"] == "inconclusive"
-    held = record["paired"]["N=4"][IOMM][COMPOSITIONS]  # its own category, outside overall
-    assert held["diff"] == pytest.approx(0.3) and held["verdict"] == "b_better"
+    assert record["paired"][FRESH][IMAGE_PAIRS][COMPOSITIONS]["verdict"] == "inconclusive"
+    overall = record["paired"]["N=4"][IOMM]["overall"]  # beside the deciding score
+    assert overall["diff"] == pytest.approx(0.3) and overall["verdict"] == "b_better"
     first = record["findings"][0]
     assert first["label"] == "reproduced" and first["pairs_to_match"] == pytest.approx(8)
-    assert first[COMPOSITIONS] == {"iomm": pytest.approx(0.5), "pairs_only": pytest.approx(0.2), "label": "reproduced"}
-    assert first["sentence"] == ("At 4 pairs, IOMM scores 0.400 against pairs-only's 0.300; pairs-only needs "
-                                 "about 8 pairs to match IOMM at 4.")
+    assert first["overall"] == {"iomm": pytest.approx(0.5), "pairs_only": pytest.approx(0.2), "label": "reproduced"}
+    assert first["sentence"] == ("At 4 pairs, IOMM scores 0.400 on held-out compositions against pairs-only's 0.300; "
+                                 "pairs-only needs about 8 pairs to match IOMM at 4.")
+    overlap = record["caption_overlap"]  # the share of GenEval-tag prompts a seed's captions state word for word
+    assert set(overlap) == {"N=4", "N=16"} and all(len(v) == 3 and 0 <= min(v) <= max(v) <= 1 for v in overlap.values())
+    assert max(overlap["N=4"]) <= min(overlap["N=16"]) + 0.2
     assert record["findings"][1]["sentence"].endswith("needs more than 16 pairs to match IOMM at 16.")
     assert (out / "learning_curve.png").stat().st_size > 1000
     report = (out / "results.md").read_text()
     assert first["sentence"] in report and "| iomm | 0.400 ± 0.100 | 0.600 ± 0.100 | 0.600 ± 0.100 |" in report
-    assert "| iomm | 0.500 ± 0.100 | 0.500 ± 0.100 | 0.500 ± 0.100 |" in report  # the compositions' table
+    assert "| iomm | 0.500 ± 0.100 | 0.500 ± 0.100 | 0.500 ± 0.100 |" in report  # the overall table
 
 
 def test_pair_budget_refuses_bad_budgets(tmp_path: Path) -> None:
@@ -154,3 +160,29 @@ def test_pair_budget_refuses_bad_budgets(tmp_path: Path) -> None:
         main(["study", "pair-budget", "--pair-budgets", "16", "4", "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match="--stage1-steps"):
         main(["study", "pair-budget", "--stage1-steps", "0", "--out", str(tmp_path)])
+
+
+def test_a_study_resumes_from_a_seed_restored_from_its_committed_records(tmp_path: Path, monkeypatch) -> None:
+    """scripts/restore_study_records.py rebuilds seed 0 of the committed full-budget run; the study then trains only
+    seed 1 (no seed-0 pre-training) and its seed-0 scores and paired differences are the committed ones."""
+    import runpy
+
+    from iomm.cli import main
+
+    committed = Path(__file__).parents[1] / "docs" / "results" / "pair-budget-full"
+    restore = runpy.run_path(str(Path(__file__).parents[1] / "scripts" / "restore_study_records.py"))["restore"]
+    out = tmp_path / "study"
+    assert len(restore(committed, out)) == 6
+    with pytest.raises(FileExistsError, match="new run directory"):
+        restore(committed, out)
+    calls: list[list[str]] = []
+    monkeypatch.setattr(studies, "run_logged", _fake_run_logged(calls))
+    assert main(["study", "pair-budget", "--pair-budgets", "128", "--seeds", "2", "--out", str(out)]) == 0
+    assert calls and all("--set=train.seed=1" in argv for argv in calls if argv[3] != "eval")
+    assert len([argv for argv in calls if argv[3] == "pretrain"]) == 3
+    record, before = (json.loads((d / "results.json").read_text()) for d in (out, committed))
+    assert record["scores"][IOMM]["N=128"][COMPOSITIONS]["per_seed"][0] == \
+        pytest.approx(before["scores"][IOMM]["N=128"][COMPOSITIONS]["per_seed"][0])
+    assert record["paired"]["N=128"][IOMM]["overall"]["per_seed"]["seed0"] == \
+        pytest.approx(before["paired"]["N=128"][IOMM]["overall"]["per_seed"]["seed0"])
+    assert record["caption_overlap"]["N=128"][0] == pytest.approx(140 / 384)  # seed 0's 128 captions

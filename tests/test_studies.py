@@ -17,12 +17,11 @@ from iomm.lab.studies import (
     arm_commands,
     arm_configs,
     check_arms,
-    mean_curve,
     pretrain_dir,
-    reconstruction_curve,
     run_study,
     studies,
 )
+from iomm.lab.study_report import mean_curve, reconstruction_curve
 from iomm.nano.world import COMPOSITIONS, GENEVAL_TAGS
 
 
@@ -85,6 +84,55 @@ def test_tiny_study_end_to_end(tiny_mllm_dir: Path, tmp_path: Path) -> None:
     rerun = run_study(study, str(packaged_config("nano")), 1, out, parallel=2, per_category=1, common=common,
                       samples=2)
     assert json.loads((rerun / "results.json").read_text(encoding="utf-8"))["resumed"]
+
+
+def test_arms_start_as_soon_as_their_own_stage1_is_done_and_scored_arms_skip_it(tmp_path: Path, monkeypatch) -> None:
+    """Two workers, a slow stage 1 shared by two arms and a fast one: the fast one's arm runs while the slow stage 1
+    still trains, no arm starts before its stage 1 is done, never more than two jobs at once; a stage 1 whose arms
+    are all scored is not run again."""
+    import threading
+    import time
+
+    from iomm.lab import studies as module
+
+    events: list[tuple[str, str, float]] = []
+    lock, active, peak = threading.Lock(), [0], [0]
+
+    def job(name: str, seconds: float) -> None:
+        with lock:
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+            events.append(("start", name, time.monotonic()))
+        time.sleep(seconds)
+        with lock:
+            active[0] -= 1
+            events.append(("end", name, time.monotonic()))
+
+    def fake_pretrain(arm, config, common, seed, out):
+        job(f"stage1:{'+'.join(arm.pretrain)}:{seed}", 0.6 if arm.pretrain == ("slow",) else 0.05)
+        return out
+
+    def fake_arm(arm, config, common, seed, out, pretrained, per_category, samples):
+        job(f"arm:{arm.name}:{seed}", 0.05)
+        return {"overall": 0.5}
+
+    monkeypatch.setattr(module, "run_pretrain", fake_pretrain)
+    monkeypatch.setattr(module, "run_arm", fake_arm)
+    arms = [Arm("a", ("slow",)), Arm("b", ("slow",)), Arm("c", ("fast",))]
+    rows = module.run_arms("t", arms, "cfg", 1, tmp_path, 2, 4, [], 1)
+    assert [(r["arm"], r["overall"]) for r in rows] == [("a", 0.5), ("b", 0.5), ("c", 0.5)]
+    when = {(kind, name): t for kind, name, t in events}
+    assert peak[0] == 2
+    assert when[("end", "arm:c:0")] < when[("end", "stage1:slow:0")]  # pipelined, not stage 1 first for all
+    for arm, stage in (("a", "slow"), ("b", "slow"), ("c", "fast")):
+        assert when[("start", f"arm:{arm}:0")] >= when[("end", f"stage1:{stage}:0")]
+
+    events.clear()
+    for name in ("a", "b"):
+        (module.arm_dir(tmp_path, Arm(name)) / "seed0").mkdir(parents=True)
+        (module.arm_dir(tmp_path, Arm(name)) / "seed0" / "metrics.json").write_text("{}")
+    module.run_arms("t", arms, "cfg", 1, tmp_path, 2, 4, [], 1)
+    assert {name for kind, name, _ in events if name.startswith("stage1")} == {"stage1:fast:0"}
 
 
 def test_reconstruction_curve_keeps_the_last_of_a_repeated_step_and_averages_seeds(tmp_path: Path) -> None:

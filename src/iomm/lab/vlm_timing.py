@@ -21,8 +21,9 @@ from typing import Any
 
 from iomm.evaluation.paired import NOT_DECIDED, OVERALL, PairedItem, pair_records, paired_bootstrap, seed_bootstrap
 from iomm.evaluation.prompt_images import read_jsonl
-from iomm.lab.studies import arm_sets, iomm_argv, markdown_summary, plot_summary, run_logged, summarize
+from iomm.lab.studies import arm_sets, iomm_argv, run_logged
 from iomm.lab.study_comparisons import markdown_table
+from iomm.lab.study_report import markdown_summary, plot_summary, summarize
 from iomm.nano.understanding import UNDERSTANDING_RECORDS
 from iomm.training.hardware import machine_facts
 
