@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from conftest import TINY_OVERRIDES
 
-from iomm.commands.recipe import packaged_config
+from iomm.config_checks import packaged_config
 from iomm.lab.bench.probes import denoise, oracle_arms
 
 

@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from iomm.commands.recipe import packaged_config
-from iomm.config_checks import finetune_config, load_config
+from iomm.config_checks import finetune_config, load_config, packaged_config
 from iomm.lab import studies
 from iomm.lab.pair_budget import FRESH, IMAGE_PAIRS, IOMM, PAIRS_ONLY, budget_arms, pairs_to_match
 from iomm.lab.studies import arm_commands, pretrain_command, pretrain_dir

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from conftest import TINY_OVERRIDES
 
-from iomm.commands.recipe import packaged_config
 from iomm.config import ConfigError
+from iomm.config_checks import packaged_config
 from iomm.evaluation.paired import NOT_DECIDED
 from iomm.lab.studies import (
     Arm,

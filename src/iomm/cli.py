@@ -1,4 +1,9 @@
-"""The `iomm` command line: one sub-command per user task."""
+"""The `iomm` command line: one sub-command per user task.
+
+The library's commands live in `iomm.commands`; packages add their own through the `iomm.commands` entry-point group
+(each entry a `register(subparsers)`): the nano testbed adds `world`, `mllm`, `vae` and `recipe`, the lab `study`
+and `bench`. So the command line imports neither, as the rest of the library does not.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,7 @@ import argparse
 import importlib
 import os
 import sys
+from importlib.metadata import entry_points
 
 from iomm.checkpointing.checkpoint import CheckpointError
 from iomm.config import ConfigError
@@ -14,8 +20,8 @@ from iomm.quiet import quiet_libraries
 from iomm.registry import BuiltinBelowTarget
 
 # Modules under iomm.commands each add their sub-commands with `register(subparsers)`.
-COMMAND_MODULES = ("train", "data", "describe", "bench", "generate", "export", "demo", "world", "eval", "mllm",
-                   "vae", "recipe", "study")
+COMMAND_MODULES = ("train", "data", "describe", "generate", "export", "demo", "eval")
+ENTRY_POINT_GROUP = "iomm.commands"  # other packages' `register(subparsers)`
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,6 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True)
     for name in COMMAND_MODULES:
         importlib.import_module(f"iomm.commands.{name}").register(subparsers)
+    for entry_point in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
+        entry_point.load()(subparsers)
     return parser
 
 

@@ -8,6 +8,7 @@ subfolder, as diffusers lays it out (iomm.model_files).
 from __future__ import annotations
 
 import dataclasses
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,11 @@ from iomm.model_files import (
 )
 from iomm.registry import builtin_mllm, builtin_vae, registry
 from iomm.typed_config import require
+
+
+def packaged_config(name: str) -> Path:
+    """A config iomm ships (`src/iomm/configs/NAME.yaml`), e.g. `nano` for the testbed's recipe."""
+    return Path(str(resources.files("iomm") / "configs" / f"{name}.yaml"))
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None, *,

@@ -1,14 +1,22 @@
-"""`iomm eval`: the evaluation command group; each sub-command lives in its own module."""
+"""`iomm eval`: the evaluation command group; each sub-command lives in its own module.
+
+Packages add sub-commands through the `iomm.eval_commands` entry-point group (each entry a
+`register_under(commands)`): the nano testbed adds `shapes`, `edits` and `reconstruct`, which score its world."""
 
 from __future__ import annotations
 
 import argparse
+from importlib.metadata import entry_points
 
-from iomm.commands import eval_compare, eval_edits, eval_export, eval_reconstruct, eval_shapes
+from iomm.commands import eval_compare, eval_export
+
+ENTRY_POINT_GROUP = "iomm.eval_commands"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     evaluate = subparsers.add_parser("eval", help="evaluate generated images")
     commands = evaluate.add_subparsers(dest="eval_command", required=True)
-    for module in (eval_shapes, eval_edits, eval_reconstruct, eval_compare, eval_export):
+    for entry_point in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
+        entry_point.load()(commands)
+    for module in (eval_compare, eval_export):
         module.register_under(commands)

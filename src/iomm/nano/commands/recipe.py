@@ -5,17 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from iomm.config_checks import packaged_config
 
 if TYPE_CHECKING:
     from iomm.config import Config
     from iomm.registry import BuiltinModel
-
-
-def packaged_config(name: str) -> Path:
-    return Path(str(resources.files("iomm") / "configs" / f"{name}.yaml"))
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

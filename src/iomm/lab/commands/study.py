@@ -6,7 +6,7 @@ import argparse
 import shlex
 from pathlib import Path
 
-from iomm.commands.recipe import packaged_config
+from iomm.config_checks import packaged_config
 from iomm.lab.studies import studies
 
 VLM_TIMING = "vlm-timing"  # its arms are MLLMs, not recipe runs (iomm.lab.vlm_timing)
