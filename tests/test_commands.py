@@ -9,7 +9,7 @@ from transformers import Qwen2_5_VLConfig
 
 from iomm.cli import main
 from iomm.config_checks import load_config
-from iomm.describe import describe
+from iomm.footprint import describe
 from tests.conftest import TINY_OVERRIDES
 
 CONFIGS = Path(str(resources.files("iomm") / "configs"))
@@ -106,7 +106,7 @@ def test_describe_on_a_qwen25_vl_checkpoint(tmp_path, capsys):
 
 
 def test_describe_gives_the_per_gpu_memory_of_the_model_state(capsys):
-    from iomm.describe import memory_per_gpu
+    from iomm.footprint import memory_per_gpu
 
     counts = {"mllm_vision": 10**9, "mllm_language": 2 * 10**9, "vae": 0, "trainable": 2**30}
     ddp, fsdp = memory_per_gpu(counts, 8, "ddp"), memory_per_gpu(counts, 8, "fsdp")
@@ -121,7 +121,7 @@ def test_describe_gives_the_per_gpu_memory_of_the_model_state(capsys):
 
 
 def test_describe_counts_muon_state_as_muon_keeps_it_against_the_gpu_a_flag_names(capsys):
-    from iomm.describe import memory_per_gpu
+    from iomm.footprint import memory_per_gpu
 
     config = str(CONFIGS / "iomm-xl.yaml")  # Muon for the generator blocks' matrices
     counts = describe(load_config(config, check_paths=False))
@@ -169,7 +169,7 @@ def test_gpu_bench_script_checks_its_arguments_and_runs_at_a_tiny_size_on_a_cpu(
 
 
 def test_describe_flops_gives_the_paper_scale_proportions():
-    from iomm.describe import forward_flops
+    from iomm.footprint import forward_flops
 
     paper = forward_flops(load_config(CONFIGS / "iomm-b.yaml", check_paths=False))
     mini = forward_flops(load_config(CONFIGS / "bench-b-mini.yaml", check_paths=False))

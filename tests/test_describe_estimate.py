@@ -120,7 +120,7 @@ def test_describe_estimate_prints_gpu_hours_next_to_the_memory_plan(name, capsys
 
 
 def test_qwen25_vl_vision_tower_is_counted_on_the_meta_device():
-    from iomm.describe import forward_flops
+    from iomm.footprint import forward_flops
 
     forward = forward_flops(load_config(CONFIGS / "qwen-image-mix-lora.yaml", check_paths=False))
     # 504 px: 36 x 36 patches of 14 px through the 0.67B-parameter tower, about 2 FLOPs a parameter a patch

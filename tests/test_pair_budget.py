@@ -161,27 +161,31 @@ def test_pair_budget_refuses_bad_budgets(tmp_path: Path) -> None:
         main(["study", "pair-budget", "--stage1-steps", "0", "--out", str(tmp_path)])
 
 
-def test_a_study_resumes_from_a_seed_restored_from_its_committed_records(tmp_path: Path, monkeypatch) -> None:
-    """scripts/restore_study_records.py rebuilds seed 0 of the committed full-budget run; the study then trains only
-    seed 1 (no seed-0 pre-training) and its seed-0 scores and paired differences are the committed ones."""
+def test_a_study_resumes_from_the_seeds_restored_from_its_committed_records(tmp_path: Path, monkeypatch) -> None:
+    """scripts/restore_study_records.py rebuilds the committed seeds of the full-budget run; the study then trains
+    only the next seed (no pre-training for the restored ones), and the restored seeds' scores and paired
+    differences are the committed ones."""
     import runpy
 
     from iomm.cli import main
 
     committed = Path(__file__).parents[1] / "docs" / "results" / "pair-budget-full"
+    before = json.loads((committed / "results.json").read_text())
+    seeds = before["seeds"]
     restore = runpy.run_path(str(Path(__file__).parents[1] / "scripts" / "restore_study_records.py"))["restore"]
     out = tmp_path / "study"
-    assert len(restore(committed, out)) == 6
+    assert len(restore(committed, out)) == 6 * seeds
     with pytest.raises(FileExistsError, match="new run directory"):
         restore(committed, out)
     calls: list[list[str]] = []
     monkeypatch.setattr(studies, "run_logged", _fake_run_logged(calls))
-    assert main(["study", "pair-budget", "--pair-budgets", "128", "--seeds", "2", "--out", str(out)]) == 0
-    assert calls and all("--set=train.seed=1" in argv for argv in calls if argv[3] != "eval")
+    assert main(["study", "pair-budget", "--pair-budgets", "128", "--seeds", str(seeds + 1), "--out", str(out)]) == 0
+    assert calls and all(f"--set=train.seed={seeds}" in argv for argv in calls if argv[3] != "eval")
     assert len([argv for argv in calls if argv[3] == "pretrain"]) == 3
-    record, before = (json.loads((d / "results.json").read_text()) for d in (out, committed))
-    assert record["scores"][IOMM]["N=128"][COMPOSITIONS]["per_seed"][0] == \
-        pytest.approx(before["scores"][IOMM]["N=128"][COMPOSITIONS]["per_seed"][0])
-    assert record["paired"]["N=128"][IOMM]["overall"]["per_seed"]["seed0"] == \
-        pytest.approx(before["paired"]["N=128"][IOMM]["overall"]["per_seed"]["seed0"])
+    record = json.loads((out / "results.json").read_text())
+    for seed in range(seeds):
+        assert record["scores"][IOMM]["N=128"][COMPOSITIONS]["per_seed"][seed] == \
+            pytest.approx(before["scores"][IOMM]["N=128"][COMPOSITIONS]["per_seed"][seed])
+        assert record["paired"]["N=128"][IOMM]["overall"]["per_seed"][f"seed{seed}"] == \
+            pytest.approx(before["paired"]["N=128"][IOMM]["overall"]["per_seed"][f"seed{seed}"])
     assert record["caption_overlap"]["N=128"][0] == pytest.approx(140 / 384)  # seed 0's 128 captions

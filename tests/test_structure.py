@@ -14,7 +14,7 @@ PLUGINS = ("nano", "lab")
 # The top-level packages and modules of iomm, lowest first. A package imports only from lower layers; those that
 # share a layer are peers and import nothing from each other.
 LAYERS = (
-    ("typed_config", "quiet", "row_generators", "image_tensors", "profiling"),
+    ("typed_config", "quiet", "per_sample_rng", "image_tensors", "profiling"),
     ("config",),  # plain dataclasses: their values' checks, nothing that reads a file or the registry
     ("registry", "model_files", "quantize"),
     ("data", "conditioning", "generator"),
@@ -24,11 +24,11 @@ LAYERS = (
     ("training",),
     ("inference",),
     ("evaluation",),
-    ("describe", "estimate"),
+    ("footprint", "estimate"),
     ("commands",),
     ("cli", "__init__"),  # loads the testbed's and the lab's commands by entry point, importing neither
-    ("nano",),  # the testbed, with its built-ins and commands (and the random-weight models `iomm bench` times)
-    ("lab",),  # the studies, the benchmarks and the probes: above the testbed, whose runs they read
+    ("nano",),  # the testbed, with its built-ins and commands
+    ("lab",),  # the studies, the benchmarks (and the random-weight models they time) and the probes
 )
 
 

@@ -98,22 +98,25 @@ def test_arms_start_as_soon_as_their_own_stage1_is_done_and_scored_arms_skip_it(
     events: list[tuple[str, str, float]] = []
     lock, active, peak = threading.Lock(), [0], [0]
 
-    def job(name: str, seconds: float) -> None:
+    def job(name: str, work) -> None:
         with lock:
             active[0] += 1
             peak[0] = max(peak[0], active[0])
             events.append(("start", name, time.monotonic()))
-        time.sleep(seconds)
+        work()
         with lock:
             active[0] -= 1
             events.append(("end", name, time.monotonic()))
 
+    fast_arm_done = threading.Event()  # the slow stage 1 runs until the fast arm is done (or 30 s pass)
+
     def fake_pretrain(arm, config, common, seed, out):
-        job(f"stage1:{'+'.join(arm.pretrain)}:{seed}", 0.6 if arm.pretrain == ("slow",) else 0.05)
+        job(f"stage1:{'+'.join(arm.pretrain)}:{seed}", lambda: fast_arm_done.wait(30) if arm.pretrain == ("slow",)
+            else None)
         return out
 
     def fake_arm(arm, config, common, seed, out, pretrained, per_category, samples):
-        job(f"arm:{arm.name}:{seed}", 0.05)
+        job(f"arm:{arm.name}:{seed}", lambda: arm.name == "c" and fast_arm_done.set())
         return {"overall": 0.5}
 
     monkeypatch.setattr(module, "run_pretrain", fake_pretrain)
@@ -128,6 +131,7 @@ def test_arms_start_as_soon_as_their_own_stage1_is_done_and_scored_arms_skip_it(
         assert when[("start", f"arm:{arm}:0")] >= when[("end", f"stage1:{stage}:0")]
 
     events.clear()
+    fast_arm_done.set()
     for name in ("a", "b"):
         (module.arm_dir(tmp_path, Arm(name)) / "seed0").mkdir(parents=True)
         (module.arm_dir(tmp_path, Arm(name)) / "seed0" / "metrics.json").write_text("{}")

@@ -23,7 +23,7 @@ class MLLMConfig:
     # A local Hugging Face VLM checkpoint, or a built-in model (iomm.registry; "nano": trained on first use)
     path: str = "nano"
     nano_dir: str = ".cache/nano-mllm"
-    # A built-in architecture name (see iomm.describe) used by `iomm describe` when no weights are at hand.
+    # A built-in architecture name (see iomm.footprint) used by `iomm describe` when no weights are at hand.
     architecture: str | None = None
     random_init: bool = False
     trust_remote_code: bool = False

@@ -1,6 +1,6 @@
 """Time and cost of a config's training before the first GPU hour (`iomm describe --estimate`).
 
-FLOPs of one training sample: the forward FLOPs of each part (`iomm.describe.forward_flops`, counted on the meta
+FLOPs of one training sample: the forward FLOPs of each part (`iomm.footprint.forward_flops`, counted on the meta
 device) times the passes the training step runs over it. Trained parts run forward and backward to their inputs and
 weights (3 forwards); the frozen LLM, where the adapter's queries run through it, forward and backward to its inputs
 only (2; over the queries alone under the prefix cache), plus a recompute under gradient checkpointing; the vision

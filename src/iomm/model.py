@@ -24,9 +24,9 @@ from iomm.data.encoded import EncodedImages
 from iomm.generator.codec import PixelCodec, load_codec
 from iomm.generator.flow import TIMESTEP_SCALE, flow_matching_loss, output_to_velocity
 from iomm.generator.network import build_generator, generator_scheduler, run_generator
+from iomm.per_sample_rng import Generators, rand, repeat_rows, select
 from iomm.profiling import mark_gradient, phase
 from iomm.registry import BuiltinModel, builtin_mllm, builtin_vae
-from iomm.row_generators import Generators, rand, repeat_rows, select
 
 TRAINABLE = ("adapter", "connector", "generator", "token_head")
 Images = torch.Tensor | EncodedImages  # (B, 3, R, R) pixels in [0, 1], or the frozen encoders' outputs

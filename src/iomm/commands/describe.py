@@ -79,8 +79,8 @@ def _estimate_inputs(args: argparse.Namespace) -> tuple[float, str] | None:
 
 
 def _describe(args: argparse.Namespace) -> int:
-    from iomm.describe import describe, format_counts, format_flops, format_memory, forward_flops, memory_per_gpu
     from iomm.estimate import estimate, format_estimate, stage_configs
+    from iomm.footprint import describe, format_counts, format_flops, format_memory, forward_flops, memory_per_gpu
 
     if args.gpus is not None and args.gpus < 1:
         raise SystemExit(f"iomm describe: expected --gpus >= 1, got {args.gpus}")

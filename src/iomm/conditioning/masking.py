@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from iomm.row_generators import Generators, rand
+from iomm.per_sample_rng import Generators, rand
 
 
 def random_keep_mask(batch: int, num_tokens: int, ratio: float, *, min_keep: int = 1,

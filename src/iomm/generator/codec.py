@@ -12,7 +12,7 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from torch import nn
 
 from iomm.model_files import component_dir, latent_factor
-from iomm.row_generators import Generators
+from iomm.per_sample_rng import Generators
 
 
 class PixelCodec(nn.Module):

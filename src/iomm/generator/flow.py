@@ -11,7 +11,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.training_utils import compute_density_for_timestep_sampling
 
 from iomm.config import FlowConfig
-from iomm.row_generators import Generators, per_row, randn
+from iomm.per_sample_rng import Generators, per_row, randn
 
 # diffusers' flow-matching models take timesteps in [0, 1000].
 TIMESTEP_SCALE = 1000.0

@@ -39,8 +39,8 @@ from iomm.image_tensors import to_pil
 from iomm.inference.conditioner import IOMMConditioner
 from iomm.inference.sampling import sample_images
 from iomm.model import IOMM
+from iomm.per_sample_rng import Generators
 from iomm.registry import builtin_mllm, builtin_vae
-from iomm.row_generators import Generators
 
 PIPELINE_FILE = "model_index.json"
 # The module of a saved pipeline directory that diffusers' generic loader imports the pipeline class from

@@ -8,7 +8,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 from iomm.generator.flow import euler_sample, guided
 from iomm.generator.network import guidance_rescale
 from iomm.model import IOMM, Condition
-from iomm.row_generators import Generators, randn
+from iomm.per_sample_rng import Generators, randn
 
 
 def initial_noise(model: IOMM, batch: int, generator: Generators, device: torch.device | str = "cpu") -> torch.Tensor:

@@ -27,8 +27,6 @@ MAX_OBJECTS = 4
 
 
 def register(registry: Registry) -> None:
-    from iomm.nano import bench_models
-
     registry.mllms[NAME] = BuiltinModel(ensure=_ensure_mllm, architecture=_mllm_architecture, check=_check_mllm)
     registry.vaes[NAME] = BuiltinModel(ensure=_ensure_vae, architecture=_vae_architecture, check=_check_vae)
     registry.data[WORLD] = BuiltinData(images=_world_images, pairs=_world_pairs, held_out=_held_out,
@@ -37,12 +35,6 @@ def register(registry: Registry) -> None:
     registry.data[FRESH_WORLD] = BuiltinData(images=_world_images, pairs=_fresh_world_pairs, held_out=_held_out,
                                              validate=_validate_world, grid_metrics=_grid_fidelity,
                                              held_out_pairs=_held_out_pairs)
-    for name, (ensure_mllm, mllm_architecture) in bench_models.MODELS.items():  # random weights, for timing
-        registry.mllms[name] = BuiltinModel(ensure=lambda cfg, f=ensure_mllm: f(cfg.mllm.nano_dir),
-                                            architecture=lambda cfg, f=mllm_architecture: f())
-        registry.vaes[name] = BuiltinModel(
-            ensure=lambda cfg, n=name: bench_models.ensure_vae(cfg.codec.nano_dir, n, cfg.data.resolution),
-            architecture=lambda cfg, n=name: bench_models.vae_architecture(n, cfg.data.resolution))
 
 
 # ---- models ----------------------------------------------------------------------------------

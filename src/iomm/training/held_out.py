@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from iomm.data.mixed_batches import Batch
-from iomm.row_generators import sample_generators
+from iomm.per_sample_rng import sample_generators
 from iomm.training.parallel import Forward
 
 # Seeds the held-out rows' draws as if they were a step's: one no run reaches, so no training sample shares them.

@@ -31,8 +31,8 @@ from iomm.data.mixed_batches import Batch, DataPosition, MixedBatches, batch_loa
 from iomm.ema import EMA
 from iomm.image_tensors import image_grid
 from iomm.model import IOMM
+from iomm.per_sample_rng import sample_generators
 from iomm.profiling import PhaseTimer
-from iomm.row_generators import sample_generators
 from iomm.training.distributed import Distributed
 from iomm.training.held_out import held_out_loss
 from iomm.training.optimizers import build_optimizers, build_schedulers

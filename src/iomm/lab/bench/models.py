@@ -3,9 +3,8 @@
 seconds (`configs/bench-b-mini.yaml`), whose sizes keep IOMM-B's proportions of MLLM and VAE to generator FLOPs
 and of condition to latent tokens (`iomm describe --flops`; bench/README.md). Each is saved with
 `save_pretrained` in the config's `nano_dir` on first use and loaded back through the real code path; the
-tokenizer is the nano one (what it says does not matter to the step's cost). They live in the testbed, not in
-`iomm.lab.bench`: they are built from its nano MLLM and tokenizer and registered by its entry point
-(`iomm.nano.registration`).
+tokenizer is the nano one (what it says does not matter to the step's cost). The lab registers them as built-ins
+through the `iomm.builtins` entry-point group (pyproject.toml), as the testbed registers its own.
 """
 
 from __future__ import annotations
@@ -14,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from iomm.registry import BuiltinModel, Registry
 
 # The mini InternVL, as a NanoMLLMConfig: 224 px / 14 = 16 x 16 patches -> 64 LLM tokens (IOMM-B: 448 px, 256)
 MLLM = dict(resolution=224, patch_size=14, vision_width=256, vision_layers=8, vision_heads=4, text_width=512,
@@ -38,7 +39,7 @@ def ensure_mini_mllm(path: str | Path) -> Path:
 
 
 def full_mllm_architecture() -> Any:
-    from iomm.describe import internvl3_2b
+    from iomm.footprint import internvl3_2b
 
     return internvl3_2b()
 
@@ -60,7 +61,7 @@ def ensure_full_mllm(path: str | Path) -> Path:
 
 
 def vae_architecture(name: str, resolution: int) -> dict[str, Any]:
-    from iomm.describe import FLUX_VAE
+    from iomm.footprint import FLUX_VAE
 
     return {**(VAE if name == "bench-b-mini" else FLUX_VAE), "sample_size": resolution}
 
@@ -80,3 +81,12 @@ def ensure_vae(path: str | Path, name: str, resolution: int) -> Path:
 # builtin name -> the MLLM's (ensure, architecture); each name has a VAE too (`vae_architecture`)
 MODELS = {"bench-b-mini": (ensure_mini_mllm, mini_mllm_architecture),
           "bench-b": (ensure_full_mllm, full_mllm_architecture)}
+
+
+def register(registry: Registry) -> None:
+    for name, (ensure_mllm, mllm_architecture) in MODELS.items():
+        registry.mllms[name] = BuiltinModel(ensure=lambda cfg, f=ensure_mllm: f(cfg.mllm.nano_dir),
+                                            architecture=lambda cfg, f=mllm_architecture: f())
+        registry.vaes[name] = BuiltinModel(
+            ensure=lambda cfg, n=name: ensure_vae(cfg.codec.nano_dir, n, cfg.data.resolution),
+            architecture=lambda cfg, n=name: vae_architecture(n, cfg.data.resolution))

@@ -1,4 +1,5 @@
-"""Parameter counts per component, built on the meta device (no weights allocated, no files needed)."""
+"""Parameter counts, forward FLOPs and memory per GPU of a config's components (`iomm describe`), built on the meta
+device (no weights allocated, no files needed)."""
 
 from __future__ import annotations
 
