@@ -14,4 +14,6 @@ if ! command -v chromium >/dev/null 2>&1; then
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq chromium > /dev/null
 fi
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-exec .venv/bin/python -m pytest "$@"
+# Two workers (pytest-xdist): the suite's processes are single-threaded, and two beat one on a 2-core machine.
+# IOMM_TEST_WORKERS sets another number (0: one process, no workers).
+exec .venv/bin/python -m pytest -n "${IOMM_TEST_WORKERS:-2}" "$@"

@@ -6,8 +6,8 @@ import re
 import numpy as np
 import pytest
 
-from iomm.commands import world as world_command
 from iomm.image_tensors import captioned_grid
+from iomm.nano.commands import world as world_command
 from iomm.nano.prompts import eval_prompts
 from iomm.nano.world import (
     CLEAR_POSITION_THRESHOLD,

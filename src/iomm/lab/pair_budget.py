@@ -147,7 +147,7 @@ def run_pair_budget(config: str, budgets: tuple[int, ...], seeds: int, out: Path
     out.mkdir(parents=True, exist_ok=True)
     arms = budget_arms(budgets)
     study = pair_budget_study(budgets)
-    resumed = (out / "pretrain").is_dir()
+    resumed = (out / "pretrain").is_dir() or any(arm_dir(out, arm).is_dir() for arm in study.arms)
     start = time.time()
     rows = run_arms(study.name, study.arms, config, seeds, out, parallel, per_category, common, samples)
     method_of = {arm.name: (method, label) for label, methods in arms.items() for method, arm in methods.items()}
@@ -229,13 +229,17 @@ def plot_learning_curve(scores: dict, budgets: tuple[int, ...], out: Path, steps
                                marker="o")
             ax.errorbar(xs[-1:], means[-1:], yerr=[e[-1:] for e in errors], color=line[0].get_color(), capsize=3,
                         marker="s")
+            for x, summary in zip(xs, summaries):  # each training run, beside the mean
+                ax.scatter([x * 1.04] * len(summary["per_seed"]), summary["per_seed"], color=line[0].get_color(),
+                           marker="x", s=18, alpha=0.7)
         ax.set_xscale("log")
         ax.set_xticks(xs, [*map(str, budgets), "fresh"])
         ax.minorticks_off()
         ax.set_xlabel("text-image pairs N")
         ax.set_ylabel("overall score" if metric == OVERALL else "held-out compositions")
         ax.legend(fontsize=8), ax.grid(alpha=0.3)
-    bars = f"bars: 95% t-intervals over {seeds} seeds" if seeds > 1 else "one seed: no interval"
+    bars = f"bars: 95% t-intervals of the mean over {seeds} seeds; crosses: each seed" if seeds > 1 else \
+        "one seed: no interval"
     fig.suptitle(f"equal compute: {steps['stage1']} + {steps['stage2']} steps; {bars}", fontsize=10)
     fig.tight_layout()
     fig.savefig(out, dpi=100)
