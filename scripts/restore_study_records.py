@@ -15,6 +15,8 @@ import json
 import sys
 from pathlib import Path
 
+from iomm.lab.studies import Arm, arm_dir
+
 ROW_LABELS = ("arm", "seed", "method", "budget")
 
 
@@ -29,7 +31,7 @@ def restore(results_dir: Path, run_dir: Path) -> list[Path]:
         source = results_dir / "per_image" / record_name(row["arm"], row["seed"])
         if not source.is_file():
             raise FileNotFoundError(f"{source}: no per-image records for arm {row['arm']!r} seed {row['seed']}")
-        target = run_dir / row["arm"].replace("/", "_") / f"seed{row['seed']}"
+        target = arm_dir(run_dir, Arm(row["arm"])) / f"seed{row['seed']}"
         if (target / "metrics.json").is_file():
             raise FileExistsError(f"{target}/metrics.json exists: restore into a new run directory")
         target.mkdir(parents=True)

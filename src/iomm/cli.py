@@ -11,13 +11,12 @@ import argparse
 import importlib
 import os
 import sys
-from importlib.metadata import entry_points
 
 from iomm.checkpointing.checkpoint import CheckpointError
 from iomm.config import ConfigError
 from iomm.data.images import BadSource
 from iomm.quiet import quiet_libraries
-from iomm.registry import BuiltinBelowTarget
+from iomm.registry import BuiltinBelowTarget, entry_point_hooks
 
 # Modules under iomm.commands each add their sub-commands with `register(subparsers)`.
 COMMAND_MODULES = ("train", "data", "describe", "generate", "export", "demo", "eval")
@@ -30,8 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True)
     for name in COMMAND_MODULES:
         importlib.import_module(f"iomm.commands.{name}").register(subparsers)
-    for entry_point in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
-        entry_point.load()(subparsers)
+    for register in entry_point_hooks(ENTRY_POINT_GROUP):
+        register(subparsers)
     return parser
 
 

@@ -67,9 +67,15 @@ def registry() -> Registry:
     global _loaded
     if not _loaded:
         _loaded = True
-        for entry_point in entry_points(group=ENTRY_POINT_GROUP):
-            entry_point.load()(_REGISTRY)
+        for register in entry_point_hooks(ENTRY_POINT_GROUP):
+            register(_REGISTRY)
     return _REGISTRY
+
+
+def entry_point_hooks(group: str) -> list[Callable]:
+    """What every installed package names under the entry-point `group`, loaded, in name order (the same on every
+    machine): the testbed's and the lab's built-ins here, their commands in the command line."""
+    return [entry_point.load() for entry_point in sorted(entry_points(group=group), key=lambda e: e.name)]
 
 
 def builtin_mllm(name: str | None) -> BuiltinModel | None:

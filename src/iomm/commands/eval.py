@@ -6,9 +6,9 @@ Packages add sub-commands through the `iomm.eval_commands` entry-point group (ea
 from __future__ import annotations
 
 import argparse
-from importlib.metadata import entry_points
 
 from iomm.commands import eval_compare, eval_export
+from iomm.registry import entry_point_hooks
 
 ENTRY_POINT_GROUP = "iomm.eval_commands"
 
@@ -16,7 +16,7 @@ ENTRY_POINT_GROUP = "iomm.eval_commands"
 def register(subparsers: argparse._SubParsersAction) -> None:
     evaluate = subparsers.add_parser("eval", help="evaluate generated images")
     commands = evaluate.add_subparsers(dest="eval_command", required=True)
-    for entry_point in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
-        entry_point.load()(commands)
+    for register_under in entry_point_hooks(ENTRY_POINT_GROUP):
+        register_under(commands)
     for module in (eval_compare, eval_export):
         module.register_under(commands)

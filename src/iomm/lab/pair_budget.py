@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from iomm.evaluation.paired import NOT_DECIDED, OVERALL, t_interval
-from iomm.lab.studies import FT, IMAGE, PAIR, Arm, Study, arm_configs, arm_dir, provenance, run_arms
+from iomm.lab.studies import FT, IMAGE, PAIR, Arm, Study, arm_configs, arm_dir, has_runs, provenance, run_arms
 from iomm.lab.study_comparisons import compare_runs, format_interval
 from iomm.lab.study_report import CATEGORIES, wall_time
 from iomm.nano.registration import FRESH_WORLD, WORLD
@@ -147,7 +147,7 @@ def run_pair_budget(config: str, budgets: tuple[int, ...], seeds: int, out: Path
     out.mkdir(parents=True, exist_ok=True)
     arms = budget_arms(budgets)
     study = pair_budget_study(budgets)
-    resumed = (out / "pretrain").is_dir() or any(arm_dir(out, arm).is_dir() for arm in study.arms)
+    resumed = has_runs(out, study.arms)
     start = time.time()
     rows = run_arms(study.name, study.arms, config, seeds, out, parallel, per_category, common, samples)
     method_of = {arm.name: (method, label) for label, methods in arms.items() for method, arm in methods.items()}

@@ -140,6 +140,11 @@ def arm_dir(study_out: Path, arm: Arm) -> Path:
     return study_out / arm.name.replace("/", "_")
 
 
+def has_runs(study_out: Path, arms: list[Arm]) -> bool:
+    """Whether the folder holds earlier work of these arms (trained, or restored from committed records)."""
+    return (study_out / "pretrain").is_dir() or any(arm_dir(study_out, arm).is_dir() for arm in arms)
+
+
 def pretrain_command(arm: Arm, config: str, common: list[str], seed: int, out: Path) -> list[str]:
     return [*iomm_argv(), "pretrain", "--config", config, *arm_sets(common, seed, arm.pretrain),
             "--out", str(out), "--no-progress"]
@@ -269,7 +274,7 @@ def run_study(study: Study, config: str, seeds: int, out: Path, parallel: int, p
     """Every arm at every seed (`run_arms`), the seed-level comparisons with the reference, the results files."""
     out.mkdir(parents=True, exist_ok=True)
     common = [*study.common, *common]
-    resumed = (out / "pretrain").is_dir() or any(arm_dir(out, arm).is_dir() for arm in study.arms)
+    resumed = has_runs(out, study.arms)
     start = time.time()
     results = run_arms(study.name, study.arms, config, seeds, out, parallel, per_category, common, samples)
     summary = summarize(results)
