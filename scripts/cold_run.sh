@@ -6,6 +6,7 @@
 # Run it alone: another job on the same cores changes the time, not the model.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+repo=$(pwd)
 out=$(realpath -m "${1:-docs/results/nano-recipe}")
 work=$(mktemp -d /tmp/iomm-cold.XXXXXX)
 git clone -q . "$work/iomm"
@@ -13,7 +14,8 @@ commit=$(git rev-parse --short HEAD)
 start=$(date +%s)
 (cd "$work/iomm" && bash scripts/nano.sh --no-progress) 2>&1 | tee "$work/log.txt"
 wall=$(( $(date +%s) - start ))
-(cd "$work/iomm" && bash scripts/publish_nano_results.sh runs/nano "$out")
+# the figure goes to this checkout, not to the temporary clone
+(cd "$work/iomm" && bash scripts/publish_nano_results.sh runs/nano "$out" "$repo/docs/images/nano_reconstructions.png")
 cp "$work/log.txt" "$out/cold_run.log"
 "$work/iomm/.venv/bin/python" - "$out" "$wall" "$commit" <<'PY'
 import json, sys

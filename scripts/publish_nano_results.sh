@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Copy a finished nano recipe's artefacts (scores, times, understanding, loss curves, sample grids)
-# into a results folder for the docs: bash scripts/publish_nano_results.sh [RUN_DIR] [OUT_DIR]
+# into a results folder for the docs, and draw the README's figure:
+#   bash scripts/publish_nano_results.sh [RUN_DIR] [OUT_DIR] [FIGURE]   (FIGURE: docs/images/nano_reconstructions.png)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 run=${1:-runs/nano}
 out=${2:-docs/results/nano-recipe}
+figure=${3:-docs/images/nano_reconstructions.png}
 mllm=$(.venv/bin/python -c "import json,sys; print(json.load(open(sys.argv[1]))['config']['mllm']['nano_dir'])" "$run/recipe.json")
 mkdir -p "$out"
 cp "$run/recipe.json" "$out/recipe.json"
@@ -21,7 +23,7 @@ for stage in pretrain finetune; do
 done
 echo "wrote $(ls "$out" | wc -l) files to $out"
 # The README's figure: the stage-1 and stage-2 sample grids stacked, 2x, each with its title.
-.venv/bin/python - "$out" docs/images/nano_reconstructions.png <<'PY'
+.venv/bin/python - "$out" "$figure" <<'PY'
 import sys
 from pathlib import Path
 from PIL import Image, ImageDraw

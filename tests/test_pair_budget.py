@@ -10,7 +10,7 @@ import pytest
 
 from iomm.config_checks import finetune_config, load_config, packaged_config
 from iomm.lab import studies
-from iomm.lab.pair_budget import FRESH, IMAGE_PAIRS, IOMM, PAIRS_ONLY, budget_arms, pairs_to_match
+from iomm.lab.pair_budget import FRESH, IMAGE_PAIRS, IOMM, PAIRS_ONLY, budget_arms, pair_efficiency, pairs_to_match
 from iomm.lab.studies import arm_commands, pretrain_command, pretrain_dir
 from iomm.nano.world import COMPOSITIONS, GENEVAL_TAGS
 from iomm.registry import split_pairs_spec
@@ -75,6 +75,20 @@ def test_pairs_to_match_interpolates_on_log_n() -> None:
     assert pairs_to_match(curve, 0.5, 0.45) == (None, "more than 2048 pairs")
     assert pairs_to_match(curve, 0.42, 0.45) == (None, "more pairs than exist (unlimited fresh pairs give it 0.420)")
     assert pairs_to_match([(4, 0.1), (16, 0.5), (64, 0.3)], 0.6, 0.3)[0] == pytest.approx(8)  # the first crossing
+
+
+def test_pair_efficiency_is_a_geometric_mean_over_seeds_with_a_t_interval() -> None:
+    def arm(n128: float, n512: float, fresh: float) -> dict:
+        return {label: {COMPOSITIONS: {"per_seed": [value, value]}} for label, value in
+                (("N=128", n128), ("N=512", n512), (FRESH, fresh))}
+
+    scores = {PAIRS_ONLY: arm(0.2, 0.4, 0.5), IOMM: arm(0.3, 0.45, 0.5)}
+    scores[IOMM]["N=128"][COMPOSITIONS]["per_seed"] = [0.3, 0.4]  # seed 0 matched at 256 pairs, seed 1 at 512
+    result = pair_efficiency(scores, (128, 512), 128)
+    assert result["per_seed"] == pytest.approx([2, 4]) and result["ratio"] == pytest.approx(8 ** 0.5)
+    low, high = result["ci95"]
+    assert low < 2 < 4 < high and low * high == pytest.approx(8)  # symmetric on the log scale
+    assert pair_efficiency(scores, (128, 512), 512)["bounds"] == ["more than 512 pairs"] * 2
 
 
 # success rate of each method at each budget; seed s adds 0.1 s to every arm of the seed (its training draw)
@@ -146,10 +160,18 @@ def test_pair_budget_study_writes_the_learning_curve_and_its_finding(tmp_path: P
     assert set(overlap) == {"N=4", "N=16"} and all(len(v) == 3 and 0 <= min(v) <= max(v) <= 1 for v in overlap.values())
     assert max(overlap["N=4"]) <= min(overlap["N=16"]) + 0.2
     assert record["findings"][1]["sentence"].endswith("needs more than 16 pairs to match IOMM at 16.")
+    # every seed's pairs-only reaches its IOMM-at-4 score halfway (in log N) between 4 and 16 pairs: 8 pairs, 2x
+    assert first["pair_efficiency"] == {"ratio": pytest.approx(2), "ci95": pytest.approx([2, 2]),
+                                        "per_seed": pytest.approx([2, 2, 2]), "bounds": None}
+    assert record["findings"][1]["pair_efficiency"]["ratio"] is None
+    assert record["findings"][1]["pair_efficiency"]["bounds"] == ["more than 16 pairs"] * 3
     assert (out / "learning_curve.png").stat().st_size > 1000
     report = (out / "results.md").read_text()
     assert first["sentence"] in report and "| iomm | 0.400 ± 0.100 | 0.600 ± 0.100 | 0.600 ± 0.100 |" in report
     assert "| iomm | 0.500 ± 0.100 | 0.500 ± 0.100 | 0.500 ± 0.100 |" in report  # the overall table
+    row = next(line for line in report.splitlines() if line.startswith("| N=4 | iomm | compositions |"))
+    assert row.startswith("| N=4 | iomm | compositions | +0.100 | +0.100 +0.100 +0.100 |")  # each seed's difference
+    assert row.endswith("| iomm better |") and "b_better" not in report  # verdicts in words
 
 
 def test_pair_budget_refuses_bad_budgets(tmp_path: Path) -> None:

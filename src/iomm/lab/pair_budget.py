@@ -27,7 +27,7 @@ from typing import Any
 
 from iomm.evaluation.paired import NOT_DECIDED, OVERALL, t_interval
 from iomm.lab.studies import FT, IMAGE, PAIR, Arm, Study, arm_configs, arm_dir, has_runs, provenance, run_arms
-from iomm.lab.study_comparisons import compare_runs, format_interval
+from iomm.lab.study_comparisons import compare_runs, format_interval, format_per_seed, verdict_words
 from iomm.lab.study_report import CATEGORIES, wall_time
 from iomm.nano.registration import FRESH_WORLD, WORLD
 from iomm.nano.world import COMPOSITIONS, GENEVAL_TAGS
@@ -98,6 +98,22 @@ def pairs_to_match(curve: list[tuple[int, float]], ceiling: float, target: float
     return None, f"more pairs than exist (unlimited fresh pairs give it {ceiling:.3f})"
 
 
+def pair_efficiency(scores: dict, budgets: tuple[int, ...], n: int) -> dict[str, Any]:
+    """The pair-efficiency ratio at N: per seed, the pairs that pairs-only needs on its own curve to match that
+    seed's IOMM at N (`pairs_to_match`), divided by N; their geometric mean and the 95% t-interval of the log
+    ratios over seeds. While any seed's curve gives only a bound, the ratio is None and `bounds` says why."""
+    pairs_only = scores[PAIRS_ONLY]
+    matched = [pairs_to_match([(m, pairs_only[budget_label(m)][DECIDING]["per_seed"][seed]) for m in budgets],
+                              pairs_only[FRESH][DECIDING]["per_seed"][seed], target)
+               for seed, target in enumerate(scores[IOMM][budget_label(n)][DECIDING]["per_seed"])]
+    if any(pairs is None for pairs, _ in matched):
+        return {"ratio": None, "ci95": None, "per_seed": None, "bounds": [phrase for _, phrase in matched]}
+    logs = [math.log(pairs / n) for pairs, _ in matched]
+    interval = t_interval(logs)
+    return {"ratio": math.exp(statistics.fmean(logs)), "ci95": [math.exp(x) for x in interval] if interval else None,
+            "per_seed": [math.exp(x) for x in logs], "bounds": None}
+
+
 def caption_overlap(study: Study, arms: dict[str, dict[str, Arm]], budgets: tuple[int, ...], config: str,
                     common: list[str], seeds: int, per_category: int) -> dict[str, list[float]]:
     """{budget label: per seed, the share of the GenEval-tag evaluation prompts that one of the seed's N training
@@ -136,6 +152,7 @@ def findings(scores: dict, paired: dict, budgets: tuple[int, ...]) -> list[dict[
                     OVERALL: {"iomm": scores[IOMM][label][OVERALL]["mean"],
                               "pairs_only": pairs_only[label][OVERALL]["mean"],
                               "label": FINDING_LABELS[paired[label][IOMM][OVERALL]["verdict"]]},
+                    "pair_efficiency": pair_efficiency(scores, budgets, n),
                     "sentence": f"At {n} pairs, IOMM scores {iomm:.3f} on held-out compositions against pairs-only's "
                                 f"{base:.3f}; pairs-only needs {phrase} to match IOMM at {n}."})
     return out
@@ -181,6 +198,8 @@ def markdown_report(record: dict) -> str:
              "Decided on the held-out compositions, which no training caption states: a GenEval-tag prompt can be a "
              "training caption word for word, so `overall` rewards memorising a small caption set.", "",
              *(f"- **{f['label']}**: {f['sentence']}" for f in record["findings"]),
+             *(f"- pair-efficiency ratio at {f['pairs']} pairs: {efficiency_phrase(f['pair_efficiency'])}"
+               for f in record["findings"] if "pair_efficiency" in f),
              *(f"- overall at {f['pairs']} pairs: IOMM {f[OVERALL]['iomm']:.3f}, pairs-only "
                f"{f[OVERALL]['pairs_only']:.3f} ({f[OVERALL]['label']}); GenEval-tag prompts a training caption "
                f"states word for word: {' / '.join(f'{share:.2f}' for share in record['caption_overlap'][label])} "
@@ -194,15 +213,25 @@ def markdown_report(record: dict) -> str:
         for method in METHODS:
             cells = [record["scores"][method][label][metric] for label in budgets]
             lines.append(f"| {method} | " + " | ".join(f"{c['mean']:.3f} ± {c['sd']:.3f}" for c in cells) + " |")
-    lines += ["", "Against pairs-only at the same N (arm seed s against pairs-only seed s): difference, "
-              "bootstrap interval over seeds, prompts and images, t-interval over seeds, verdict.", "",
-              "| N | arm | score | arm - pairs-only | 95% interval | t over seeds | verdict |",
-              "|---|---|---|---|---|---|---|"]
-    lines += [f"| {label} | {method} | {metric} | {s['diff']:+.3f} | {format_interval(s['ci95'])} | "
-              f"{format_interval(s['t_ci95'])} | {s['verdict']} |"
+    lines += ["", "Against pairs-only at the same N (arm seed s against pairs-only seed s): difference, each seed's "
+              "difference, bootstrap interval over seeds, prompts and images, t-interval over seeds, verdict.", "",
+              "| N | arm | score | arm - pairs-only | per seed | 95% interval | t over seeds | verdict |",
+              "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {label} | {method} | {metric} | {s['diff']:+.3f} | {format_per_seed(s)} | "
+              f"{format_interval(s['ci95'])} | {format_interval(s['t_ci95'])} | "
+              f"{verdict_words(s, PAIRS_ONLY, method)} |"
               for label, methods in record["paired"].items() for method, result in methods.items()
               for metric in (COMPOSITIONS, OVERALL) if metric in result for s in [result[metric]]]
     return "\n".join(lines) + "\n"
+
+
+def efficiency_phrase(efficiency: dict[str, Any]) -> str:
+    if efficiency["ratio"] is None:
+        return "not measured: per seed, pairs-only needs " + " / ".join(efficiency["bounds"])
+    interval = efficiency["ci95"]
+    return (f"pairs-only needs {efficiency['ratio']:.2f}x the pairs (geometric mean over seeds"
+            + (f"; 95% t-interval [{interval[0]:.2f}, {interval[1]:.2f}]" if interval else "") + "; per seed "
+            + " / ".join(f"{r:.2f}" for r in efficiency["per_seed"]) + ")")
 
 
 def plot_learning_curve(scores: dict, budgets: tuple[int, ...], out: Path, steps: dict[str, int],
@@ -220,16 +249,17 @@ def plot_learning_curve(scores: dict, budgets: tuple[int, ...], out: Path, steps
                                                            for label in labels)]
     fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 4), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
-        for method in METHODS:
+        for index, method in enumerate(METHODS):
+            shifted = [x * 1.12 ** (index - 1) for x in xs]  # side by side, so overlapping bars stay readable
             summaries = [scores[method][label][metric] for label in labels]
             means = [s["mean"] for s in summaries]
             errors = [[m - s["ci95"][0] if s["ci95"] else 0.0 for m, s in zip(means, summaries)],
                       [s["ci95"][1] - m if s["ci95"] else 0.0 for m, s in zip(means, summaries)]]
-            line = ax.errorbar(xs[:-1], means[:-1], yerr=[e[:-1] for e in errors], label=method, capsize=3,
+            line = ax.errorbar(shifted[:-1], means[:-1], yerr=[e[:-1] for e in errors], label=method, capsize=3,
                                marker="o")
-            ax.errorbar(xs[-1:], means[-1:], yerr=[e[-1:] for e in errors], color=line[0].get_color(), capsize=3,
-                        marker="s")
-            for x, summary in zip(xs, summaries):  # each training run, beside the mean
+            ax.errorbar(shifted[-1:], means[-1:], yerr=[e[-1:] for e in errors], color=line[0].get_color(),
+                        capsize=3, marker="s")
+            for x, summary in zip(shifted, summaries):  # each training run, beside the mean
                 ax.scatter([x * 1.04] * len(summary["per_seed"]), summary["per_seed"], color=line[0].get_color(),
                            marker="x", s=18, alpha=0.7)
         ax.set_xscale("log")
@@ -238,7 +268,8 @@ def plot_learning_curve(scores: dict, budgets: tuple[int, ...], out: Path, steps
         ax.set_xlabel("text-image pairs N")
         ax.set_ylabel("overall score" if metric == OVERALL else "held-out compositions")
         ax.legend(fontsize=8), ax.grid(alpha=0.3)
-    bars = f"bars: 95% t-intervals of the mean over {seeds} seeds; crosses: each seed" if seeds > 1 else \
+    bars = (f"bars: 95% t-intervals of each arm's mean over {seeds} seeds; crosses: each seed\n"
+            "(a comparison is decided on the paired per-seed differences: results.md)") if seeds > 1 else \
         "one seed: no interval"
     fig.suptitle(f"equal compute: {steps['stage1']} + {steps['stage2']} steps; {bars}", fontsize=10)
     fig.tight_layout()

@@ -82,11 +82,19 @@ def markdown_table(paired: dict[str, dict[str, Any]], reference: str) -> list[st
              "|---|---|---|---|---|---|---|---|"]
     for arm, result in paired.items():
         s = result[OVERALL]
-        verdict = {"a_better": "reference better", "b_better": "arm better"}.get(s["verdict"], s["verdict"])
-        per_seed = " ".join(f"{d:+.3f}" for d in s.get("per_seed", {}).values()) or "-"
-        lines.append(f"| {arm} | {s['a']:.3f} | {s['b']:.3f} | {s['diff']:+.3f} | {per_seed} | "
-                     f"{format_interval(s['ci95'])} | {format_interval(s.get('t_ci95'))} | {verdict} |")
+        lines.append(f"| {arm} | {s['a']:.3f} | {s['b']:.3f} | {s['diff']:+.3f} | {format_per_seed(s)} | "
+                     f"{format_interval(s['ci95'])} | {format_interval(s.get('t_ci95'))} | {verdict_words(s)} |")
     return lines
+
+
+def verdict_words(summary: dict[str, Any], reference: str = "reference", arm: str = "arm") -> str:
+    """A comparison's verdict as a reader says it: which side is better, or why neither is."""
+    return {"a_better": f"{reference} better", "b_better": f"{arm} better"}.get(summary["verdict"], summary["verdict"])
+
+
+def format_per_seed(summary: dict[str, Any]) -> str:
+    """Each training run's difference, in seed order; "-" for a comparison without seeds."""
+    return " ".join(f"{d:+.3f}" for d in summary.get("per_seed", {}).values()) or "-"
 
 
 def format_interval(interval: list[float] | None) -> str:
