@@ -22,6 +22,7 @@ import json
 import math
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -98,13 +99,19 @@ def pairs_to_match(curve: list[tuple[int, float]], ceiling: float, target: float
     return None, f"more pairs than exist (unlimited fresh pairs give it {ceiling:.3f})"
 
 
+def pairs_only_curve(scores: dict, budgets: tuple[int, ...],
+                     value: Callable[[dict], float]) -> tuple[list[tuple[int, float]], float]:
+    """Pairs-only's deciding score at each budget, and its ceiling with fresh pairs, as `value` reads each from an
+    arm's score summary (the mean over seeds, or one seed's score)."""
+    pairs_only = scores[PAIRS_ONLY]
+    return [(n, value(pairs_only[budget_label(n)][DECIDING])) for n in budgets], value(pairs_only[FRESH][DECIDING])
+
+
 def pair_efficiency(scores: dict, budgets: tuple[int, ...], n: int) -> dict[str, Any]:
     """The pair-efficiency ratio at N: per seed, the pairs that pairs-only needs on its own curve to match that
     seed's IOMM at N (`pairs_to_match`), divided by N; their geometric mean and the 95% t-interval of the log
     ratios over seeds. While any seed's curve gives only a bound, the ratio is None and `bounds` says why."""
-    pairs_only = scores[PAIRS_ONLY]
-    matched = [pairs_to_match([(m, pairs_only[budget_label(m)][DECIDING]["per_seed"][seed]) for m in budgets],
-                              pairs_only[FRESH][DECIDING]["per_seed"][seed], target)
+    matched = [pairs_to_match(*pairs_only_curve(scores, budgets, lambda summary: summary["per_seed"][seed]), target)
                for seed, target in enumerate(scores[IOMM][budget_label(n)][DECIDING]["per_seed"])]
     if any(pairs is None for pairs, _ in matched):
         return {"ratio": None, "ci95": None, "per_seed": None, "bounds": [phrase for _, phrase in matched]}
@@ -140,8 +147,7 @@ def findings(scores: dict, paired: dict, budgets: tuple[int, ...]) -> list[dict[
     """One sentence per budget on the held-out compositions, labelled by the seed-level verdict of IOMM against
     pairs-only there; the overall score and its label beside it."""
     pairs_only = scores[PAIRS_ONLY]
-    curve = [(n, pairs_only[budget_label(n)][DECIDING]["mean"]) for n in budgets]
-    ceiling = pairs_only[FRESH][DECIDING]["mean"]
+    curve, ceiling = pairs_only_curve(scores, budgets, lambda summary: summary["mean"])
     out = []
     for n in budgets:
         label = budget_label(n)
