@@ -221,6 +221,8 @@ def test_score_directory_and_the_eval_command(tmp_path):
     written = json.loads((tmp_path / "m.json").read_text())
     assert written.pop("command") == f"iomm eval shapes --images={tmp_path / 'imgs'} --out={tmp_path / 'm.json'} " \
                                      f"--results={tmp_path / 'r.jsonl'}"
+    machine = written.pop("machine")  # the machine that scored it, as every result file names it
+    assert machine["cores"] >= 1 and isinstance(machine["flags"], list) and "bf16_native" in machine
     assert written == metrics
     assert len((tmp_path / "r.jsonl").read_text().splitlines()) == 2 * len(prompts)
 

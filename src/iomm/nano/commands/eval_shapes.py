@@ -12,6 +12,7 @@ from iomm.evaluation.prompt_images import write_jsonl
 from iomm.nano.prompts import eval_prompts
 from iomm.nano.scorer import judge_directory, read_prompts, score
 from iomm.nano.world import COMPOSITIONS
+from iomm.training.hardware import machine_facts
 
 
 def register_under(commands: argparse._SubParsersAction) -> None:
@@ -71,7 +72,8 @@ def run_shapes(args: argparse.Namespace) -> int:
         raise SystemExit("eval shapes: give --images DIR (images to score) or --model RUN_DIR_OR_CKPT")
     images_dir = _generate(args) if args.model is not None else args.images
     records = judge_directory(images_dir)
-    metrics = {"command": _command(args), **score((r["metadata"], r["correct"]) for r in records)}
+    metrics = {"command": _command(args), "machine": machine_facts(),
+               **score((r["metadata"], r["correct"]) for r in records)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(metrics, indent=2) + "\n")
     if args.results is not None:
