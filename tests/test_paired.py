@@ -79,6 +79,25 @@ def test_eval_compare_reads_shapes_results_and_names_a_bad_line(tmp_path, capsys
         main(["eval", "compare", str(a), str(b), "--out", str(out)])
 
 
+def test_eval_compare_pairs_files_on_the_categories_both_hold_and_says_what_it_left_out(tmp_path, capsys):
+    from iomm.cli import main
+
+    seen = [{"tag": "single_object", "prompt": f"p{i // 4}", "correct": i % 2 == 0} for i in range(32)]
+    extra = [{"tag": "compositions", "prompt": f"c{i // 4}", "correct": True} for i in range(8)]
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    a.write_text("".join(json.dumps({**r, "correct": False}) + "\n" for r in seen))
+    b.write_text("".join(json.dumps(r) + "\n" for r in seen[:16] + extra + seen[16:]))
+    out = tmp_path / "cmp.json"
+    assert main(["eval", "compare", str(a), str(b), "--n-boot", "200", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["machine"]["cpu"] and report["left_out"] == {f"{a} vs {b}": {"compositions": "only in B (8 items)"}}
+    assert set(report["results"]) == {"single_object", "overall"} and report["results"]["overall"]["diff"] == 0.5
+    assert "left out: compositions (only in B (8 items))" in capsys.readouterr().out
+    a.write_text("".join(json.dumps({**r, "tag": "counting"}) + "\n" for r in seen))
+    with pytest.raises(SystemExit, match="share no 'tag' value: counting, compositions, single_object"):
+        main(["eval", "compare", str(a), str(b), "--out", str(out)])
+
+
 def _runs(effect: float, run_sd: float, seeds: int, prompts: int = 32, samples: int = 4,
           rng_seed: int = 0) -> dict[str, list[PairedItem]]:
     """Per seed, each arm's run has its own success rate: 0.4 (+ effect for B) + an offset of sd `run_sd` drawn

@@ -203,6 +203,19 @@ def _check_lengths(a: Sequence[Any], b: Sequence[Any]) -> None:
                          "they must come from the same prompts and samples")
 
 
+def shared_categories(a: Sequence[Mapping[str, Any]], b: Sequence[Mapping[str, Any]],
+                      category: str) -> tuple[list[Mapping[str, Any]], list[Mapping[str, Any]], dict[str, str]]:
+    """The records of the categories that both lists hold, and each category left out with where it is: an
+    evaluation that scores an extra category (the nano world's held-out compositions) still pairs with one
+    that does not, on what they share."""
+    categories_a, categories_b = [{record.get(category) for record in rows} for rows in (a, b)]
+    shared = categories_a & categories_b
+    left_out = {str(name): f"only in {side} ({sum(record.get(category) == name for record in rows)} items)"
+                for side, rows, own in (("A", a, categories_a), ("B", b, categories_b))
+                for name in sorted(own - shared, key=str)}
+    return [r for r in a if r.get(category) in shared], [r for r in b if r.get(category) in shared], left_out
+
+
 def pair_records(a: Sequence[Mapping[str, Any]], b: Sequence[Mapping[str, Any]], value: str,
                  category: str | None, cluster: str | None) -> list[PairedItem]:
     """Items from two per-item result lists written in the same order by the same evaluation.
