@@ -351,3 +351,26 @@ def test_a_parquet_folder_streams_in_epochs_and_resumes_at_a_position(tiny_confi
         assert torch.equal(image, taken[p][0]) and caption == taken[p][1]
     with pytest.raises(ConfigError, match="data.streaming.*false unless data.source or data.pairs is hf"):
         tiny_config("data.streaming=true")
+
+
+def test_stage2_draws_its_own_stream_instead_of_replaying_stage1(tiny_config, tmp_path):
+    from iomm.checkpointing.checkpoint import resolve_checkpoint
+    from iomm.checkpointing.manager import checkpoint_stream
+    from iomm.config_checks import finetune_config
+    from iomm.per_sample_rng import sample_generators
+    from iomm.training.trainer import Trainer
+
+    fresh = ("data.pairs=world-fresh:1", "train.mix_ratio=0.0", "finetune.mix_ratio=0.0", "train.steps=2",
+             "finetune.steps=2")
+    stage1 = Trainer(tiny_config(*fresh), tmp_path / "pre", progress=False)
+    stage1.fit()
+    stage2 = Trainer(finetune_config(tiny_config(*fresh)), tmp_path / "ft", init=tmp_path / "pre", progress=False)
+    assert (stage1.stream, stage2.stream) == (0, 1)
+    assert stage1.batches[0].captions != stage2.batches[0].captions  # the same seed, other pairs
+    noise = [torch.randn(4, generator=sample_generators(0, 0, 0, range(1), stream)[0])
+             for stream in (stage1.stream, stage2.stream)]
+    assert not torch.equal(*noise)
+    stage2.fit()
+    assert checkpoint_stream(resolve_checkpoint(tmp_path / "ft")) == 1
+    stage3 = Trainer(finetune_config(tiny_config(*fresh)), tmp_path / "ft2", init=tmp_path / "ft", progress=False)
+    assert stage3.stream == 2 and stage3.batches[0].captions != stage2.batches[0].captions

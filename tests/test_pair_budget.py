@@ -211,3 +211,28 @@ def test_a_study_resumes_from_the_seeds_restored_from_its_committed_records(tmp_
         assert record["paired"]["N=128"][IOMM]["overall"]["per_seed"][f"seed{seed}"] == \
             pytest.approx(before["paired"]["N=128"][IOMM]["overall"]["per_seed"][f"seed{seed}"])
     assert record["caption_overlap"]["N=128"][0] == pytest.approx(140 / 384)  # seed 0's 128 captions
+
+
+def test_a_group_of_arms_at_a_time_writes_partial_comparisons_then_the_whole_study(tmp_path: Path,
+                                                                                    monkeypatch) -> None:
+    from iomm.cli import main
+
+    calls: list[list[str]] = []
+    monkeypatch.setattr(studies, "run_logged", _fake_run_logged(calls))
+    out = tmp_path / "study"
+    base = ["study", "pair-budget", "--pair-budgets", "4", "--seeds", "3", "--stage1-steps", "7", "--stage2-steps",
+            "5", "--per-category", "5", "--samples", "2", "--out", str(out)]
+    with pytest.raises(SystemExit, match="iomm@N=5: not an arm of this study"):
+        main([*base, "--arms", "iomm@N=5"])
+    assert main([*base, "--arms", "pairs-only@N=4", "iomm@N=4"]) == 0
+    assert not (out / "results.json").exists()
+    partial = json.loads((out / "partial.json").read_text())
+    assert partial["arms"] == ["iomm@N=4", "pairs-only@N=4"] and len(partial["results"]) == 2 * 3
+    assert set(partial["paired"]) == {"N=4"} and set(partial["paired"]["N=4"]) == {IOMM}
+    assert partial["paired"]["N=4"][IOMM][COMPOSITIONS]["verdict"] == "b_better" and "--arms" in partial["command"]
+    assert len([a for a in calls if a[3] == "eval"]) == 2 * 3
+    calls.clear()
+    assert main(base) == 0  # the rest: image+pairs at 4 and the three fresh arms, and pairs-only's fresh stage 1
+    assert len([a for a in calls if a[3] == "eval"]) == 4 * 3 and len([a for a in calls if a[3] == "pretrain"]) == 3
+    record = json.loads((out / "results.json").read_text())
+    assert record["paired"]["N=4"][IOMM][COMPOSITIONS] == partial["paired"]["N=4"][IOMM][COMPOSITIONS]

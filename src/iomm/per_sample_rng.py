@@ -21,9 +21,11 @@ def step_seed(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint64)[0] >> np.uint64(1))
 
 
-def sample_generators(seed: int, step: int, micro_step: int, rows: range) -> list[torch.Generator]:
-    """The generators of the samples at global indices `rows` of micro-batch `micro_step` of `step`."""
-    return [torch.Generator().manual_seed(step_seed(seed, step, micro_step, row)) for row in rows]
+def sample_generators(seed: int, step: int, micro_step: int, rows: range, stream: int = 0) -> list[torch.Generator]:
+    """The generators of the samples at global indices `rows` of micro-batch `micro_step` of `step`, in the run's
+    `stream` (a run initialised from another run's checkpoint draws its own: `MixedBatches`)."""
+    parts = (seed, step, micro_step) if stream == 0 else (seed, step, micro_step, stream)
+    return [torch.Generator().manual_seed(step_seed(*parts, row)) for row in rows]
 
 
 def _draw(fn: Callable[..., torch.Tensor], shape: Sequence[int], generator: Generators) -> torch.Tensor:

@@ -27,6 +27,13 @@ STATE_FILE = "state.json"
 CONFIG_FILE = "config.yaml"
 
 
+def checkpoint_stream(checkpoint: Path) -> int:
+    """The data and noise stream of the run that wrote `checkpoint` (0 for a run from scratch, or where its state
+    names none)."""
+    state = checkpoint / STATE_FILE
+    return int(json.loads(state.read_text(encoding="utf-8")).get("stream", 0)) if state.is_file() else 0
+
+
 class CheckpointManager:
     def __init__(self, run_dir: Path, cfg: Config, model: IOMM, ema: EMA, optimizers: list[torch.optim.Optimizer],
                  schedulers: list[Any], group: Group, log: Callable[[str], None] = print) -> None:

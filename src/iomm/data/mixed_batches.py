@@ -109,9 +109,12 @@ class MixedBatches(torch.utils.data.Dataset):
     so that a global batch, and the data position after it, are the same at any world size."""
 
     def __init__(self, images: Source, pairs: Source | None, batch_size: int, mix_ratio: float, seed: int,
-                 rank: int = 0, world: int = 1, start: DataPosition = DataPosition()):
+                 rank: int = 0, world: int = 1, start: DataPosition = DataPosition(), stream: int = 0):
         self.images, self.pairs = images, pairs
         self.batch_size, self.mix_ratio, self.seed, self.rank, self.world = batch_size, mix_ratio, seed, rank, world
+        # A run initialised from another run's checkpoint (stage 2) draws its own stream: with the same seed it
+        # would replay the first run's batches from its first step on (the same pairs, in the same order).
+        self.stream = stream
         self.start = self._cursor = start
 
     def resume_from(self, start: DataPosition) -> None:
@@ -124,7 +127,7 @@ class MixedBatches(torch.utils.data.Dataset):
 
     def _draws(self, index: int) -> tuple[np.random.Generator, np.ndarray]:
         """The global micro-batch's generator (after its draws) and which of its samples are image-only."""
-        rng = np.random.default_rng([self.seed, index, 0])
+        rng = np.random.default_rng([self.seed, index, 0] if self.stream == 0 else [self.seed, index, 0, self.stream])
         image_only = rng.random(self.batch_size * self.world) < self.mix_ratio
         return rng, image_only if self.pairs is not None else np.ones_like(image_only)
 

@@ -165,14 +165,23 @@ def findings(scores: dict, paired: dict, budgets: tuple[int, ...]) -> list[dict[
 
 
 def run_pair_budget(config: str, budgets: tuple[int, ...], seeds: int, out: Path, parallel: int, per_category: int,
-                    common: list[str], samples: int = 4, command: str = "") -> Path:
-    """Every arm at every budget and seed, the seed-level comparisons with pairs-only, the results files."""
+                    common: list[str], samples: int = 4, command: str = "", only: tuple[str, ...] = ()) -> Path:
+    """Every arm at every budget and seed, the seed-level comparisons with pairs-only, the results files (returns
+    results.json's path). With
+    `only` (arm names), those arms alone, and `partial.json` (`write_partial`) instead of the results files: a
+    study too long for one sitting is run a group of arms at a time, in one folder."""
     out.mkdir(parents=True, exist_ok=True)
     arms = budget_arms(budgets)
     study = pair_budget_study(budgets)
     resumed = has_runs(out, study.arms)
     start = time.time()
-    rows = run_arms(study.name, study.arms, config, seeds, out, parallel, per_category, common, samples)
+    selected = [arm for arm in study.arms if not only or arm.name in only]
+    rows = run_arms(study.name, selected, config, seeds, out, parallel, per_category, common, samples)
+    if len(selected) < len(study.arms):
+        return write_partial(out, arms, selected, rows, seeds, {
+            "command": command, **provenance(config, common), "study": study.name, "config": config,
+            "common": common, "seeds": seeds, "steps": budget_steps(budgets, config, common),
+            "per_category": per_category, "samples": samples, "wall_s": time.time() - start, "resumed": resumed})
     method_of = {arm.name: (method, label) for label, methods in arms.items() for method, arm in methods.items()}
     for row in rows:
         row["method"], row["budget"] = method_of[row["arm"]]
@@ -191,7 +200,30 @@ def run_pair_budget(config: str, budgets: tuple[int, ...], seeds: int, out: Path
     (out / "results.json").write_text(json.dumps(record, indent=1), encoding="utf-8")
     (out / "results.md").write_text(markdown_report(record), encoding="utf-8")
     plot_learning_curve(scores, budgets, out / "learning_curve.png", record["steps"], record["seeds"])
-    return out
+    return out / "results.json"
+
+
+def write_partial(out: Path, arms: dict[str, dict[str, Arm]], selected: list[Arm], rows: list[dict], seeds: int,
+                  record: dict[str, Any]) -> Path:
+    """`partial.json`: the scored arms' rows and, at each budget where pairs-only is among them, the seed-level
+    comparison of each other scored arm with it. No finding: that needs every arm at every budget."""
+    names = {arm.name for arm in selected}
+    paired = {label: {method: compare_runs(arm_dir(out, methods[PAIRS_ONLY]), arm_dir(out, methods[method]), seeds,
+                                           edit=False)
+                      for method in (IOMM, IMAGE_PAIRS) if methods[method].name in names}
+              for label, methods in arms.items() if methods[PAIRS_ONLY].name in names}
+    path = out / "partial.json"
+    path.write_text(json.dumps({**record, "arms": sorted(names), "results": rows, "paired": paired}, indent=1),
+                    encoding="utf-8")
+    for label, methods in paired.items():
+        for method, result in methods.items():
+            for metric in (COMPOSITIONS, OVERALL):
+                s = result[metric]
+                print(f"{label} {method} - {PAIRS_ONLY}, {metric}: {s['diff']:+.3f} (per seed {format_per_seed(s)}; "
+                      f"t {format_interval(s['t_ci95'])}): {verdict_words(s, PAIRS_ONLY, method)}")
+    print(f"{len(names)} of {sum(len(m) for m in arms.values())} arms scored: {path} (the results files come once "
+          "every arm is)")
+    return path
 
 
 def markdown_report(record: dict) -> str:

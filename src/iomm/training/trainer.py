@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from iomm.checkpointing import checkpoint as ckpt
-from iomm.checkpointing.manager import CONFIG_FILE, CheckpointManager
+from iomm.checkpointing.manager import CONFIG_FILE, CheckpointManager, checkpoint_stream
 from iomm.checkpointing.weights import build_model, load_trainable
 from iomm.config import Config, save_config
 from iomm.config_checks import load_config
@@ -95,6 +95,8 @@ class Trainer:
         sources = build_sources(self.cfg, self.report, self.run_dir, main=self.dist.main, barrier=self.dist.barrier,
                                 held_out=PANEL_SIZE)
         self.held_out, self.held_out_pairs = sources.held_out, sources.held_out_pairs
+        # Stage 2 goes on in a stream of its own: with stage 1's seed it would redraw stage 1's samples and noise.
+        self.stream = 0 if self.init is None else checkpoint_stream(ckpt.resolve_checkpoint(self.init)) + 1
         if self.cfg.train.lora.enabled and self.init is not None:  # the model the adapters adapt
             if self.cfg.train.lora.base is not None:
                 raise ConfigError("the command line", "--init", "no --init with train.lora.base set (the LoRA base)",
@@ -117,7 +119,7 @@ class Trainer:
         self.schedulers = build_schedulers(self.optimizers, t)
         self.ema = EMA(self.params, t.ema_decay)
         self.batches = MixedBatches(sources.images, sources.pairs, t.batch_size // self.dist.world, t.mix_ratio, t.seed,
-                                    self.dist.rank, self.dist.world)
+                                    self.dist.rank, self.dist.world, stream=self.stream)
         self.step = 0
         self.nonfinite_in_row = 0
         self.nonfinite_total = 0
@@ -130,7 +132,7 @@ class Trainer:
     def save(self) -> Path:
         """Every rank saves its shards together (a rank that left early would end the launch)."""
         return self.checkpoints.save(self.step, {
-            "nonfinite_total": self.nonfinite_total, "data": self.report.to_dict(),
+            "nonfinite_total": self.nonfinite_total, "data": self.report.to_dict(), "stream": self.stream,
             "data_position": self.batches.state(self.step * self.cfg.train.grad_accum),
             "world_size": self.dist.world, "parallel": self.cfg.train.parallel})
 
@@ -171,7 +173,8 @@ class Trainer:
         total = 0.0
         for k, batch in enumerate(micro_batches):
             first = self.dist.rank * len(batch.captions)  # this rank's rows of the global micro-batch
-            generator = sample_generators(self.cfg.train.seed, self.step, k, range(first, first + len(batch.captions)))
+            generator = sample_generators(self.cfg.train.seed, self.step, k, range(first, first + len(batch.captions)),
+                                          self.stream)
             images = batch.images.to(self.device, non_blocking=True)
             with gradient_sync(self.forward, enabled=k == len(micro_batches) - 1):
                 with self._autocast():

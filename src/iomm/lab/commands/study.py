@@ -37,6 +37,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="numbers of pairs, besides unlimited fresh pairs (default: 128 512 2048)")
     budget.add_argument("--stage1-steps", type=int, default=None, help="default: the config's train.steps")
     budget.add_argument("--stage2-steps", type=int, default=None, help="default: the config's finetune.steps")
+    budget.add_argument("--arms", nargs="+", default=(), metavar="ARM",
+                        help="train and score only these arms (e.g. iomm@N=128 pairs-only@fresh) and write "
+                             "partial.json; the results files come once every arm is scored in --out")
     p.set_defaults(func=_study)
 
 
@@ -102,14 +105,20 @@ def _pair_budget(args: argparse.Namespace, config: str) -> int:
     steps = [*([f"train.steps={args.stage1_steps}"] if args.stage1_steps is not None else []),
              *([f"finetune.steps={args.stage2_steps}"] if args.stage2_steps is not None else [])]
     common = [*args.overrides, *steps]
-    check_arms(pair_budget_study(budgets), config, common)  # fail before any compute
+    study = pair_budget_study(budgets)
+    unknown = sorted(set(args.arms) - {arm.name for arm in study.arms})
+    if unknown:
+        raise SystemExit(f"--arms: {', '.join(unknown)}: not an arm of this study; its arms: "
+                         f"{', '.join(arm.name for arm in study.arms)}")
+    check_arms(study, config, common)  # fail before any compute
     command = shlex.join(["iomm", "study", PAIR_BUDGET, *(["--config", args.config] if args.config else []),
                           *[f"--set={o}" for o in args.overrides], f"--seeds={args.seeds}",
                           f"--parallel={args.parallel}", f"--per-category={args.per_category}",
                           f"--samples={args.samples}", "--pair-budgets", *map(str, budgets),
                           *([f"--stage1-steps={args.stage1_steps}"] if args.stage1_steps else []),
-                          *([f"--stage2-steps={args.stage2_steps}"] if args.stage2_steps else []), f"--out={args.out}"])
-    out = run_pair_budget(config, budgets, args.seeds, Path(args.out), args.parallel, args.per_category, common,
-                          args.samples, command)
-    print(f"wrote {out}/results.json, results.md, learning_curve.png")
+                          *([f"--stage2-steps={args.stage2_steps}"] if args.stage2_steps else []),
+                          *(["--arms", *args.arms] if args.arms else []), f"--out={args.out}"])
+    written = run_pair_budget(config, budgets, args.seeds, Path(args.out), args.parallel, args.per_category, common,
+                              args.samples, command, tuple(args.arms))
+    print(f"wrote {written}" + (", results.md, learning_curve.png" if written.name == "results.json" else ""))
     return 0
