@@ -1,5 +1,6 @@
 """Paired bootstrap comparisons (iomm.evaluation.paired, `iomm eval compare`) where the answer is known."""
 
+import gzip
 import json
 
 import numpy as np
@@ -93,6 +94,10 @@ def test_eval_compare_pairs_files_on_the_categories_both_hold_and_says_what_it_l
     assert report["machine"]["cpu"] and report["left_out"] == {f"{a} vs {b}": {"compositions": "only in B (8 items)"}}
     assert set(report["results"]) == {"single_object", "overall"} and report["results"]["overall"]["diff"] == 0.5
     assert "left out: compositions (only in B (8 items))" in capsys.readouterr().out
+    packed = tmp_path / "b.jsonl.gz"  # the studies commit their per-image records gzipped
+    packed.write_bytes(gzip.compress(b.read_bytes()))
+    assert main(["eval", "compare", str(a), str(packed), "--n-boot", "200", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["results"]["overall"]["diff"] == 0.5
     a.write_text("".join(json.dumps({**r, "tag": "counting"}) + "\n" for r in seen))
     with pytest.raises(SystemExit, match="share no 'tag' value: counting, compositions, single_object"):
         main(["eval", "compare", str(a), str(b), "--out", str(out)])

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -22,12 +23,15 @@ def write_jsonl(path: str | Path, records: Iterable[Mapping[str, Any]]) -> None:
 
 
 def read_jsonl(path: str | Path) -> list[tuple[str, dict[str, Any]]]:
-    """("<file>:<line>", object) for each non-blank line; errors name the file and the line."""
+    """("<file>:<line>", object) for each non-blank line of a JSONL file, gzipped where it ends in .gz (the
+    studies' committed per-image records); errors name the file and the line."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such metadata file")
+    raw = path.read_bytes()
+    text = (gzip.decompress(raw) if path.suffix == ".gz" else raw).decode("utf-8")
     lines = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(text.splitlines(), start=1):
         if line.strip():
             source = f"{path}:{number}"
             try:
