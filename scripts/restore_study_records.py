@@ -2,7 +2,7 @@
 
     .venv/bin/python scripts/restore_study_records.py docs/results/pair-budget runs/pair-budget-full
 
-For every arm and seed in RESULTS/results.json with a per-image record file (RESULTS/per_image/NAME_seedS.jsonl.gz,
+For every arm and seed in RESULTS/results.json (or partial.json, written by `--arms`) with a per-image record file (RESULTS/per_image/NAME_seedS.jsonl.gz,
 NAME the arm with "@N=" written "_N" and "@" written "_"), it writes RUN/ARM/seedS/results.jsonl and metrics.json
 (the row's scores). `iomm study` counts such an arm as scored, skips the pre-training only it needed, and compares
 it with the arms it trains. A study's runs do not outlive the machine they ran on; its per-image records do.
@@ -25,7 +25,8 @@ def record_name(arm: str, seed: int) -> str:
 
 
 def restore(results_dir: Path, run_dir: Path) -> list[Path]:
-    record = json.loads((results_dir / "results.json").read_text(encoding="utf-8"))
+    name = "results.json" if (results_dir / "results.json").is_file() else "partial.json"  # a group of arms
+    record = json.loads((results_dir / name).read_text(encoding="utf-8"))
     restored = []
     for row in record["results"]:
         source = results_dir / "per_image" / record_name(row["arm"], row["seed"])

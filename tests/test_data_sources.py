@@ -355,7 +355,7 @@ def test_a_parquet_folder_streams_in_epochs_and_resumes_at_a_position(tiny_confi
 
 def test_stage2_draws_its_own_stream_instead_of_replaying_stage1(tiny_config, tmp_path):
     from iomm.checkpointing.checkpoint import resolve_checkpoint
-    from iomm.checkpointing.manager import checkpoint_stream
+    from iomm.checkpointing.manager import run_state
     from iomm.config_checks import finetune_config
     from iomm.per_sample_rng import sample_generators
     from iomm.training.trainer import Trainer
@@ -366,11 +366,27 @@ def test_stage2_draws_its_own_stream_instead_of_replaying_stage1(tiny_config, tm
     stage1.fit()
     stage2 = Trainer(finetune_config(tiny_config(*fresh)), tmp_path / "ft", init=tmp_path / "pre", progress=False)
     assert (stage1.stream, stage2.stream) == (0, 1)
+    assert stage2.batches.start == DataPosition(0, 0, 2 * 4)  # it goes on after stage 1's 2 steps x 4 pairs
     assert stage1.batches[0].captions != stage2.batches[0].captions  # the same seed, other pairs
     noise = [torch.randn(4, generator=sample_generators(0, 0, 0, range(1), stream)[0])
              for stream in (stage1.stream, stage2.stream)]
     assert not torch.equal(*noise)
     stage2.fit()
-    assert checkpoint_stream(resolve_checkpoint(tmp_path / "ft")) == 1
+    assert run_state(resolve_checkpoint(tmp_path / "ft"))["stream"] == 1
     stage3 = Trainer(finetune_config(tiny_config(*fresh)), tmp_path / "ft2", init=tmp_path / "ft", progress=False)
     assert stage3.stream == 2 and stage3.batches[0].captions != stage2.batches[0].captions
+
+
+def test_stage2_reads_the_items_stage1_has_not_read_yet(tiny_config, tmp_path):
+    from iomm.config_checks import finetune_config
+    from iomm.training.trainer import Trainer
+
+    folder = _images(tmp_path)
+    cfg = tiny_config("data.source=folder", f"data.path={folder}", "data.holdout=2", "train.steps=1",
+                      "finetune.steps=1", "finetune.mix_ratio=1.0")
+    stage1 = Trainer(cfg, tmp_path / "pre", progress=False)
+    first = {_fingerprint(image) for image in stage1.batches[0].images}
+    stage1.fit()
+    stage2 = Trainer(finetune_config(cfg), tmp_path / "ft", init=tmp_path / "pre", progress=False)
+    second = {_fingerprint(image) for image in stage2.batches[0].images}
+    assert len(first) == len(second) == 4 and not first & second  # the next 4 of the epoch, not its first 4 again

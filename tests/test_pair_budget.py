@@ -231,6 +231,8 @@ def test_a_group_of_arms_at_a_time_writes_partial_comparisons_then_the_whole_stu
     assert set(partial["paired"]) == {"N=4"} and set(partial["paired"]["N=4"]) == {IOMM}
     assert partial["paired"]["N=4"][IOMM][COMPOSITIONS]["verdict"] == "b_better" and "--arms" in partial["command"]
     assert len([a for a in calls if a[3] == "eval"]) == 2 * 3
+    report = (out / "partial.md").read_text()
+    assert "No finding yet" in report and "| N=4 | iomm | compositions | +0.100 | +0.100 +0.100 +0.100 |" in report
     calls.clear()
     assert main(base) == 0  # the rest: image+pairs at 4 and the three fresh arms, and pairs-only's fresh stage 1
     assert len([a for a in calls if a[3] == "eval"]) == 4 * 3 and len([a for a in calls if a[3] == "pretrain"]) == 3

@@ -27,11 +27,11 @@ STATE_FILE = "state.json"
 CONFIG_FILE = "config.yaml"
 
 
-def checkpoint_stream(checkpoint: Path) -> int:
-    """The data and noise stream of the run that wrote `checkpoint` (0 for a run from scratch, or where its state
-    names none)."""
+def run_state(checkpoint: Path) -> dict[str, Any]:
+    """The trainer's own state saved in `checkpoint` (step, counters, data position, stream); empty where the
+    checkpoint has none."""
     state = checkpoint / STATE_FILE
-    return int(json.loads(state.read_text(encoding="utf-8")).get("stream", 0)) if state.is_file() else 0
+    return json.loads(state.read_text(encoding="utf-8")) if state.is_file() else {}
 
 
 class CheckpointManager:

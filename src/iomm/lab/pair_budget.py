@@ -215,14 +215,14 @@ def write_partial(out: Path, arms: dict[str, dict[str, Arm]], selected: list[Arm
     path = out / "partial.json"
     path.write_text(json.dumps({**record, "arms": sorted(names), "results": rows, "paired": paired}, indent=1),
                     encoding="utf-8")
-    for label, methods in paired.items():
-        for method, result in methods.items():
-            for metric in (COMPOSITIONS, OVERALL):
-                s = result[metric]
-                print(f"{label} {method} - {PAIRS_ONLY}, {metric}: {s['diff']:+.3f} (per seed {format_per_seed(s)}; "
-                      f"t {format_interval(s['t_ci95'])}): {verdict_words(s, PAIRS_ONLY, method)}")
-    print(f"{len(names)} of {sum(len(m) for m in arms.values())} arms scored: {path} (the results files come once "
-          "every arm is)")
+    total = sum(len(methods) for methods in arms.values())
+    report = [f"# Study `pair-budget`, {len(names)} of its {total} arms: {', '.join(sorted(names))}", "",
+              f"{seeds} seeds; every arm {record['steps']['stage1']} stage-1 + {record['steps']['stage2']} stage-2 "
+              f"steps of batch {record['steps']['batch_size']}. Machine: {record['machine']['cpu']}.",
+              f"Command: `{record['command']}`", "", "No finding yet: it needs every arm at every budget.", "",
+              *comparison_table(paired)]
+    (out / "partial.md").write_text("\n".join(report) + "\n", encoding="utf-8")
+    print("\n".join(report))
     return path
 
 
@@ -251,16 +251,20 @@ def markdown_report(record: dict) -> str:
         for method in METHODS:
             cells = [record["scores"][method][label][metric] for label in budgets]
             lines.append(f"| {method} | " + " | ".join(f"{c['mean']:.3f} ± {c['sd']:.3f}" for c in cells) + " |")
-    lines += ["", "Against pairs-only at the same N (arm seed s against pairs-only seed s): difference, each seed's "
-              "difference, bootstrap interval over seeds, prompts and images, t-interval over seeds, verdict.", "",
-              "| N | arm | score | arm - pairs-only | per seed | 95% interval | t over seeds | verdict |",
-              "|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {label} | {method} | {metric} | {s['diff']:+.3f} | {format_per_seed(s)} | "
+    return "\n".join([*lines, "", *comparison_table(record["paired"])]) + "\n"
+
+
+def comparison_table(paired: dict) -> list[str]:
+    """The seed-level comparisons with pairs-only, a row per budget, arm and score (Markdown)."""
+    return ["Against pairs-only at the same N (arm seed s against pairs-only seed s): difference, each seed's "
+            "difference, bootstrap interval over seeds, prompts and images, t-interval over seeds, verdict.", "",
+            "| N | arm | score | arm - pairs-only | per seed | 95% interval | t over seeds | verdict |",
+            "|---|---|---|---|---|---|---|---|",
+            *(f"| {label} | {method} | {metric} | {s['diff']:+.3f} | {format_per_seed(s)} | "
               f"{format_interval(s['ci95'])} | {format_interval(s['t_ci95'])} | "
               f"{verdict_words(s, PAIRS_ONLY, method)} |"
-              for label, methods in record["paired"].items() for method, result in methods.items()
-              for metric in (COMPOSITIONS, OVERALL) if metric in result for s in [result[metric]]]
-    return "\n".join(lines) + "\n"
+              for label, methods in paired.items() for method, result in methods.items()
+              for metric in (COMPOSITIONS, OVERALL) if metric in result for s in [result[metric]])]
 
 
 def efficiency_phrase(efficiency: dict[str, Any]) -> str:

@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from iomm.checkpointing import checkpoint as ckpt
-from iomm.checkpointing.manager import CONFIG_FILE, CheckpointManager, checkpoint_stream
+from iomm.checkpointing.manager import CONFIG_FILE, CheckpointManager, run_state
 from iomm.checkpointing.weights import build_model, load_trainable
 from iomm.config import Config, save_config
 from iomm.config_checks import load_config
@@ -95,8 +95,7 @@ class Trainer:
         sources = build_sources(self.cfg, self.report, self.run_dir, main=self.dist.main, barrier=self.dist.barrier,
                                 held_out=PANEL_SIZE)
         self.held_out, self.held_out_pairs = sources.held_out, sources.held_out_pairs
-        # Stage 2 goes on in a stream of its own: with stage 1's seed it would redraw stage 1's samples and noise.
-        self.stream = 0 if self.init is None else checkpoint_stream(ckpt.resolve_checkpoint(self.init)) + 1
+        start = self._continue_from()
         if self.cfg.train.lora.enabled and self.init is not None:  # the model the adapters adapt
             if self.cfg.train.lora.base is not None:
                 raise ConfigError("the command line", "--init", "no --init with train.lora.base set (the LoRA base)",
@@ -119,7 +118,7 @@ class Trainer:
         self.schedulers = build_schedulers(self.optimizers, t)
         self.ema = EMA(self.params, t.ema_decay)
         self.batches = MixedBatches(sources.images, sources.pairs, t.batch_size // self.dist.world, t.mix_ratio, t.seed,
-                                    self.dist.rank, self.dist.world, stream=self.stream)
+                                    self.dist.rank, self.dist.world, start, self.stream)
         self.step = 0
         self.nonfinite_in_row = 0
         self.nonfinite_total = 0
@@ -127,6 +126,21 @@ class Trainer:
         self.log = RunLog(self.run_dir, enabled=self.dist.main)
         self.checkpoints = CheckpointManager(self.run_dir, self.cfg, self.model, self.ema, self.optimizers,
                                              self.schedulers, self.dist, log=self._print)
+
+    def _continue_from(self) -> DataPosition:
+        """A run started from another run's weights (stage 2: `init`, or the LoRA base) goes on where that run
+        stopped: the next positions of the image and pair streams (a finite set's unseen items first), and a random
+        stream of its own (`self.stream`). With the same seed and stream it would replay that run's batches, noise
+        and masks from step 0."""
+        t = self.cfg.train
+        origin = self.init if self.init is not None else (t.lora.base if t.lora.enabled else None)
+        if origin is None:
+            self.stream = 0
+            return DataPosition()
+        before = run_state(ckpt.resolve_checkpoint(origin))
+        self.stream = int(before.get("stream", 0)) + 1
+        position = before.get("data_position", {})
+        return DataPosition(0, int(position.get("images", 0)), int(position.get("pairs", 0)))
 
     # ---- state -------------------------------------------------------------------------------
     def save(self) -> Path:
