@@ -1,6 +1,6 @@
 """Restore a study's scored runs from its committed result files, so that `iomm study` resumes from them.
 
-    .venv/bin/python scripts/restore_study_records.py docs/results/pair-budget runs/pair-budget-full
+    .venv/bin/python scripts/restore_study_records.py docs/results/pair-budget runs/pair-budget
 
 For every arm and seed in RESULTS/results.json (or partial.json, written by `--arms`) with a per-image record file (RESULTS/per_image/NAME_seedS.jsonl.gz,
 NAME the arm with "@N=" written "_N" and "@" written "_"), it writes RUN/ARM/seedS/results.jsonl and metrics.json

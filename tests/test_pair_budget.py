@@ -191,7 +191,7 @@ def test_a_study_resumes_from_the_seeds_restored_from_its_committed_records(tmp_
 
     from iomm.cli import main
 
-    committed = Path(__file__).parents[1] / "docs" / "results" / "pair-budget"
+    committed = Path(__file__).parents[1] / "docs" / "results" / "pair-budget-replay"
     before = json.loads((committed / "results.json").read_text())
     seeds = before["seeds"]
     restore = runpy.run_path(str(Path(__file__).parents[1] / "scripts" / "restore_study_records.py"))["restore"]
