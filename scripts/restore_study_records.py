@@ -2,10 +2,11 @@
 
     .venv/bin/python scripts/restore_study_records.py docs/results/pair-budget runs/pair-budget
 
-For every arm and seed in RESULTS/results.json (or partial.json, written by `--arms`) with a per-image record file (RESULTS/per_image/NAME_seedS.jsonl.gz,
-NAME the arm with "@N=" written "_N" and "@" written "_"), it writes RUN/ARM/seedS/results.jsonl and metrics.json
-(the row's scores). `iomm study` counts such an arm as scored, skips the pre-training only it needed, and compares
-it with the arms it trains. A study's runs do not outlive the machine they ran on; its per-image records do.
+For every arm and seed in RESULTS/results.json (or partial.json, written by `--arms`) with a per-image record file
+(RESULTS/per_image/NAME_seedS.jsonl.gz, NAME the arm with "@N=" written "_N" and "@" written "_"), it writes
+RUN/ARM/seedS/results.jsonl and metrics.json (the row's scores). `iomm study` counts such an arm as scored, skips
+the pre-training only it needed, and compares it with the arms it trains. A study's runs do not outlive the machine
+they ran on; its per-image records do.
 """
 
 from __future__ import annotations

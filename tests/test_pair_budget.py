@@ -238,3 +238,27 @@ def test_a_group_of_arms_at_a_time_writes_partial_comparisons_then_the_whole_stu
     assert len([a for a in calls if a[3] == "eval"]) == 4 * 3 and len([a for a in calls if a[3] == "pretrain"]) == 3
     record = json.loads((out / "results.json").read_text())
     assert record["paired"]["N=4"][IOMM][COMPOSITIONS] == partial["paired"]["N=4"][IOMM][COMPOSITIONS]
+
+
+def test_the_committed_arms_of_the_study_restore_and_only_the_fresh_arms_train_next(tmp_path: Path,
+                                                                                     monkeypatch) -> None:
+    """docs/results/pair-budget/ holds the N = 128 arms (partial.json, written by --arms); restored, the study
+    without --arms trains only the fresh-pairs arms and their stage 1s, and keeps the committed comparisons."""
+    import runpy
+
+    from iomm.cli import main
+
+    committed = Path(__file__).parents[1] / "docs" / "results" / "pair-budget"
+    before = json.loads((committed / "partial.json").read_text())
+    restore = runpy.run_path(str(Path(__file__).parents[1] / "scripts" / "restore_study_records.py"))["restore"]
+    out = tmp_path / "study"
+    assert len(restore(committed, out)) == 3 * before["seeds"]
+    calls: list[list[str]] = []
+    monkeypatch.setattr(studies, "run_logged", _fake_run_logged(calls))
+    assert main(["study", "pair-budget", "--pair-budgets", "128", "--seeds", "3", "--out", str(out)]) == 0
+    evals = [argv[argv.index("--model") + 1] for argv in calls if argv[3] == "eval"]
+    assert len(evals) == 3 * 3 and all("@fresh" in model for model in evals)
+    assert len([argv for argv in calls if argv[3] == "pretrain"]) == 2 * 3  # image-only and pairs-only on fresh
+    record = json.loads((out / "results.json").read_text())
+    assert record["paired"]["N=128"][IOMM][COMPOSITIONS]["per_seed"] == \
+        pytest.approx(before["paired"]["N=128"][IOMM][COMPOSITIONS]["per_seed"])
