@@ -21,10 +21,16 @@ def step_seed(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint64)[0] >> np.uint64(1))
 
 
+def in_stream(parts: tuple[int, ...], stream: int) -> tuple[int, ...]:
+    """The seed parts of a draw in a run's `stream`: a run started from another run's weights draws its own
+    (the trainer's `_continue_from`); stream 0 keeps the parts as they were, so stage 1 draws as it always did."""
+    return parts if stream == 0 else (*parts, stream)
+
+
 def sample_generators(seed: int, step: int, micro_step: int, rows: range, stream: int = 0) -> list[torch.Generator]:
     """The generators of the samples at global indices `rows` of micro-batch `micro_step` of `step`, in the run's
-    `stream` (a run initialised from another run's checkpoint draws its own: `MixedBatches`)."""
-    parts = (seed, step, micro_step) if stream == 0 else (seed, step, micro_step, stream)
+    `stream` (`in_stream`)."""
+    parts = in_stream((seed, step, micro_step), stream)
     return [torch.Generator().manual_seed(step_seed(*parts, row)) for row in rows]
 
 

@@ -26,6 +26,7 @@ from iomm.data.images import BadSample, DataReport, TooMuchBadData, load_image
 from iomm.data.pairs import read_pairs
 from iomm.data.shards import ShardItems, expand_shards, shard_index
 from iomm.data.spec import CACHED_IMAGES, CACHED_PAIRS, FileSpec, pair_spec
+from iomm.per_sample_rng import in_stream
 from iomm.registry import builtin_data
 
 MAX_RETRIES = 16
@@ -112,9 +113,7 @@ class MixedBatches(torch.utils.data.Dataset):
                  rank: int = 0, world: int = 1, start: DataPosition = DataPosition(), stream: int = 0):
         self.images, self.pairs = images, pairs
         self.batch_size, self.mix_ratio, self.seed, self.rank, self.world = batch_size, mix_ratio, seed, rank, world
-        # A run initialised from another run's checkpoint (stage 2) draws its own stream: with the same seed it
-        # would replay the first run's batches from its first step on (the same pairs, in the same order).
-        self.stream = stream
+        self.stream = stream  # the run's own stream (`in_stream`): stage 2 does not replay stage 1's batches
         self.start = self._cursor = start
 
     def resume_from(self, start: DataPosition) -> None:
@@ -127,7 +126,7 @@ class MixedBatches(torch.utils.data.Dataset):
 
     def _draws(self, index: int) -> tuple[np.random.Generator, np.ndarray]:
         """The global micro-batch's generator (after its draws) and which of its samples are image-only."""
-        rng = np.random.default_rng([self.seed, index, 0] if self.stream == 0 else [self.seed, index, 0, self.stream])
+        rng = np.random.default_rng(list(in_stream((self.seed, index, 0), self.stream)))
         image_only = rng.random(self.batch_size * self.world) < self.mix_ratio
         return rng, image_only if self.pairs is not None else np.ones_like(image_only)
 

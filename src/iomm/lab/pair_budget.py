@@ -167,9 +167,8 @@ def findings(scores: dict, paired: dict, budgets: tuple[int, ...]) -> list[dict[
 def run_pair_budget(config: str, budgets: tuple[int, ...], seeds: int, out: Path, parallel: int, per_category: int,
                     common: list[str], samples: int = 4, command: str = "", only: tuple[str, ...] = ()) -> Path:
     """Every arm at every budget and seed, the seed-level comparisons with pairs-only, the results files (returns
-    results.json's path). With
-    `only` (arm names), those arms alone, and `partial.json` (`write_partial`) instead of the results files: a
-    study too long for one sitting is run a group of arms at a time, in one folder."""
+    results.json's path). With `only` (arm names), those arms alone, and `partial.json` (`write_partial`) instead
+    of the results files: a study too long for one sitting is run a group of arms at a time, in one folder."""
     out.mkdir(parents=True, exist_ok=True)
     arms = budget_arms(budgets)
     study = pair_budget_study(budgets)
@@ -188,9 +187,7 @@ def run_pair_budget(config: str, budgets: tuple[int, ...], seeds: int, out: Path
     metrics = [m for m in CATEGORIES if all(m in row for row in rows)]
     scores = {method: {label: {m: score_summary([r[m] for r in rows if r["arm"] == arms[label][method].name])
                                for m in metrics} for label in arms} for method in METHODS}
-    paired = {label: {method: compare_runs(arm_dir(out, methods[PAIRS_ONLY]), arm_dir(out, methods[method]), seeds,
-                                           edit=False) for method in (IOMM, IMAGE_PAIRS)}
-              for label, methods in arms.items()}
+    paired = compare_with_pairs_only(out, arms, seeds, set(method_of))
     record = {"command": command, **provenance(config, common), "study": study.name, "description": DESCRIPTION,
               "config": config, "common": common, "seeds": seeds, "budgets": [*budgets, FRESH],
               "steps": budget_steps(budgets, config, common), "per_category": per_category, "samples": samples,
@@ -203,15 +200,22 @@ def run_pair_budget(config: str, budgets: tuple[int, ...], seeds: int, out: Path
     return out / "results.json"
 
 
+def compare_with_pairs_only(out: Path, arms: dict[str, dict[str, Arm]], seeds: int,
+                            scored: set[str]) -> dict[str, dict[str, Any]]:
+    """{budget label: {method: seed-level result of that arm against pairs-only}}, at each budget where pairs-only
+    is among the `scored` arms, for each other scored arm there."""
+    return {label: {method: compare_runs(arm_dir(out, methods[PAIRS_ONLY]), arm_dir(out, methods[method]), seeds,
+                                         edit=False)
+                    for method in (IOMM, IMAGE_PAIRS) if methods[method].name in scored}
+            for label, methods in arms.items() if methods[PAIRS_ONLY].name in scored}
+
+
 def write_partial(out: Path, arms: dict[str, dict[str, Arm]], selected: list[Arm], rows: list[dict], seeds: int,
                   record: dict[str, Any]) -> Path:
     """`partial.json`: the scored arms' rows and, at each budget where pairs-only is among them, the seed-level
     comparison of each other scored arm with it. No finding: that needs every arm at every budget."""
     names = {arm.name for arm in selected}
-    paired = {label: {method: compare_runs(arm_dir(out, methods[PAIRS_ONLY]), arm_dir(out, methods[method]), seeds,
-                                           edit=False)
-                      for method in (IOMM, IMAGE_PAIRS) if methods[method].name in names}
-              for label, methods in arms.items() if methods[PAIRS_ONLY].name in names}
+    paired = compare_with_pairs_only(out, arms, seeds, names)
     path = out / "partial.json"
     path.write_text(json.dumps({**record, "arms": sorted(names), "results": rows, "paired": paired}, indent=1),
                     encoding="utf-8")

@@ -95,7 +95,7 @@ class Trainer:
         sources = build_sources(self.cfg, self.report, self.run_dir, main=self.dist.main, barrier=self.dist.barrier,
                                 held_out=PANEL_SIZE)
         self.held_out, self.held_out_pairs = sources.held_out, sources.held_out_pairs
-        start = self._continue_from()
+        start, self.stream = self._continue_from()
         if self.cfg.train.lora.enabled and self.init is not None:  # the model the adapters adapt
             if self.cfg.train.lora.base is not None:
                 raise ConfigError("the command line", "--init", "no --init with train.lora.base set (the LoRA base)",
@@ -127,20 +127,19 @@ class Trainer:
         self.checkpoints = CheckpointManager(self.run_dir, self.cfg, self.model, self.ema, self.optimizers,
                                              self.schedulers, self.dist, log=self._print)
 
-    def _continue_from(self) -> DataPosition:
-        """A run started from another run's weights (stage 2: `init`, or the LoRA base) goes on where that run
-        stopped: the next positions of the image and pair streams (a finite set's unseen items first), and a random
-        stream of its own (`self.stream`). With the same seed and stream it would replay that run's batches, noise
-        and masks from step 0."""
+    def _continue_from(self) -> tuple[DataPosition, int]:
+        """Where the run's data starts, and its random stream. A run started from another run's weights (stage 2:
+        `init`, or the LoRA base) goes on where that run stopped: the next positions of the image and pair streams
+        (a finite set's unseen items first), and a random stream of its own. With the same seed and stream it would
+        replay that run's batches, noise and masks from step 0."""
         t = self.cfg.train
         origin = self.init if self.init is not None else (t.lora.base if t.lora.enabled else None)
         if origin is None:
-            self.stream = 0
-            return DataPosition()
+            return DataPosition(), 0
         before = run_state(ckpt.resolve_checkpoint(origin))
-        self.stream = int(before.get("stream", 0)) + 1
         position = before.get("data_position", {})
-        return DataPosition(0, int(position.get("images", 0)), int(position.get("pairs", 0)))
+        return (DataPosition(0, int(position.get("images", 0)), int(position.get("pairs", 0))),
+                int(before.get("stream", 0)) + 1)
 
     # ---- state -------------------------------------------------------------------------------
     def save(self) -> Path:
