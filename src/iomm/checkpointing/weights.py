@@ -50,6 +50,11 @@ def _dcp() -> Iterator[bool]:
         yield not (dist.is_available() and dist.is_initialized())
 
 
+def _stored_keys(path: Path) -> set[str]:
+    """The flattened keys (`optim.<name>.<state>`, ...) a checkpoint's weights hold."""
+    return set(HuggingFaceStorageReader(str(path / WEIGHTS_DIR)).read_metadata().state_dict_metadata)
+
+
 def _load(state: dict, path: Path) -> None:
     with _dcp() as no_dist:
         dcp.load(state, storage_reader=HuggingFaceStorageReader(str(path / WEIGHTS_DIR)), no_dist=no_dist)
@@ -72,16 +77,21 @@ def load_training_state(model: IOMM, ema: EMA, optimizers: list[torch.optim.Opti
                         has_optimizer: bool) -> None:
     """Called by every rank: weights, EMA and optimizer state into this rank's (possibly sharded) tensors."""
     state: dict = {"model": _module_state(model), "ema": ema.state_dict()}
-    groups = None
+    full: dict = {"state": {}}
     if has_optimizer:
         full = get_optimizer_state_dict(model, optimizers, options=TRAINABLE_ONLY)
-        state["optim"], groups = full["state"], full["param_groups"]
+        stored = _stored_keys(path)
+        # A parameter that never had a gradient (the token head of a run on pairs alone) has no optimizer state
+        # in the checkpoint: it stays without one, as in the run that wrote it.
+        state["optim"] = {name: entry for name, entry in full["state"].items()
+                          if all(f"optim.{name}.{key}" in stored for key in entry)}
     _load(state, path)
     _load_module_state(model, state["model"])
     ema.load_state_dict(state["ema"])
     if has_optimizer:
-        set_optimizer_state_dict(model, optimizers, {"state": state["optim"], "param_groups": groups},
-                                 options=TRAINABLE_ONLY)
+        missing = len(state["optim"]) < len(full["state"])
+        set_optimizer_state_dict(model, optimizers, {"state": state["optim"], "param_groups": full["param_groups"]},
+                                 options=StateDictOptions(ignore_frozen_params=True, strict=not missing))
 
 
 def load_trainable(model: IOMM, path: Path, *, use_ema: bool) -> None:
