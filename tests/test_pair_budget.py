@@ -240,6 +240,28 @@ def test_a_group_of_arms_at_a_time_writes_partial_comparisons_then_the_whole_stu
     assert record["paired"]["N=4"][IOMM][COMPOSITIONS] == partial["paired"]["N=4"][IOMM][COMPOSITIONS]
 
 
+def test_the_results_need_pairs_only_and_iomm_at_every_budget_and_image_pairs_only_where_it_ran(
+        tmp_path: Path, monkeypatch) -> None:
+    from iomm.cli import main
+
+    calls: list[list[str]] = []
+    monkeypatch.setattr(studies, "run_logged", _fake_run_logged(calls))
+    out = tmp_path / "study"
+    base = ["study", "pair-budget", "--pair-budgets", "4", "--seeds", "3", "--stage1-steps", "7", "--stage2-steps",
+            "5", "--per-category", "5", "--samples", "2", "--out", str(out), "--arms"]
+    assert main([*base, "pairs-only@N=4", "iomm@N=4", "image+pairs@N=4", "pairs-only@fresh"]) == 0
+    assert not (out / "results.json").exists() and (out / "partial.json").exists()  # IOMM at fresh is missing
+    assert main([*base, "pairs-only@N=4", "iomm@N=4", "image+pairs@N=4", "pairs-only@fresh", "iomm@fresh"]) == 0
+    record = json.loads((out / "results.json").read_text())
+    assert len({row["arm"] for row in record["results"]}) == 5
+    assert set(record["scores"][IMAGE_PAIRS]) == {"N=4"} and set(record["scores"][IOMM]) == {"N=4", FRESH}
+    assert set(record["paired"][FRESH]) == {IOMM} and set(record["paired"]["N=4"]) == {IOMM, IMAGE_PAIRS}
+    assert record["findings"][0]["sentence"].startswith("At 4 pairs, IOMM scores 0.400")
+    assert "| image+pairs | 0.300 ± 0.100 | — |" in (out / "results.md").read_text()
+    assert (out / "learning_curve.png").stat().st_size > 1000
+    assert not any("image+pairs@fresh" in " ".join(argv) for argv in calls)
+
+
 def test_the_committed_arms_of_the_study_restore_and_only_the_fresh_arms_train_next(tmp_path: Path,
                                                                                      monkeypatch) -> None:
     """docs/results/pair-budget/ holds the N = 128 arms (partial.json, written by --arms); restored, the study

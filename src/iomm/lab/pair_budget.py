@@ -5,7 +5,8 @@ At each N, three arms per seed:
 
 - `pairs-only`: both stages on the N pairs (the `recipes` study's pair+pair);
 - `iomm`: the recipe's image-only stage 1, then the stage-2 mix (lambda = 0.5) on the N pairs;
-- `image+pairs`: the same stage 1, then stage 2 on the N pairs alone (mix ratio 0).
+- `image+pairs`: the same stage 1, then stage 2 on the N pairs alone (mix ratio 0); it separates the effect of
+  pre-training from that of mixing, and is optional: the results need pairs-only and IOMM at every budget.
 
 The ceiling is unlimited fresh pairs (`data.pairs: world-fresh:1`). A seed draws its own N-pair subset (the
 world's pairs are drawn from `train.seed`), which every arm of that seed shares, as it shares the evaluation
@@ -176,7 +177,8 @@ def run_pair_budget(config: str, budgets: tuple[int, ...], seeds: int, out: Path
     start = time.time()
     selected = [arm for arm in study.arms if not only or arm.name in only]
     rows = run_arms(study.name, selected, config, seeds, out, parallel, per_category, common, samples)
-    if len(selected) < len(study.arms):
+    scored = {arm.name for arm in selected}
+    if not required_arms(arms) <= scored:
         return write_partial(out, arms, selected, rows, seeds, {
             "command": command, **provenance(config, common), "study": study.name, "config": config,
             "common": common, "seeds": seeds, "steps": budget_steps(budgets, config, common),
@@ -186,8 +188,9 @@ def run_pair_budget(config: str, budgets: tuple[int, ...], seeds: int, out: Path
         row["method"], row["budget"] = method_of[row["arm"]]
     metrics = [m for m in CATEGORIES if all(m in row for row in rows)]
     scores = {method: {label: {m: score_summary([r[m] for r in rows if r["arm"] == arms[label][method].name])
-                               for m in metrics} for label in arms} for method in METHODS}
-    paired = compare_with_pairs_only(out, arms, seeds, set(method_of))
+                               for m in metrics} for label in arms if arms[label][method].name in scored}
+              for method in METHODS}
+    paired = compare_with_pairs_only(out, arms, seeds, scored)
     record = {"command": command, **provenance(config, common), "study": study.name, "description": DESCRIPTION,
               "config": config, "common": common, "seeds": seeds, "budgets": [*budgets, FRESH],
               "steps": budget_steps(budgets, config, common), "per_category": per_category, "samples": samples,
@@ -198,6 +201,11 @@ def run_pair_budget(config: str, budgets: tuple[int, ...], seeds: int, out: Path
     (out / "results.md").write_text(markdown_report(record), encoding="utf-8")
     plot_learning_curve(scores, budgets, out / "learning_curve.png", record["steps"], record["seeds"])
     return out / "results.json"
+
+
+def required_arms(arms: dict[str, dict[str, Arm]]) -> set[str]:
+    """The arms the results files need: pairs-only and IOMM at every budget (image+pairs where the budget allows)."""
+    return {methods[method].name for methods in arms.values() for method in (PAIRS_ONLY, IOMM)}
 
 
 def compare_with_pairs_only(out: Path, arms: dict[str, dict[str, Arm]], seeds: int,
@@ -213,7 +221,7 @@ def compare_with_pairs_only(out: Path, arms: dict[str, dict[str, Arm]], seeds: i
 def write_partial(out: Path, arms: dict[str, dict[str, Arm]], selected: list[Arm], rows: list[dict], seeds: int,
                   record: dict[str, Any]) -> Path:
     """`partial.json`: the scored arms' rows and, at each budget where pairs-only is among them, the seed-level
-    comparison of each other scored arm with it. No finding: that needs every arm at every budget."""
+    comparison of each other scored arm with it. No finding: that needs pairs-only and IOMM at every budget."""
     names = {arm.name for arm in selected}
     paired = compare_with_pairs_only(out, arms, seeds, names)
     path = out / "partial.json"
@@ -223,7 +231,8 @@ def write_partial(out: Path, arms: dict[str, dict[str, Arm]], selected: list[Arm
     report = [f"# Study `pair-budget`, {len(names)} of its {total} arms: {', '.join(sorted(names))}", "",
               f"{seeds} seeds; every arm {record['steps']['stage1']} stage-1 + {record['steps']['stage2']} stage-2 "
               f"steps of batch {record['steps']['batch_size']}. Machine: {record['machine']['cpu']}.",
-              f"Command: `{record['command']}`", "", "No finding yet: it needs every arm at every budget.", "",
+              f"Command: `{record['command']}`", "",
+              "No finding yet: it needs pairs-only and IOMM at every budget.", "",
               *comparison_table(paired)]
     (out / "partial.md").write_text("\n".join(report) + "\n", encoding="utf-8")
     print("\n".join(report))
@@ -248,13 +257,14 @@ def markdown_report(record: dict) -> str:
                f"(per seed)" for f in record["findings"] for label in [budget_label(f["pairs"])])]
     for metric, title in ((COMPOSITIONS, "Held-out compositions (no training caption states them)"),
                           (OVERALL, "Overall score (GenEval's six tags)")):
-        if not all(metric in record["scores"][method][label] for method in METHODS for label in budgets):
+        if not all(metric in cells for method in METHODS for cells in record["scores"][method].values()):
             continue
-        lines += ["", f"{title}, mean ± standard deviation over seeds:", "",
+        lines += ["", f"{title}, mean ± standard deviation over seeds (—: arm not run):", "",
                   "| arm | " + " | ".join(budgets) + " |", "|---|" + "---|" * len(budgets)]
         for method in METHODS:
-            cells = [record["scores"][method][label][metric] for label in budgets]
-            lines.append(f"| {method} | " + " | ".join(f"{c['mean']:.3f} ± {c['sd']:.3f}" for c in cells) + " |")
+            cells = [record["scores"][method].get(label, {}).get(metric) for label in budgets]
+            lines.append(f"| {method} | " + " | ".join(f"{c['mean']:.3f} ± {c['sd']:.3f}" if c else "—"
+                                                       for c in cells) + " |")
     return "\n".join([*lines, "", *comparison_table(record["paired"])]) + "\n"
 
 
@@ -291,20 +301,25 @@ def plot_learning_curve(scores: dict, budgets: tuple[int, ...], out: Path, steps
 
     xs = [*budgets, budgets[-1] * 4]
     labels = [*map(budget_label, budgets), FRESH]
-    metrics = [m for m in (COMPOSITIONS, OVERALL) if all(m in scores[method][label] for method in METHODS
-                                                           for label in labels)]
+    metrics = [m for m in (COMPOSITIONS, OVERALL) if all(m in cells for method in METHODS
+                                                           for cells in scores[method].values())]
     fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 4), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
         for index, method in enumerate(METHODS):
-            shifted = [x * 1.12 ** (index - 1) for x in xs]  # side by side, so overlapping bars stay readable
-            summaries = [scores[method][label][metric] for label in labels]
+            # side by side, so overlapping bars stay readable; an arm not run at a budget has no point there
+            points = [(x * 1.12 ** (index - 1), label) for x, label in zip(xs, labels) if label in scores[method]]
+            shifted = [x for x, _ in points]
+            summaries = [scores[method][label][metric] for _, label in points]
             means = [s["mean"] for s in summaries]
             errors = [[m - s["ci95"][0] if s["ci95"] else 0.0 for m, s in zip(means, summaries)],
                       [s["ci95"][1] - m if s["ci95"] else 0.0 for m, s in zip(means, summaries)]]
-            line = ax.errorbar(shifted[:-1], means[:-1], yerr=[e[:-1] for e in errors], label=method, capsize=3,
-                               marker="o")
-            ax.errorbar(shifted[-1:], means[-1:], yerr=[e[-1:] for e in errors], color=line[0].get_color(),
-                        capsize=3, marker="s")
+            curve = [i for i, (_, label) in enumerate(points) if label != FRESH]
+            ceiling = [i for i, (_, label) in enumerate(points) if label == FRESH]
+            line = ax.errorbar([shifted[i] for i in curve], [means[i] for i in curve],
+                               yerr=[[e[i] for i in curve] for e in errors], label=method, capsize=3, marker="o")
+            ax.errorbar([shifted[i] for i in ceiling], [means[i] for i in ceiling],
+                        yerr=[[e[i] for i in ceiling] for e in errors], color=line[0].get_color(), capsize=3,
+                        marker="s")
             for x, summary in zip(shifted, summaries):  # each training run, beside the mean
                 ax.scatter([x * 1.04] * len(summary["per_seed"]), summary["per_seed"], color=line[0].get_color(),
                            marker="x", s=18, alpha=0.7)

@@ -38,8 +38,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     budget.add_argument("--stage1-steps", type=int, default=None, help="default: the config's train.steps")
     budget.add_argument("--stage2-steps", type=int, default=None, help="default: the config's finetune.steps")
     budget.add_argument("--arms", nargs="+", default=(), metavar="ARM",
-                        help="train and score only these arms (e.g. iomm@N=128 pairs-only@fresh) and write "
-                             "partial.json; the results files come once every arm is scored in --out")
+                        help="train and score only these arms (e.g. iomm@N=128 pairs-only@fresh); the results "
+                             "files come once they include pairs-only and iomm at every budget (image+pairs is "
+                             "optional), partial.json before that")
     p.set_defaults(func=_study)
 
 
