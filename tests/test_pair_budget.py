@@ -262,25 +262,27 @@ def test_the_results_need_pairs_only_and_iomm_at_every_budget_and_image_pairs_on
     assert not any("image+pairs@fresh" in " ".join(argv) for argv in calls)
 
 
-def test_the_committed_arms_of_the_study_restore_and_only_the_fresh_arms_train_next(tmp_path: Path,
-                                                                                     monkeypatch) -> None:
-    """docs/results/pair-budget/ holds the N = 128 arms (partial.json, written by --arms); restored, the study
-    without --arms trains only the fresh-pairs arms and their stage 1s, and keeps the committed comparisons."""
+def test_the_committed_study_restores_and_only_a_new_budget_trains_next(tmp_path: Path, monkeypatch) -> None:
+    """docs/results/pair-budget/ holds N = 128, 512 and fresh pairs, every arm, three seeds; restored, the study with
+    N = 2,048 added trains only that budget's arms and their stage 1s (the image-only one too: a study's runs do not
+    outlive its machine), and keeps the committed comparisons."""
     import runpy
 
     from iomm.cli import main
 
     committed = Path(__file__).parents[1] / "docs" / "results" / "pair-budget"
-    before = json.loads((committed / "partial.json").read_text())
+    before = json.loads((committed / "results.json").read_text())
     restore = runpy.run_path(str(Path(__file__).parents[1] / "scripts" / "restore_study_records.py"))["restore"]
     out = tmp_path / "study"
-    assert len(restore(committed, out)) == 3 * before["seeds"]
+    assert len(restore(committed, out)) == len(before["results"]) == 9 * before["seeds"]
     calls: list[list[str]] = []
     monkeypatch.setattr(studies, "run_logged", _fake_run_logged(calls))
-    assert main(["study", "pair-budget", "--pair-budgets", "128", "--seeds", "3", "--out", str(out)]) == 0
+    assert main(["study", "pair-budget", "--pair-budgets", "128", "512", "2048", "--seeds", "3",
+                 "--out", str(out)]) == 0
     evals = [argv[argv.index("--model") + 1] for argv in calls if argv[3] == "eval"]
-    assert len(evals) == 3 * 3 and all("@fresh" in model for model in evals)
-    assert len([argv for argv in calls if argv[3] == "pretrain"]) == 2 * 3  # image-only and pairs-only on fresh
+    assert len(evals) == 3 * 3 and all("@N=2048" in model for model in evals)
+    assert len([argv for argv in calls if argv[3] == "pretrain"]) == 2 * 3  # image-only and pairs-only on 2,048
     record = json.loads((out / "results.json").read_text())
-    assert record["paired"]["N=128"][IOMM][COMPOSITIONS]["per_seed"] == \
-        pytest.approx(before["paired"]["N=128"][IOMM][COMPOSITIONS]["per_seed"])
+    for label in ("N=128", "N=512", "fresh"):
+        assert record["paired"][label][IOMM][COMPOSITIONS]["per_seed"] == \
+            pytest.approx(before["paired"][label][IOMM][COMPOSITIONS]["per_seed"])
