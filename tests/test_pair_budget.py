@@ -140,6 +140,7 @@ def test_pair_budget_study_writes_the_learning_curve_and_its_finding(tmp_path: P
     record = json.loads((out / "results.json").read_text())
     assert record["command"].startswith("iomm study pair-budget") and "--stage1-steps=7" in record["command"]
     assert record["machine"] and record["steps"]["stage1"] == 7 and record["steps"]["stage2"] == 5
+    assert record["precision"] == "fp32 (set in the config)"  # configs/nano.yaml's train.mixed_precision
     assert record["budgets"] == [4, 16, FRESH] and len(record["results"]) == 3 * 3 * 3
     assert set(record["scores"]) == {PAIRS_ONLY, IOMM, IMAGE_PAIRS}
     held = record["scores"][IOMM]["N=4"][COMPOSITIONS]
@@ -167,6 +168,7 @@ def test_pair_budget_study_writes_the_learning_curve_and_its_finding(tmp_path: P
     assert record["findings"][1]["pair_efficiency"]["bounds"] == ["more than 16 pairs"] * 3
     assert (out / "learning_curve.png").stat().st_size > 1000
     report = (out / "results.md").read_text()
+    assert "Machine: " in report and ", fp32 (set in the config)." in report
     assert first["sentence"] in report and "| iomm | 0.400 ± 0.100 | 0.600 ± 0.100 | 0.600 ± 0.100 |" in report
     assert "| iomm | 0.500 ± 0.100 | 0.500 ± 0.100 | 0.500 ± 0.100 |" in report  # the overall table
     row = next(line for line in report.splitlines() if line.startswith("| N=4 | iomm | compositions |"))

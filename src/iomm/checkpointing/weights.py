@@ -77,7 +77,7 @@ def load_training_state(model: IOMM, ema: EMA, optimizers: list[torch.optim.Opti
                         has_optimizer: bool) -> None:
     """Called by every rank: weights, EMA and optimizer state into this rank's (possibly sharded) tensors."""
     state: dict = {"model": _module_state(model), "ema": ema.state_dict()}
-    full: dict = {"state": {}}
+    groups, options = None, TRAINABLE_ONLY
     if has_optimizer:
         full = get_optimizer_state_dict(model, optimizers, options=TRAINABLE_ONLY)
         stored = _stored_keys(path)
@@ -85,13 +85,15 @@ def load_training_state(model: IOMM, ema: EMA, optimizers: list[torch.optim.Opti
         # in the checkpoint: it stays without one, as in the run that wrote it.
         state["optim"] = {name: entry for name, entry in full["state"].items()
                           if all(f"optim.{name}.{key}" in stored for key in entry)}
+        groups = full["param_groups"]
+        if len(state["optim"]) < len(full["state"]):
+            options = StateDictOptions(ignore_frozen_params=True, strict=False)
     _load(state, path)
     _load_module_state(model, state["model"])
     ema.load_state_dict(state["ema"])
     if has_optimizer:
-        missing = len(state["optim"]) < len(full["state"])
-        set_optimizer_state_dict(model, optimizers, {"state": state["optim"], "param_groups": full["param_groups"]},
-                                 options=StateDictOptions(ignore_frozen_params=True, strict=not missing))
+        set_optimizer_state_dict(model, optimizers, {"state": state["optim"], "param_groups": groups},
+                                 options=options)
 
 
 def load_trainable(model: IOMM, path: Path, *, use_ema: bool) -> None:

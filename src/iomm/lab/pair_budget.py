@@ -27,6 +27,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from iomm.evaluation.paired import NOT_DECIDED, OVERALL, t_interval
 from iomm.lab.studies import FT, IMAGE, PAIR, Arm, Study, arm_configs, arm_dir, has_runs, provenance, run_arms
 from iomm.lab.study_comparisons import compare_runs, format_interval, format_per_seed, verdict_words
@@ -179,7 +181,7 @@ def run_pair_budget(config: str, budgets: tuple[int, ...], seeds: int, out: Path
     rows = run_arms(study.name, selected, config, seeds, out, parallel, per_category, common, samples)
     scored = {arm.name for arm in selected}
     if not required_arms(arms) <= scored:
-        return write_partial(out, arms, selected, rows, seeds, {
+        return write_partial(out, arms, scored, rows, seeds, {
             "command": command, **provenance(config, common), "study": study.name, "config": config,
             "common": common, "seeds": seeds, "steps": budget_steps(budgets, config, common),
             "per_category": per_category, "samples": samples, "wall_s": time.time() - start, "resumed": resumed})
@@ -218,11 +220,11 @@ def compare_with_pairs_only(out: Path, arms: dict[str, dict[str, Arm]], seeds: i
             for label, methods in arms.items() if methods[PAIRS_ONLY].name in scored}
 
 
-def write_partial(out: Path, arms: dict[str, dict[str, Arm]], selected: list[Arm], rows: list[dict], seeds: int,
+def write_partial(out: Path, arms: dict[str, dict[str, Arm]], names: set[str], rows: list[dict], seeds: int,
                   record: dict[str, Any]) -> Path:
     """`partial.json`: the scored arms' rows and, at each budget where pairs-only is among them, the seed-level
-    comparison of each other scored arm with it. No finding: that needs pairs-only and IOMM at every budget."""
-    names = {arm.name for arm in selected}
+    comparison of each other scored arm (`names`) with it. No finding: that needs pairs-only and IOMM at every
+    budget."""
     paired = compare_with_pairs_only(out, arms, seeds, names)
     path = out / "partial.json"
     path.write_text(json.dumps({**record, "arms": sorted(names), "results": rows, "paired": paired}, indent=1),
@@ -230,7 +232,8 @@ def write_partial(out: Path, arms: dict[str, dict[str, Arm]], selected: list[Arm
     total = sum(len(methods) for methods in arms.values())
     report = [f"# Study `pair-budget`, {len(names)} of its {total} arms: {', '.join(sorted(names))}", "",
               f"{seeds} seeds; every arm {record['steps']['stage1']} stage-1 + {record['steps']['stage2']} stage-2 "
-              f"steps of batch {record['steps']['batch_size']}. Machine: {record['machine']['cpu']}.",
+              f"steps of batch {record['steps']['batch_size']}. Machine: {record['machine']['cpu']}, "
+              f"{record['precision']}.",
               f"Command: `{record['command']}`", "",
               "No finding yet: it needs pairs-only and IOMM at every budget.", "",
               *comparison_table(paired)]
@@ -243,7 +246,8 @@ def markdown_report(record: dict) -> str:
     steps, budgets = record["steps"], list(record["scores"][PAIRS_ONLY])
     lines = [f"# Study `{record['study']}`: {record['description']}", "",
              f"{record['seeds']} seed{'s' if record['seeds'] > 1 else ''}; every arm {steps['stage1']} stage-1 + "
-             f"{steps['stage2']} stage-2 steps of batch {steps['batch_size']}. Machine: {record['machine']['cpu']}. "
+             f"{steps['stage2']} stage-2 steps of batch {steps['batch_size']}. Machine: {record['machine']['cpu']}, "
+             f"{record['precision']}. "
              f"Wall time: {wall_time(record)}.",
              f"Command: `{record['command']}`", "",
              "Decided on the held-out compositions, which no training caption states: a GenEval-tag prompt can be a "
@@ -308,18 +312,16 @@ def plot_learning_curve(scores: dict, budgets: tuple[int, ...], out: Path, steps
         for index, method in enumerate(METHODS):
             # side by side, so overlapping bars stay readable; an arm not run at a budget has no point there
             points = [(x * 1.12 ** (index - 1), label) for x, label in zip(xs, labels) if label in scores[method]]
-            shifted = [x for x, _ in points]
+            shifted = np.array([x for x, _ in points])
+            ceiling = np.array([label == FRESH for _, label in points])
             summaries = [scores[method][label][metric] for _, label in points]
-            means = [s["mean"] for s in summaries]
-            errors = [[m - s["ci95"][0] if s["ci95"] else 0.0 for m, s in zip(means, summaries)],
-                      [s["ci95"][1] - m if s["ci95"] else 0.0 for m, s in zip(means, summaries)]]
-            curve = [i for i, (_, label) in enumerate(points) if label != FRESH]
-            ceiling = [i for i, (_, label) in enumerate(points) if label == FRESH]
-            line = ax.errorbar([shifted[i] for i in curve], [means[i] for i in curve],
-                               yerr=[[e[i] for i in curve] for e in errors], label=method, capsize=3, marker="o")
-            ax.errorbar([shifted[i] for i in ceiling], [means[i] for i in ceiling],
-                        yerr=[[e[i] for i in ceiling] for e in errors], color=line[0].get_color(), capsize=3,
-                        marker="s")
+            means = np.array([s["mean"] for s in summaries])
+            errors = np.array([[m - s["ci95"][0] if s["ci95"] else 0.0 for m, s in zip(means, summaries)],
+                               [s["ci95"][1] - m if s["ci95"] else 0.0 for m, s in zip(means, summaries)]])
+            line = ax.errorbar(shifted[~ceiling], means[~ceiling], yerr=errors[:, ~ceiling], label=method,
+                               capsize=3, marker="o")
+            ax.errorbar(shifted[ceiling], means[ceiling], yerr=errors[:, ceiling], color=line[0].get_color(),
+                        capsize=3, marker="s")
             for x, summary in zip(shifted, summaries):  # each training run, beside the mean
                 ax.scatter([x * 1.04] * len(summary["per_seed"]), summary["per_seed"], color=line[0].get_color(),
                            marker="x", s=18, alpha=0.7)

@@ -261,12 +261,16 @@ def numeric(metrics: dict[str, Any]) -> dict[str, float]:
 
 
 def provenance(config: str, common: list[str]) -> dict[str, Any]:
-    """Where a study ran: the machine, and the built-in models its arms share as they were built."""
+    """Where a study ran: the machine, the precision its arms train in there (and why), and the built-in models
+    its arms share as they were built."""
     from iomm.config_checks import load_config
     from iomm.nano.registration import builtin_records
     from iomm.training.hardware import machine_facts
+    from iomm.training.precision import describe_precision
 
-    return {"machine": machine_facts(), "builtins": builtin_records(load_config(config, common))}
+    cfg = load_config(config, common)
+    return {"machine": machine_facts(), "precision": describe_precision(cfg.train.mixed_precision),
+            "builtins": builtin_records(cfg)}
 
 
 def run_study(study: Study, config: str, seeds: int, out: Path, parallel: int, per_category: int,
